@@ -1,0 +1,92 @@
+"""LisaConfig: the validated options of the LISA engine (what a YAML `lisa:` section holds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import LisaError
+
+
+class LisaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # γ and K; the aliases are ModelScope SWIFT's names for the same settings.
+    n_layers: int = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"))
+    interval: int = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
+    policy: Literal["uniform", "bernoulli", "weighted", "cyclic"] = "uniform"
+    # Per-layer probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file.
+    probabilities: list[float] | str | None = None
+    seed: int = 0
+    train_embedding: bool = True
+    train_head: bool = True
+    train_norm: bool = True  # the final norm and any other non-block language-model parameter
+    sample_embed_head: bool = False  # embedding+head become one more sampled unit instead of always on
+    train_other: bool = False  # parameters outside the language model (e.g. a vision tower)
+    state_policy: Literal["drop", "offload", "keep"] = "drop"
+    blocks_path: str | None = None  # dotted path to the block list, walked through registered submodules
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1 (optimizer steps between switches)")
+        return v
+
+    @field_validator("n_layers")
+    @classmethod
+    def _n_layers(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @classmethod
+    def build(cls, **options) -> "LisaConfig":
+        """Validate options, turning pydantic's report into one LisaError line."""
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            raise LisaError(format_validation_error(e, cls, "lisa")) from None
+
+    def probability_list(self) -> list[float] | None:
+        p = self.probabilities
+        return load_probabilities(p) if isinstance(p, str) else p
+
+
+def format_validation_error(e: ValidationError, model: type[BaseModel], where: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(sorted(model.model_fields))
+        return f"{where}: unknown option '{loc}' (valid: {valid})"
+    return f"{where}.{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def load_probabilities(path: str) -> list[float]:
+    """A JSON/YAML list or {"probabilities": [...]}, or a text file with one number per line."""
+    f = Path(path)
+    if not f.is_file():
+        raise LisaError(f"probabilities file '{path}' does not exist")
+    text = f.read_text()
+    if f.suffix in (".json", ".yaml", ".yml"):
+        try:
+            data = json.loads(text) if f.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise LisaError(f"{path}: not valid {f.suffix[1:]}: {e}") from None
+        if isinstance(data, dict):
+            data = data.get("probabilities")
+        if not isinstance(data, list):
+            raise LisaError(f"{path}: expected a list of numbers or a 'probabilities' list")
+        values = data
+    else:
+        values = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise LisaError(f"{path}: entry {i + 1} ({v!r}) is not a number") from None
+    return out
