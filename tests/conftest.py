@@ -3,6 +3,8 @@ import pytest
 import torch
 import transformers as T
 
+torch.set_num_threads(1)  # tiny models: threads only contend on the 2 shared cores
+
 ARCHS = {
     "llama": lambda n: T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),

@@ -1,0 +1,87 @@
+"""Training data: each format's loader gives examples {"input_ids", "labels"} (labels -100 where no loss).
+
+load_splits picks the loader, makes the validation split and drops over-long examples;
+collate pads a batch of them into tensors.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from ..errors import LisaError
+from .alpaca import load_alpaca
+from .chat import load_chat
+from .config import DataConfig
+from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
+from .render import IGNORE, encode_prompt, render_prompt
+from .text import load_text
+
+__all__ = ["DataConfig", "collate", "encode_prompt", "extract_answer", "gsm_eval_items", "load_splits",
+           "render_prompt"]
+
+log = logging.getLogger(__name__)
+
+
+def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]:
+    if cfg.format == "alpaca":
+        return load_alpaca(path, tokenizer, option)
+    if cfg.format == "chat":
+        return load_chat(path, tokenizer, option)
+    return load_text(path, tokenizer, cfg.max_length, option)
+
+
+def _drop_long(examples: list[dict], max_length: int, source: str) -> list[dict]:
+    # Dropped, not truncated: a truncated example would train on a cut-off answer with no EOS.
+    kept = [e for e in examples if len(e["input_ids"]) <= max_length]
+    if not kept:
+        raise LisaError(f"{source}: all {len(examples)} examples are longer than max_length={max_length} tokens")
+    if len(kept) < len(examples):
+        log.warning("%s: dropped %d of %d examples longer than max_length=%d tokens",
+                    source, len(examples) - len(kept), len(examples), max_length)
+    return kept
+
+
+def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    n = len(examples)
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise LisaError(f"data.val_fraction={fraction} of {n} examples leaves no training example")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    # Both parts keep file order: the split is random, the content stays easy to trace back.
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train, val) examples for cfg; val may be empty (no val_path, val_fraction 0 and format not gsm)."""
+    if cfg.format == "gsm":
+        language = cfg.gsm_language
+        train = _drop_long(encode_items(gsm_train_items(cfg), tokenizer), cfg.max_length,
+                           f"GSM-symbolic ({language}) training problems")
+        items = gsm_eval_items(cfg)
+        val = (_drop_long(encode_items(items, tokenizer), cfg.max_length,
+                          f"GSM-symbolic ({language}) held-out problems") if items else [])
+    else:
+        train = _drop_long(_load_file(cfg, cfg.path, tokenizer, "data.path"), cfg.max_length, cfg.path)
+        val = []
+        if cfg.val_path:
+            val = _drop_long(_load_file(cfg, cfg.val_path, tokenizer, "data.val_path"), cfg.max_length, cfg.val_path)
+        elif cfg.val_fraction:
+            train, val = _split(train, cfg.val_fraction, cfg.seed)
+    return train, val[: cfg.val_max_examples]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids with pad_id, labels with -100, attention_mask 0."""
+    width = max(len(e["input_ids"]) for e in examples)
+
+    def padded(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
+
+    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples],
+                        dtype=torch.long)
+    return {"input_ids": padded("input_ids", pad_id), "attention_mask": mask, "labels": padded("labels", IGNORE)}

@@ -1,0 +1,82 @@
+"""DataConfig: the validated options of the data section (what a YAML `data:` section holds)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from ..errors import LisaError
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["alpaca", "chat", "text", "gsm"] = "gsm"
+    # alpaca: JSON array or JSONL; chat: JSONL with `messages`; text: .txt (blank-line separated) or JSONL `text`.
+    path: str | None = None
+    val_path: str | None = None  # same format as `path`
+    val_fraction: float = 0.0  # held out from `path` by a seeded shuffle
+    val_max_examples: int | None = None  # cap on the validation set, so evaluation stays cheap
+    max_length: int = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
+    seed: int = 0
+    # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
+    gsm_variants: int = 8  # numeric variants per training template
+    gsm_eval_templates: int = 20
+    gsm_eval_variants: int = 2
+    gsm_templates: int | None = None  # use only the first N templates (small, fast data)
+    gsm_language: str = "eng"
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be >= 0 and < 1")
+        return v
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: int) -> int:
+        if v < 8:
+            raise ValueError("must be >= 8 (tokens)")
+        return v
+
+    @field_validator("gsm_variants", "gsm_eval_variants", "gsm_templates", "val_max_examples")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("gsm_eval_templates")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        if self.format == "gsm":
+            # GSM validation is the held-out templates; a second source would be ambiguous.
+            if self.path or self.val_path or self.val_fraction:
+                raise ValueError("format 'gsm' generates its data: path, val_path and val_fraction are not used "
+                                 "(validation is the held-out templates, see gsm_eval_templates)")
+        else:
+            if not self.path:
+                raise ValueError(f"format '{self.format}' needs data.path (the training file)")
+            if self.val_path and self.val_fraction:
+                raise ValueError("set val_path or val_fraction, not both")
+        return self
+
+    @classmethod
+    def build(cls, **options) -> "DataConfig":
+        """Validate options, turning pydantic's report into one LisaError line."""
+        from ..config import format_validation_error  # lazy: lisatune.config may import this module
+
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if not err["loc"]:  # a whole-model check: its message already names the fields
+                raise LisaError(f"data: {err['msg'].removeprefix('Value error, ')}") from None
+            raise LisaError(format_validation_error(e, cls, "data")) from None

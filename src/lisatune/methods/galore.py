@@ -1,0 +1,53 @@
+"""GaLore (galore_torch): full-parameter training whose Adam state lives in a low-rank projection of
+each block matrix's gradient.
+
+Which matrices are projected: the 2-D weights of the blocks' Linear/Conv1D layers whose smaller side is
+larger than `rank`. A matrix with min(shape) <= rank cannot be compressed (the projection would be
+full-rank and hold *more* state than Adam), and galore_torch 1.0's "reverse_std" crashes on such wide
+matrices, so those train with plain AdamW in the same optimizer. Tiny test models therefore need a small
+rank (e.g. 8) to exercise the projection at all.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import Method, block_linears, decay_groups, trainable
+
+log = logging.getLogger("lisatune")
+
+
+class GaloreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(128, ge=1)
+    update_proj_gap: int = Field(200, ge=1)  # optimizer steps between SVDs of the gradient
+    scale: float = 0.25
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+
+
+class Galore(Method):
+    name = "galore"
+    Options = GaloreOptions
+
+    def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        from galore_torch import GaLoreAdamW  # imported late: it loads bitsandbytes (seconds)
+
+        o = self.options
+        _, mods = block_linears(model)
+        weights = [m.weight for m in mods.values() if m.weight.requires_grad]
+        projected = [w for w in weights if min(w.shape) > o.rank]
+        ids = {id(w) for w in projected}
+        rest = [p for p in trainable(model) if id(p) not in ids]
+        log.info("GaLore projects %d of %d block matrices at rank %d; the rest train with plain AdamW",
+                 len(projected), len(weights), o.rank)
+        if weights and not projected:
+            log.warning("GaLore rank %d is not below any block matrix's smaller side: nothing is projected",
+                        o.rank)
+        # galore_torch treats a group as GaLore when it has a "rank" key; the other keys configure its projector.
+        galore = {"params": projected, "rank": o.rank, "update_proj_gap": o.update_proj_gap,
+                  "scale": o.scale, "proj_type": o.proj_type}
+        return GaLoreAdamW(decay_groups(rest) + [galore], lr=lr, weight_decay=weight_decay,
+                           betas=tuple(betas), eps=eps, no_deprecation_warning=True)

