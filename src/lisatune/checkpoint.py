@@ -1,0 +1,246 @@
+"""Training checkpoints: atomic on disk, keep-last-k, exact resume.
+
+A run directory holds `checkpoints/step-000120/` directories with
+  model.safetensors   every model tensor (shared/tied tensors stored once)
+  optimizer.pt        optimizer.state_dict()
+  scheduler.pt        scheduler.state_dict()
+  rng.pt              python, numpy, torch (and CUDA) random states
+  trainer_state.json  {"step": ..., **extra}; written last
+Each checkpoint is written into a `.tmp-*` directory and renamed into place, so a
+`step-*` directory is either complete or absent, even if the process is killed.
+Everything is read back with torch.load(weights_only=True): no pickled code runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+
+from .errors import LisaError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TMP_PREFIX = ".tmp-"
+MODEL, OPTIMIZER, SCHEDULER, RNG, STATE = (
+    "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+
+
+# -- atomic directories (also used by models.save_model) ---------------------------------
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fsync_path(Path(dirpath) / f)
+        fsync_path(Path(dirpath))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_tmp(parent: Path, prefix: str = TMP_PREFIX) -> None:
+    """Remove `prefix*-<pid>` leftovers of processes that died (or of this one) mid-write."""
+    if not parent.is_dir():
+        return
+    for d in parent.iterdir():
+        if not d.name.startswith(prefix):
+            continue
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(final: Path, prefix: str = TMP_PREFIX) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success fsync it and rename it to `final`.
+
+    An existing `final` is moved aside first and deleted only once the new one is in
+    place, so a crash leaves either the old or the new directory (plus a `.tmp-*`).
+    On error the temp dir is removed and `final` is untouched.
+    """
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    tmp = parent / f"{prefix}{final.name}-{pid}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = parent / f"{prefix}old-{final.name}-{pid}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)  # atomic on POSIX
+    fsync_path(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first. Complete = has trainer_state.json,
+    which is written last; `.tmp-*` directories never match."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / STATE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer=None,
+                    scheduler=None, extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Write `run_dir/checkpoints/step-XXXXXX` atomically, then keep only the newest `keep_last`
+    (None keeps all). `extra` (JSON-serializable: data position, metrics...) comes back from
+    load_checkpoint merged with {"step": step}."""
+    if keep_last is not None and keep_last < 1:
+        raise LisaError(f"keep_last must be >= 1 or None (got {keep_last})")
+    state = {**(extra or {}), "step": int(step)}
+    try:
+        state_json = json.dumps(state, indent=2)
+    except (TypeError, ValueError) as e:
+        raise LisaError(f"checkpoint extra is not JSON-serializable: {e}") from None
+
+    root = Path(run_dir) / "checkpoints"
+    clean_tmp(root)
+    final = root / f"step-{int(step):06d}"
+    with atomic_dir(final) as tmp:
+        save_safetensors_model(getattr(model, "module", model), str(tmp / MODEL), metadata={"format": "pt"})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+        torch.save(rng_state(), tmp / RNG)
+        (tmp / STATE).write_text(state_json)  # last: its presence marks the checkpoint complete
+
+    if keep_last is not None:
+        older = [d for _, d in checkpoint_dirs(run_dir) if d != final]
+        for d in older[:max(0, len(older) - (keep_last - 1))]:
+            # Renamed first, so a kill mid-delete never leaves a half-deleted step-* dir.
+            doomed = root / f"{TMP_PREFIX}del-{d.name}-{os.getpid()}"
+            os.rename(d, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+    """Restore model weights, optimizer, scheduler and RNG states in place; return the trainer state.
+
+    Every file is read and checked before anything is modified where possible, so a bad
+    checkpoint raises a LisaError instead of leaving a half-restored run.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise LisaError(f"checkpoint '{path}' does not exist")
+    need = [STATE, MODEL, RNG] + ([OPTIMIZER] if optimizer is not None else []) + \
+        ([SCHEDULER] if scheduler is not None else [])
+    missing = [f for f in need if not (path / f).is_file()]
+    if missing:
+        raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
+
+    try:
+        state = json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise LisaError(f"checkpoint '{path}': {STATE} is unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise LisaError(f"checkpoint '{path}': {STATE} has no integer 'step'")
+    opt_sd = _torch_load(path, OPTIMIZER) if optimizer is not None else None
+    sched_sd = _torch_load(path, SCHEDULER) if scheduler is not None else None
+    rng = _torch_load(path, RNG)
+
+    target = getattr(model, "module", model)
+    device = next(iter(target.parameters()), torch.empty(0)).device
+    try:  # reads and checks the whole file before copying into the model
+        load_safetensors_model(target, path / MODEL, strict=True, device=str(device))
+    except Exception as e:
+        raise LisaError(f"checkpoint '{path}': {MODEL} is corrupt or does not fit this model "
+                        f"({_first_line(e)})") from None
+    for obj, sd, name in ((optimizer, opt_sd, OPTIMIZER), (scheduler, sched_sd, SCHEDULER)):
+        if obj is None:
+            continue
+        try:
+            obj.load_state_dict(sd)
+        except Exception as e:
+            raise LisaError(f"checkpoint '{path}': {name} does not fit this "
+                            f"{type(obj).__name__} ({_first_line(e)})") from None
+    set_rng_state(rng, where=f"checkpoint '{path}': {RNG}")
+    return state
+
+
+def _torch_load(path: Path, name: str) -> Any:
+    try:
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LisaError(f"checkpoint '{path}': {name} is corrupt or unsafe ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- random number generators --------------------------------------------------------------
+def rng_state() -> dict:
+    """All global RNG states as tensors/ints/strs only, so weights_only=True can read them back."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"], "pos": int(np_state["state"]["pos"]),
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, where: str = "rng state") -> None:
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"],
+                             "gauss": n["gauss"],
+                             "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]}})
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise LisaError(f"{where} is not a valid RNG state ({_first_line(e)})") from None

