@@ -8,29 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lisatune.data import DataConfig, collate, encode_prompt, extract_answer, gsm_eval_items, load_splits, render_prompt
 from lisatune.data import gsm as gsm_module
 from lisatune.errors import LisaError
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-EOS = "<|endoftext|>"  # deliberately not <|im_end|>, so appending EOS is visible
-
-
-def tiny_tokenizer(chat: bool):
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS, "<|im_start|>", "<|im_end|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["What is the sum of two and three? The answer is five.",
-                            "Instruction: write a haiku about the sea. Response: waves."], trainer=trainer)
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token="<pad>")
-    tok.chat_template = CHATML if chat else None
-    return tok
-
+from conftest import EOS, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():

@@ -5,7 +5,6 @@ import re
 import warnings
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 from transformers.pytorch_utils import Conv1D
 
@@ -44,6 +43,8 @@ class Lora(Method):
     Options = LoraOptions
 
     def prepare(self, model):
+        from peft import LoraConfig, PeftModel, get_peft_model  # lazy: peft pulls in bitsandbytes, slow and noisy
+
         if isinstance(model, PeftModel):
             raise LisaError("lora: the model already carries a PEFT adapter; pass the base model")
         o = self.options
@@ -63,6 +64,8 @@ class Lora(Method):
             raise LisaError(f"lora: {str(e).splitlines()[0]} (linear layers in the blocks: {names})") from None
 
     def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        from peft import PeftModel
+
         if not isinstance(model, PeftModel):  # else every base weight would be trained
             raise LisaError("lora: optimizer() needs the model returned by prepare()")
         return torch.optim.AdamW(decay_groups(trainable(model)), lr=lr, weight_decay=weight_decay,
@@ -71,6 +74,8 @@ class Lora(Method):
     def export(self, model, merge=True):
         """merge: the base model with B·A folded into its weights (modifies `model`); else the PeftModel,
         whose save_pretrained writes the adapter only."""
+        from peft import PeftModel
+
         if not isinstance(model, PeftModel):
             return model
         return model.merge_and_unload() if merge else model

@@ -1,0 +1,106 @@
+"""`lisatune train | eval | bench | norms`: thin argparse front-ends over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import LisaError
+
+
+def cmd_train(args) -> int:
+    from .recipe import Interrupted, _fmt, train
+    from .train_config import load_config
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("train.resume=true")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    try:
+        s = train(cfg)
+    except Interrupted as e:
+        print(f"lisatune: {e}; continue with: lisatune train {args.config or ''} --resume".replace("  ", " "))
+        return 130
+    if s.get("already_complete"):
+        print(f"run in {cfg.train.output_dir} is already complete (use --overwrite to train again)")
+    print(f"\n{s['method']} fine-tuning of {s['model']}: {s['steps']} steps in {s['train_seconds']:.0f} s "
+          f"({s['tokens_per_s']:.0f} tokens/s)")
+    print(f"  before: {_fmt(s['before'])}")
+    print(f"  after:  {_fmt(s['after'])}")
+    print(f"  model saved to {s['final_model']} (AutoModelForCausalLM.from_pretrained loads it)")
+    print(f"  metrics: {s['metrics']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import DataConfig, gsm_eval_items, load_splits
+    from .evaluate import eval_loss, gsm_accuracy
+    from .models import ModelConfig, load_model
+
+    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
+    data = {"format": args.format, "max_length": args.max_length}
+    if args.format != "gsm":
+        if not args.data:
+            raise LisaError(f"--data FILE is needed for format '{args.format}'")
+        data["path"] = args.data
+    dcfg = DataConfig.build(**data)
+    train, val = load_splits(dcfg, tok)
+    res = eval_loss(model, val if args.format == "gsm" else train + val, tok.pad_token_id, args.batch_size)
+    if args.format == "gsm" and args.gsm_samples:
+        acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)
+        res |= {k: v for k, v in acc.items() if k != "samples"}
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lisatune", description="LISA fine-tuning (Layerwise Importance Sampled AdamW)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model from a YAML config (none: the embedded SmolLM2 default)")
+    t.add_argument("config", nargs="?", help="run config (YAML); omit for the embedded default")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-5")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
+    t.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match) of a saved model")
+    e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
+    e.add_argument("--format", default="gsm", choices=["gsm", "alpaca", "chat", "text"])
+    e.add_argument("--data", help="data file (alpaca/chat/text)")
+    e.add_argument("--max-length", type=int, default=384)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--gsm-samples", type=int, default=16, help="held-out GSM problems to answer (0: loss only)")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    try:  # measurement commands live with the analysis code
+        from .analysis.commands import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("lisatune").setLevel(logging.INFO)  # our own progress; libraries stay at warnings
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LisaError as e:
+        print(f"lisatune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

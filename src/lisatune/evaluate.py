@@ -1,0 +1,56 @@
+"""Held-out evaluation: token-weighted loss / perplexity, and GSM exact match by greedy generation."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import collate, encode_prompt, extract_answer
+
+IGNORE = -100
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Mean loss over every labelled token of `examples` (not a mean of batch means)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=IGNORE, reduction="sum")
+        total += loss.item()
+        tokens += int((labels != IGNORE).sum())
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_tokens": tokens}
+
+
+@torch.no_grad()
+def gsm_accuracy(model, tokenizer, items: list[dict], max_new_tokens: int = 200, batch_size: int = 8) -> dict:
+    """Exact match of the `#### N` answer, greedy decoding, prompts left-padded in batches."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    correct, samples = 0, []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prompts = [encode_prompt(tokenizer, it["question"]) for it in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for it, row in zip(chunk, out[:, width:]):
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            got = extract_answer(text)
+            correct += got == it["number"]
+            samples.append({"question": it["question"], "expected": it["number"], "got": got, "output": text})
+    model.train(was_training)
+    return {"gsm_exact_match": correct / max(len(items), 1), "gsm_correct": correct, "gsm_total": len(items),
+            "samples": samples}

@@ -1,0 +1,245 @@
+"""The fine-tuning recipe: one loop for every method, readable top to bottom.
+
+config -> model -> data -> method (model, optimizer) -> loop -> checkpoints -> final model.
+The loop never asks which method it runs; the method object answers for it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import collate, gsm_eval_items, load_splits
+from .errors import LisaError
+from .evaluate import eval_loss, gsm_accuracy
+from .methods import build_method
+from .metrics import Metrics
+from .models import load_model, save_model
+from .train_config import TrainConfig
+
+log = logging.getLogger("lisatune")
+
+# Changing these does not change what a resumed run computes.
+RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last"}
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
+        self.step, self.path = step, path
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries (a second Ctrl-C aborts)."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
+    """Example indices of micro-batch `micro_step`: a pure function, so resume needs no data state."""
+    per_epoch = n_examples // batch_size
+    epoch, j = divmod(micro_step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[j * batch_size:(j + 1) * batch_size].tolist()
+
+
+def lr_schedule(optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine or linear decay to 0 at `total`, or constant."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * done)), "linear": 1 - done, "constant": 1.0}[kind]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path | None:
+    """Create the run directory, or find the checkpoint to resume; refuse to clobber another run."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    saved = out / "config.yaml"
+    if out.exists() and any(out.iterdir()):
+        ckpt = latest_checkpoint(out)
+        if t.resume and ckpt is not None:
+            _check_same_run(cfg, saved)
+            return ckpt
+        if t.resume is True:
+            raise LisaError(f"--resume: output_dir '{out}' has no complete checkpoint to resume from")
+        if not t.overwrite:
+            raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it "
+                            "or --resume to continue it")
+        shutil.rmtree(out)
+    elif t.resume is True:
+        raise LisaError(f"--resume: output_dir '{out}' has no run to resume")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return None
+
+
+def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
+    if not saved.is_file():
+        return
+    old, new = _flat(yaml.safe_load(saved.read_text())), _flat(cfg.model_dump(mode="json"))
+    for key in sorted(set(old) | set(new)):
+        if key.startswith("train.") and key[len("train."):] in RESUME_FREE:
+            continue
+        if old.get(key) != new.get(key):
+            raise LisaError(f"cannot resume {saved.parent}: {key} was {old.get(key)!r}, now {new.get(key)!r} "
+                            "(use a new output_dir for a different run)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    t = cfg.train
+    run = Path(t.output_dir)
+    resume_from = prepare_run_dir(cfg)
+    if resume_from is not None and (run / "summary.json").is_file():
+        summary = json.loads((run / "summary.json").read_text())
+        if summary.get("steps") == json.loads((resume_from / "trainer_state.json").read_text())["step"]:
+            log.info("run in %s is already complete; nothing to do", run)
+            return {**summary, "already_complete": True}
+    set_seed(t.seed)
+    accelerator = Accelerator()
+
+    # Model, data, method.
+    model, tokenizer = load_model(cfg.model)
+    train_set, val_set = load_splits(cfg.data, tokenizer)
+    if len(train_set) < t.batch_size:
+        raise LisaError(f"data: {len(train_set)} training examples, fewer than train.batch_size={t.batch_size}")
+    gsm_items = gsm_eval_items(cfg.data)[: t.gsm_eval_samples] if cfg.data.format == "gsm" else []
+    method = build_method(cfg.method, cfg.method_options())
+    model = method.prepare(model).to(accelerator.device)
+    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps)
+    per_epoch = len(train_set) // t.batch_size // t.grad_accum
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    scheduler = lr_schedule(optimizer, t.schedule, t.warmup_steps, total)
+    pad_id = tokenizer.pad_token_id
+
+    step, first_eval = 0, None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        step, first_eval = state["step"], state.get("first_eval")
+        log.info("resumed from %s at step %d", resume_from, step)
+    metrics = Metrics(run, t.tensorboard, resume_step=step if resume_from else None)
+
+    def evaluate(at: int) -> dict:
+        res = eval_loss(model, val_set, pad_id, t.eval_batch_size) if val_set else {}
+        if gsm_items:
+            acc = gsm_accuracy(model, tokenizer, gsm_items, t.gsm_max_new_tokens, t.eval_batch_size)
+            res |= {k: v for k, v in acc.items() if k != "samples"}
+            (run / f"gsm_samples_step{at}.json").write_text(json.dumps(acc["samples"], indent=1))
+        metrics.write(at, **res)
+        return res
+
+    def checkpoint(at: int) -> Path:
+        extra = {"first_eval": first_eval, "micro_step": at * t.grad_accum}
+        return save_checkpoint(run, at, model, optimizer, scheduler, extra, keep_last=t.keep_last)
+
+    if first_eval is None:
+        first_eval = evaluate(0)
+        log.info("before training: %s", _fmt(first_eval))
+
+    # The loop.
+    model.train()
+    started, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", disable=not accelerator.is_main_process)
+    with StopRequest() as stop:
+        while step < total:
+            tick, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            for micro in range(t.grad_accum):
+                idx = batch_indices(len(train_set), t.batch_size, t.seed, step * t.grad_accum + micro)
+                batch = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx], pad_id).items()}
+                loss = model(**batch).loss / t.grad_accum
+                if not torch.isfinite(loss):
+                    _non_finite(run, step + 1, "loss")
+                accelerator.backward(loss)
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            trainable = [p for p in model.parameters() if p.requires_grad]  # LISA changes it at switches
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):
+                _non_finite(run, step + 1, "gradient norm")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens
+
+            dt = time.perf_counter() - tick
+            status = method.status(optimizer)
+            row = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens / dt, "step_s": dt, **status}
+            if step % t.log_every == 0 or step == total:
+                metrics.write(step, **row)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens / dt:.0f}",
+                            **({"active": status["active"]} if "active" in status else {}))
+            bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and step < total:
+                evaluate(step)
+            if t.save_every and step % t.save_every == 0 and step < total:
+                checkpoint(step)
+            if stop.requested:
+                bar.close()
+                raise Interrupted(step, checkpoint(step))
+    bar.close()
+
+    last_eval = evaluate(step)
+    elapsed = time.perf_counter() - started
+    checkpoint(step)
+    final_dir = save_model(method.export(model, merge=t.merge_lora), tokenizer, run / "final")
+    summary = {"method": cfg.method, "model": cfg.model.source, "steps": step, "train_seconds": round(elapsed, 1),
+               "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+               "before": first_eval, "after": last_eval, "final_model": str(final_dir),
+               "metrics": str(run / "metrics.jsonl")}
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    metrics.close()
+    return summary
+
+
+def _non_finite(run: Path, step: int, what: str):
+    last = latest_checkpoint(run)
+    kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+    raise LisaError(f"non-finite {what} at step {step}: stopped before updating the weights; {kept}")
+
+
+def _fmt(res: dict) -> str:
+    parts = []
+    if "eval_loss" in res:
+        parts.append(f"eval loss {res['eval_loss']:.4f}")
+    if "gsm_total" in res:
+        parts.append(f"GSM exact match {res['gsm_correct']}/{res['gsm_total']}")
+    return ", ".join(parts) or "no validation data"

@@ -1,0 +1,148 @@
+"""TrainConfig: one YAML file describes a run (model, data, method and its options, loop settings).
+
+    lisatune train run.yaml --set train.lr=3e-5 --set lisa.n_layers=4
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import LisaConfig
+from .data import DataConfig
+from .errors import LisaError
+from .methods import METHODS, GaloreOptions, LoraOptions
+from .models import ModelConfig
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    epochs: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_batch_size: int = Field(8, ge=1)
+    gsm_eval_samples: int = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
+    gsm_max_new_tokens: int = Field(200, ge=1)
+    save_every: int = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
+    overwrite: bool = False
+    merge_lora: bool = True  # save LoRA merged into a plain model (else the adapter)
+    tensorboard: bool = True
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: str = "lisa"
+    lisa: LisaConfig = LisaConfig()
+    lora: LoraOptions = LoraOptions()
+    galore: GaloreOptions = GaloreOptions()
+    train: TrainOptions = TrainOptions()
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"'{v}' is not one of {', '.join(METHODS)}")
+        return v
+
+    def method_options(self) -> BaseModel | None:
+        return getattr(self, self.method, None)
+
+
+# The embedded default: SmolLM2-135M-Instruct fine-tuned with LISA on GSM-symbolic problems,
+# sized to finish in a few minutes on 2 CPU cores.
+DEFAULT = {
+    "model": {"source": "smollm2"},
+    "data": {"format": "gsm", "max_length": 384, "gsm_variants": 4, "gsm_eval_templates": 20,
+             "gsm_eval_variants": 2, "val_max_examples": 32},
+    "method": "lisa",
+    "lisa": {"n_layers": 2, "interval": 5},
+    "train": {"output_dir": "runs/default", "lr": 1e-4, "batch_size": 4, "max_steps": 40, "warmup_steps": 4,
+              "gsm_eval_samples": 8, "resume": "auto"},
+}
+
+
+def parse_value(text: str):
+    """A --set value as YAML scalar/list (so 3e-5, true, [1, 2] work); never evaluated as code."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise LisaError(f"--set '{assignment}': expected key=value, e.g. train.lr=3e-5")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise LisaError(f"--set '{assignment}': '{part}' is not a section")
+    node[parts[-1]] = parse_value(value)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """The run config: the YAML file (or the embedded default), then --set overrides."""
+    if path is None:
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in DEFAULT.items()}
+    else:
+        f = Path(path)
+        if not f.is_file():
+            raise LisaError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(f.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise LisaError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise LisaError(f"{path}: expected a mapping of sections (model, data, method, train, ...)")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise LisaError(config_error(e, path or "default config")) from None
+
+
+def config_error(e: ValidationError, where: str) -> str:
+    err = e.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    if err["type"] == "extra_forbidden":
+        section = _section_model(loc[:-1])
+        valid = ", ".join(sorted(section.model_fields)) if section else ""
+        return f"{where}: unknown option '{'.'.join(loc)}' (valid: {valid})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {'.'.join(loc)}: {msg} (got {err.get('input')!r})"
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model

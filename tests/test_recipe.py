@@ -1,0 +1,168 @@
+"""`lisatune train` end to end on a tiny model: every method learns, resume is exact, bad input is refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ARCHS, tiny_tokenizer
+from lisatune.checkpoint import latest_checkpoint, load_checkpoint
+from lisatune.errors import LisaError
+from lisatune.recipe import train
+from lisatune.train_config import load_config
+
+RECORDS = [{"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."} for a in range(6) for b in range(4)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    tok = tiny_tokenizer(chat=True)
+    cfg = ARCHS["llama"](4)
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return root
+
+
+def write_config(tmp_path, assets, method="lisa", name="run", **train):
+    cfg = {"model": {"source": str(assets / "model")},
+           "data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "val_fraction": 0.25, "max_length": 64},
+           "method": method,
+           "lisa": {"n_layers": 2, "interval": 3},
+           "galore": {"rank": 4, "update_proj_gap": 5},
+           "train": {"output_dir": str(tmp_path / name), "lr": 1e-2, "batch_size": 4, "max_steps": 10,
+                     "warmup_steps": 1, "tensorboard": False, "gsm_eval_samples": 0, **train}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "galore", "lisa"])
+def test_every_method_lowers_the_held_out_loss_and_saves_a_loadable_model(tmp_path, assets, method):
+    s = train(load_config(str(write_config(tmp_path, assets, method)), []))
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"] - 0.2, s
+    final = T.AutoModelForCausalLM.from_pretrained(s["final_model"])
+    assert not any("lora" in n for n, _ in final.named_parameters())  # LoRA is merged into a plain model
+    rows = [json.loads(ln) for ln in Path(s["metrics"]).read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
+    assert all("active" in r for r in rows if "loss" in r) == (method == "lisa")
+
+
+@pytest.mark.parametrize("method", ["lisa", "full"])
+def test_resume_from_a_mid_run_checkpoint_is_bitwise_equal(tmp_path, assets, method):
+    whole = train(load_config(str(write_config(tmp_path, assets, method, "whole")), []))
+    cfg = write_config(tmp_path, assets, method, "split", save_every=4, keep_last=5)
+    train(load_config(str(cfg), []))
+    run = tmp_path / "split"
+    for leftover in ["checkpoints/step-000008", "checkpoints/step-000010", "final", "summary.json"]:
+        os.system(f"rm -rf {run / leftover}")  # as if the process died after step 4
+    resumed = train(load_config(str(cfg), ["train.resume=true"]))
+    assert resumed["before"] == whole["before"]
+    a, b = weights(tmp_path / "whole"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes_identically(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, "lisa", "interrupted", max_steps=200)
+    proc = subprocess.Popen([sys.executable, "-m", "lisatune.cli", "train", str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out and "Traceback" not in err
+    ckpts = sorted((tmp_path / "interrupted" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 200
+
+    r = run_cli("train", str(cfg), "--resume")
+    assert r.returncode == 0, r.stderr
+    train(load_config(str(write_config(tmp_path, assets, "lisa", "whole", max_steps=200)), []))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "interrupted")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lisatune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method=dora", "method: 'dora' is not one of full, lora, galore, lisa"),
+    ("train.lrr=1", "unknown option 'train.lrr' (valid: batch_size,"),
+    ("lisa.n_layers=9", "n_layers (γ) = 9 exceeds the 4 transformer blocks"),
+    ("model.source=/nope", "model.source '/nope' does not exist"),
+    ("data.path=/nope.jsonl", "data.path '/nope.jsonl' does not exist"),
+])
+def test_bad_settings_give_one_line_errors(tmp_path, assets, override, message):
+    cfg = write_config(tmp_path, assets)
+    with pytest.raises(LisaError) as e:
+        train(load_config(str(cfg), [override]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path, assets):
+    r = run_cli("train", str(write_config(tmp_path, assets)), "--set", "train.lrr=1")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("lisatune: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  source: x\n train: [\n")
+    with pytest.raises(LisaError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(str(bad), [])
+
+
+def test_an_output_dir_holding_another_run_is_refused_unless_overwrite(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, max_steps=2)
+    train(load_config(str(cfg), []))
+    before = weights(tmp_path / "run")
+    with pytest.raises(LisaError, match="holds another run; pass --overwrite to replace it or --resume"):
+        train(load_config(str(cfg), ["lisa.seed=5"]))
+    assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "run").items())  # nothing lost
+    with pytest.raises(LisaError, match="cannot resume .*lisa.seed was 0, now 5"):
+        train(load_config(str(cfg), ["lisa.seed=5", "train.resume=true"]))
+    s = train(load_config(str(cfg), ["lisa.seed=5", "train.overwrite=true"]))
+    assert s["steps"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, "full", lr=1e30, max_grad_norm=None, save_every=1, max_steps=50)
+    with pytest.raises(LisaError, match=r"non-finite (loss|gradient norm) at step \d+: .*checkpoint .*step-0+\d+ is intact"):
+        train(load_config(str(cfg), []))
+    last = latest_checkpoint(tmp_path / "run")
+    model = T.AutoModelForCausalLM.from_pretrained(assets / "model")
+    load_checkpoint(last, model)  # loadable
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_eval_command_reports_loss(tmp_path, assets):
+    r = run_cli("eval", str(assets / "model"), "--format", "alpaca", "--data", str(assets / "train.jsonl"),
+                "--max-length", "64")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["eval_tokens"] > 0 and res["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")))
+def test_shipped_example_configs_are_valid(path):
+    assert load_config(str(path), []).method in {"lisa", "lora", "full", "galore"}
