@@ -166,3 +166,17 @@ def test_eval_command_reports_loss(tmp_path, assets):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.yaml")))
 def test_shipped_example_configs_are_valid(path):
     assert load_config(str(path), []).method in {"lisa", "lora", "full", "galore"}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.gradient_checkpointing=true", "lisa.train_embedding=false"],  # backward starts at an active block
+    ["model.dtype=bf16"],
+])
+def test_checkpointing_and_bf16_runs_learn(tmp_path, assets, overrides):
+    s = train(load_config(str(write_config(tmp_path, assets, "lisa", max_steps=6)), overrides))
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"] - 0.1
+
+
+def test_lora_can_be_saved_as_an_adapter(tmp_path, assets):
+    s = train(load_config(str(write_config(tmp_path, assets, "lora", max_steps=2)), ["train.merge_lora=false"]))
+    assert (Path(s["final_model"]) / "adapter_config.json").is_file()
