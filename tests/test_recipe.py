@@ -19,6 +19,7 @@ from lisatune.errors import LisaError
 from lisatune.recipe import train
 from lisatune.train_config import load_config
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on the shared cores
 RECORDS = [{"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."} for a in range(6) for b in range(4)]
 
 
@@ -82,7 +83,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bitwise_equal(tmp_path, assets, met
 def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes_identically(tmp_path, assets):
     cfg = write_config(tmp_path, assets, "lisa", "interrupted", max_steps=200)
     proc = subprocess.Popen([sys.executable, "-m", "lisatune.cli", "train", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=ENV)
     metrics = tmp_path / "interrupted" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
@@ -102,7 +103,7 @@ def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes_identically
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lisatune.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "lisatune.cli", *args], capture_output=True, text=True, timeout=300, env=ENV)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, ConfigDict, Field, field_validator
 
 from .errors import LisaError
+from .options import Options, format_validation_error  # noqa: F401 (re-exported)
 
 
-class LisaConfig(BaseModel):
+class LisaConfig(Options):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    section = "lisa"
 
     # γ and K; the aliases are ModelScope SWIFT's names for the same settings.
     n_layers: int = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"))
@@ -43,26 +45,9 @@ class LisaConfig(BaseModel):
             raise ValueError("must be >= 0")
         return v
 
-    @classmethod
-    def build(cls, **options) -> "LisaConfig":
-        """Validate options, turning pydantic's report into one LisaError line."""
-        try:
-            return cls(**options)
-        except ValidationError as e:
-            raise LisaError(format_validation_error(e, cls, "lisa")) from None
-
     def probability_list(self) -> list[float] | None:
         p = self.probabilities
         return load_probabilities(p) if isinstance(p, str) else p
-
-
-def format_validation_error(e: ValidationError, model: type[BaseModel], where: str) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    if err["type"] == "extra_forbidden":
-        valid = ", ".join(sorted(model.model_fields))
-        return f"{where}: unknown option '{loc}' (valid: {valid})"
-    return f"{where}.{loc}: {err['msg']} (got {err.get('input')!r})"
 
 
 def load_probabilities(path: str) -> list[float]:

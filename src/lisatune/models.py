@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .checkpoint import atomic_dir
-from .config import format_validation_error
+from .options import Options
 from .errors import LisaError
 
 log = logging.getLogger("lisatune")
@@ -29,20 +28,13 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ModelConfig(Options):
+    section = "model"
 
     source: str = SMOLLM2  # "smollm2", a model directory or a .gguf file
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-
-    @classmethod
-    def build(cls, **options) -> "ModelConfig":
-        try:
-            return cls(**options)
-        except ValidationError as e:
-            raise LisaError(format_validation_error(e, cls, "model")) from None
 
 
 def load_model(cfg: ModelConfig | None = None):

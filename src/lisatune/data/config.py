@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
-from ..errors import LisaError
+from ..options import Options
 
 
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DataConfig(Options):
+    section = "data"
 
     format: Literal["alpaca", "chat", "text", "gsm"] = "gsm"
     # alpaca: JSON array or JSONL; chat: JSONL with `messages`; text: .txt (blank-line separated) or JSONL `text`.
@@ -67,16 +67,3 @@ class DataConfig(BaseModel):
             if self.val_path and self.val_fraction:
                 raise ValueError("set val_path or val_fraction, not both")
         return self
-
-    @classmethod
-    def build(cls, **options) -> "DataConfig":
-        """Validate options, turning pydantic's report into one LisaError line."""
-        from ..config import format_validation_error  # lazy: lisatune.config may import this module
-
-        try:
-            return cls(**options)
-        except ValidationError as e:
-            err = e.errors()[0]
-            if not err["loc"]:  # a whole-model check: its message already names the fields
-                raise LisaError(f"data: {err['msg'].removeprefix('Value error, ')}") from None
-            raise LisaError(format_validation_error(e, cls, "data")) from None
