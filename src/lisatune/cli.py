@@ -31,6 +31,7 @@ def cmd_train(args) -> int:
         print(f"run in {cfg.train.output_dir} is already complete (use --overwrite to train again)")
     print(f"\n{s['method']} fine-tuning of {s['model']}: {s['steps']} steps in {s['train_seconds']:.0f} s "
           f"({s['tokens_per_s']:.0f} tokens/s)")
+    print(f"  train loss: {s['train_loss_first']:.4f} (first 5 steps) -> {s['train_loss_last']:.4f} (last 5)")
     print(f"  before: {_fmt(s['before'])}")
     print(f"  after:  {_fmt(s['after'])}")
     print(f"  model saved to {s['final_model']} (AutoModelForCausalLM.from_pretrained loads it)")
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register(sub)
+    try:  # `lisatune study`: grids of runs and their report
+        from .study import register as register_study
+    except ImportError:
+        pass
+    else:
+        register_study(sub)
     return p
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import LisaConfig
 from .errors import LisaError
@@ -55,8 +57,12 @@ def reject_peft(model: nn.Module) -> None:
         )
 
 
+def _local(v: torch.Tensor) -> torch.Tensor:
+    return v.to_local() if hasattr(v, "to_local") else v  # a DTensor (FSDP2) counts this rank's shard
+
+
 def tensor_bytes(states: Iterable[dict]) -> int:
-    return sum(v.numel() * v.element_size() for st in states for v in st.values() if torch.is_tensor(v))
+    return sum(_local(v).numel() * v.element_size() for st in states for v in st.values() if torch.is_tensor(v))
 
 
 class LisaAdamW(torch.optim.Optimizer):
@@ -64,6 +70,10 @@ class LisaAdamW(torch.optim.Optimizer):
 
     >>> opt = LisaAdamW(model, n_layers=2, interval=20, lr=1e-5)
     """
+
+    # Under torch.distributed, the ranks of this group (None: the default group) must hold the same
+    # active set; it is checked at construction, at every switch and after load_state_dict.
+    process_group = None
 
     def __init__(self, model: nn.Module, config: LisaConfig | None = None, *, lr: float = 1e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] | None = None, eps: float | None = None,
@@ -126,6 +136,7 @@ class LisaAdamW(torch.optim.Optimizer):
         self._active: tuple[int, ...] = ()
         self._parked: dict[str, dict[str, torch.Tensor]] = {}  # offload/keep: states of frozen params
         self.history: list[dict] = []
+        self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, for handles
         self._switch(0)
 
     # -- the algorithm ---------------------------------------------------------------
@@ -143,13 +154,28 @@ class LisaAdamW(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def _switch(self, switch: int) -> None:
+        peak = self.history[-1]["state_bytes"] if self.history else 0
         self._apply(self.sampler.active(switch))
         entry = {"switch": switch, "step": self._step, "active": list(self._active),
                  "trainable_params": self.trainable_parameters(), "state_bytes": self.state_bytes()}
         self.history.append(entry)
-        log.info("LISA switch %d at step %d: active %s, %s trainable params, optimizer state %.1f MiB",
-                 switch, self._step, self.active_names, f"{entry['trainable_params']:,}",
-                 entry["state_bytes"] / 2**20)
+        log.info("LISA switch %d at step %d: active %s, %s trainable params (optimizer state peaked at "
+                 "%.1f MiB in the previous interval)", switch, self._step, ", ".join(self.active_names),
+                 f"{entry['trainable_params']:,}", peak / 2**20)
+        self._switched()
+
+    def _switched(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from .distributed import verify_active_set
+            verify_active_set(self, self.process_group)
+        for hook in list(self._switch_hooks.values()):
+            hook(self)
+
+    def register_switch_hook(self, hook: Callable[["LisaAdamW"], None]) -> RemovableHandle:
+        """Call hook(optimizer) after each switch and load_state_dict (e.g. to re-wrap DDP)."""
+        handle = RemovableHandle(self._switch_hooks)
+        self._switch_hooks[handle.id] = hook
+        return handle
 
     def _apply(self, target: tuple[int, ...]) -> None:
         old, new = set(self._active), set(target)
@@ -281,3 +307,4 @@ class LisaAdamW(torch.optim.Optimizer):
             self._parked[name] = {k: v.to("cpu") if offload and torch.is_tensor(v) and k != "step"
                                   else self._to_param(p, k, v) for k, v in st.items()}
         self.history = [dict(h) for h in lisa["history"]]
+        self._switched()

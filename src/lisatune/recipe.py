@@ -221,7 +221,10 @@ def train(cfg: TrainConfig) -> dict:
     elapsed = time.perf_counter() - started
     checkpoint(step)
     final_dir = save_model(method.export(model, merge=t.merge_lora), tokenizer, run / "final")
+    losses = [r["loss"] for r in map(json.loads, metrics.path.read_text().splitlines()) if "loss" in r]
     summary = {"method": cfg.method, "model": cfg.model.source, "steps": step, "train_seconds": round(elapsed, 1),
+               "train_loss_first": sum(losses[:5]) / max(1, len(losses[:5])),
+               "train_loss_last": sum(losses[-5:]) / max(1, len(losses[-5:])),
                "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
                "before": first_eval, "after": last_eval, "final_model": str(final_dir),
                "metrics": str(run / "metrics.jsonl")}

@@ -1,0 +1,143 @@
+"""Worker functions run in N gloo processes by `launch` (torch.multiprocessing.spawn, localhost, free port).
+
+Each worker writes what the test needs to `<out>/rank<r>.pt`; the test compares the files. Errors raised in
+a worker (e.g. LisaError) reach the test as torch.multiprocessing.ProcessRaisedException with the traceback.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn, *args, world: int = 2, timeout_s: int = 60) -> None:
+    """Run fn(*args) on `world` gloo ranks; raises if any rank raised (its traceback in the message)."""
+    mp.spawn(_entry, args=(world, free_port(), timeout_s, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, timeout_s, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()  # leave together: a rank tearing down gloo while its peer still talks can abort it
+    finally:
+        dist.destroy_process_group()
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as a full plain tensor (collective for FSDP2 DTensors)."""
+    return p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: full(p) for n, p in model.named_parameters()}
+
+
+def build(mode: str, seed: int, lisa: dict, ddp_kwargs: dict | None = None, arch_layers: int = 6):
+    """(plain model, module to call, LisaAdamW) for mode 'single', 'ddp' (LisaDDP) or 'fsdp' (FSDP2)."""
+    from conftest import tiny_model
+    from lisatune import LisaAdamW
+    from lisatune.distributed import LisaDDP, shard_model
+    model = tiny_model(n_layers=arch_layers)
+    if mode == "fsdp":
+        shard_model(model)
+    opt = LisaAdamW(model, seed=seed, **lisa)
+    run = LisaDDP(model, opt, comm_hook=(COMM, count_allreduce), **(ddp_kwargs or {})) if mode == "ddp" else model
+    return model, run, opt
+
+
+COMM = {"bytes": 0}  # gradient bytes all-reduced by DDP in this process
+
+
+def count_allreduce(state, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    state["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+    return allreduce_hook(None, bucket)
+
+
+def train_steps(run, opt, data, rank: int, world: int, model=None, snaps: list | None = None):
+    """One optimizer step per global batch; each rank takes its 1/world slice (loss is a per-rank mean)."""
+    for x in data:
+        n = x.shape[0] // world
+        xs = x[rank * n:(rank + 1) * n]
+        run(input_ids=xs, labels=xs).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if snaps is not None and opt.steps_done % opt.config.interval == 0:
+            snaps.append(snapshot(model))
+
+
+def train_worker(rank, world, out, mode, seeds, lisa, steps, batch):
+    """Train `steps` global batches; save weights at every switch boundary, history and state bytes."""
+    from conftest import batches
+    model, run, opt = build(mode, seeds[rank], lisa)
+    snaps = [snapshot(model)]
+    peak = 0
+    comm = []  # (gradient bytes all-reduced, bytes of the trainable params) per step
+    data = batches(steps, seed=1, batch=batch)
+    for x in data:
+        before, trainable = COMM["bytes"], 4 * opt.trainable_parameters()
+        train_steps(run, opt, [x], rank, world, model, snaps)
+        comm.append((COMM["bytes"] - before, trainable))
+        peak = max(peak, opt.state_bytes())
+    torch.save({"snaps": snaps, "history": opt.history, "peak_state_bytes": peak, "comm": comm,
+                "rewraps": getattr(run, "rewraps", None)}, Path(out) / f"rank{rank}.pt")
+
+
+def resume_worker(rank, world, out, mode, lisa, steps, batch, stop):
+    """The uninterrupted run; then train to `stop`, save_checkpoint, rebuild everything, load, train on."""
+    from conftest import batches
+    from lisatune.distributed import load_checkpoint, save_checkpoint
+    data = batches(steps, seed=1, batch=batch)
+    model, run, opt = build(mode, 0, lisa)
+    train_steps(run, opt, data, rank, world)
+    straight = {"final": snapshot(model), "history": opt.history}
+    del model, run, opt
+    model, run, opt = build(mode, 0, lisa)
+    train_steps(run, opt, data[:stop], rank, world)
+    ck = Path(out) / "ck.pt"
+    save_checkpoint(ck, model, opt, extra={"stop": stop})
+    del model, run, opt
+    model, run, opt = build(mode, 0, lisa, arch_layers=6)
+    with torch.no_grad():  # scramble the fresh weights so that only the checkpoint can restore them
+        for p in model.parameters():
+            p.mul_(0.5)
+    extra = load_checkpoint(ck, model, opt)
+    assert extra == {"stop": stop} and opt.steps_done == stop
+    train_steps(run, opt, data[stop:], rank, world)
+    torch.save({"final": snapshot(model), "history": opt.history, "straight": straight},
+               Path(out) / f"resumed{rank}.pt")
+
+
+def load_worker(rank, world, out, mode, lisa):
+    """Each rank loads its own optimizer checkpoint out/opt<rank>.pt (a test makes them disagree)."""
+    model, run, opt = build(mode, 0, lisa)
+    opt.load_state_dict(torch.load(Path(out) / f"opt{rank}.pt", weights_only=False))
+
+
+def diverge_worker(rank, world, out, mode, lisa, steps, batch):
+    """Rank 1's sampler goes its own way after the first interval (as a rank-local RNG would)."""
+    from conftest import batches
+    model, run, opt = build(mode, 0, lisa)
+    if rank == 1:
+        own = opt.sampler.active
+        opt.sampler.active = lambda s: own(s) if s == 0 else own(s + 1000)
+    train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
