@@ -8,12 +8,18 @@ or silently train different layers.
 DDP:   opt = LisaAdamW(model, ...); ddp = LisaDDP(model, opt); loss = ddp(**batch).loss
 FSDP2: shard_model(model); opt = LisaAdamW(model, ...)          # params are DTensors, state is per shard
 Checkpoints (any of the above, any world size): save_checkpoint(path, model, opt) / load_checkpoint(...)
+The recipe (`lisatune train` under torchrun): launch_mode, wrap_for, no_sync, all_sum, on_rank0,
+save_run_checkpoint / load_run_checkpoint (the recipe's checkpoint directories) and full_model.
 See docs/distributed.md for the measurements behind these choices.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +32,10 @@ from .layers import find_layers
 
 __all__ = ["verify_active_set", "LisaDDP", "shard_model", "full_optimizer_state_dict", "full_model_state_dict",
            "load_full_optimizer_state_dict", "load_full_model_state_dict", "save_checkpoint", "load_checkpoint",
-           "is_dtensor"]
+           "is_dtensor", "launch_mode", "wrap_for", "no_sync", "all_sum", "on_rank0", "save_run_checkpoint",
+           "load_run_checkpoint", "full_model"]
+
+log = logging.getLogger("lisatune")
 
 
 def _initialized() -> bool:
@@ -174,9 +183,11 @@ def full_optimizer_state_dict(opt) -> dict:
 
 
 def load_full_optimizer_state_dict(opt, state_dict: dict) -> None:
-    """Load a full (single-process format) LisaAdamW state dict; under FSDP2 each rank keeps its own shard."""
+    """Load a full (single-process format) optimizer state dict (LisaAdamW or a plain torch optimizer such as
+    AdamW); under FSDP2 each rank keeps its own shard."""
     from torch.distributed.tensor import distribute_tensor
     opt.load_state_dict(state_dict)
+    inner = getattr(opt, "inner", opt)  # LisaAdamW keeps the torch optimizer's state in .inner
 
     def shard_like(p: torch.Tensor, st: dict) -> dict:
         if not is_dtensor(p):
@@ -184,9 +195,9 @@ def load_full_optimizer_state_dict(opt, state_dict: dict) -> None:
         return {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
                 if torch.is_tensor(v) and not is_dtensor(v) and v.shape == p.shape else v for k, v in st.items()}
 
-    for p in list(opt.inner.state):
-        opt.inner.state[p] = shard_like(p, opt.inner.state[p])
-    for name in list(opt._parked):
+    for p in list(inner.state):
+        inner.state[p] = shard_like(p, inner.state[p])
+    for name in list(getattr(opt, "_parked", {})):
         opt._parked[name] = shard_like(opt._param[name], opt._parked[name])
 
 
@@ -246,3 +257,290 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, opt) -> dict:
     load_full_model_state_dict(model, ck["model"])
     load_full_optimizer_state_dict(opt, ck["optimizer"])
     return ck["extra"]
+
+
+# -- the recipe: `lisatune train` under torchrun / accelerate launch --------------------------------
+def _world() -> int:
+    return dist.get_world_size() if _initialized() else 1
+
+
+def _comm_device() -> torch.device:
+    """Where small collective tensors live: the current GPU for NCCL, else the CPU (gloo)."""
+    if _initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launch_mode(requested: str, world: int) -> str:
+    """The engine for `world` processes: the config's `distributed` (none | ddp | fsdp), checked.
+
+    Several processes with `none` would each train their own copy on the same data: refused. One process with
+    ddp/fsdp trains as `none` (there is nothing to synchronise), with a warning. With several processes the
+    default process group is destroyed at interpreter exit (gloo aborts a process that exits without that).
+    """
+    if world > 1:
+        atexit.unregister(_leave_group)  # registered once
+        atexit.register(_leave_group)
+    if requested not in ("none", "ddp", "fsdp"):
+        raise LisaError(f"distributed must be none, ddp or fsdp (got {requested!r})")
+    if world > 1 and requested == "none":
+        raise LisaError(f"{world} processes were launched but distributed is 'none': set distributed: ddp or fsdp "
+                        "in the config (or --set distributed=ddp), or launch one process")
+    if world > 1 and not _initialized():
+        raise LisaError(f"{world} processes were launched but torch.distributed is not initialized")
+    if world == 1 and requested != "none":
+        log.warning("distributed: %s, but only one process was launched: training in one process", requested)
+        return "none"
+    if world > 1:
+        log.info("distributed: %s over %d processes (%s)", requested, world, dist.get_backend())
+    return requested
+
+
+def _leave_group() -> None:
+    if _initialized():
+        import gc
+        gc.collect()  # first free the finished run's DDP reducers, which hold the group (else gloo can abort)
+        dist.destroy_process_group()
+
+
+def _is_peft(model: nn.Module) -> bool:
+    import sys
+    peft = sys.modules.get("peft")  # never imported here: only a model built by peft can be one
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def wrap_for(mode: str, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+             ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """(module to call in training, optimizer) for `mode`: builds the optimizer in the order the engine needs.
+
+    none: the model and make_optimizer(model).
+    ddp:  make_optimizer(model) first (LisaAdamW freezes the model), then LisaDDP for a LisaAdamW (re-wrapped at
+          each switch) or a plain DistributedDataParallel for any other optimizer (DDP registers only the
+          parameters that require grad: LoRA's adapters, GaLore's and full's everything).
+    fsdp: shard_model(model) first, then make_optimizer on the DTensor parameters; LisaAdamW and plain AdamW
+          only (methods lisa and full). A PEFT (LoRA) model is refused before sharding, any other optimizer
+          (GaLore) after: see docs/distributed.md ("lisatune train") for why.
+    The model itself is still the one to evaluate, checkpoint and save (FSDP2 shards it in place).
+    """
+    from .optim import LisaAdamW
+    if mode == "none":
+        return model, make_optimizer(model)
+    if mode == "ddp":
+        opt = make_optimizer(model)
+        if isinstance(opt, LisaAdamW):
+            return LisaDDP(model, opt), opt
+        return nn.parallel.DistributedDataParallel(model), opt
+    if mode == "fsdp":
+        if _is_peft(model):
+            raise LisaError("distributed: fsdp does not support LoRA (method lora): saving a sharded PEFT model "
+                            "is not built; use distributed: ddp, which all-reduces only the adapters' gradients")
+        shard_model(model)
+        opt = make_optimizer(model)
+        if not isinstance(opt, LisaAdamW) and type(opt) is not torch.optim.AdamW:
+            cls = f"{type(opt).__module__}.{type(opt).__qualname__}"
+            raise LisaError(f"distributed: fsdp trains with LisaAdamW or torch.optim.AdamW only (methods lisa, full), "
+                            f"not {cls}; use distributed: ddp")
+        return model, opt
+    raise LisaError(f"distributed must be none, ddp or fsdp (got {mode!r})")
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module: nn.Module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def no_sync(module: nn.Module, skip: bool = True) -> contextlib.AbstractContextManager:
+    """Gradient accumulation: a backward run inside this keeps its gradients local (DDP's no_sync; FSDP2's
+    set_requires_gradient_sync(False)); the next synchronised backward reduces the sum. No-op if not skip."""
+    from torch.distributed.fsdp import FSDPModule
+    if skip and isinstance(module, (nn.parallel.DistributedDataParallel, LisaDDP)):
+        return module.no_sync()
+    if skip and isinstance(module, FSDPModule):
+        return _fsdp_no_sync(module)
+    return contextlib.nullcontext()
+
+
+def all_sum(*values: float) -> list[float]:
+    """Each value summed over all ranks (one all_reduce of a float64 vector); the values themselves in one
+    process. The recipe's agreement point: token counts, losses, the stop and non-finite flags."""
+    if _world() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """Collective: run fn() on rank 0 only (file system work) and return its result on every rank.
+
+    A LisaError raised by fn is raised on every rank (same message); any other exception is re-raised on rank 0
+    and becomes a RuntimeError on the others, so no rank is left waiting. One process: just fn().
+    """
+    if _world() == 1:
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except LisaError as e:
+            box = [("lisa", str(e))]
+        except Exception as e:
+            dist.broadcast_object_list([("crash", f"{type(e).__name__}: {e}")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "lisa":
+        raise LisaError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one tensor (e.g. a tied embedding and LM head)."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _drop_tied(model: nn.Module, sd: dict) -> dict:
+    """The state dict with each tied tensor stored once (as safetensors requires)."""
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    for names in _tied_names(model):
+        for n in names[1:]:
+            sd.pop(n, None)
+    return sd
+
+
+def _fill_tied(model: nn.Module, sd: dict) -> dict:
+    """The state dict with every name of each tied tensor present (whichever one was stored)."""
+    for names in _tied_names(model):
+        have = next((n for n in names if n in sd), None)
+        if have is not None:
+            for n in names:
+                sd.setdefault(n, sd[have])
+    return sd
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def save_run_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, scheduler,
+                        extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """checkpoint.save_checkpoint for one or several processes: the same `checkpoints/step-XXXXXX/` directory.
+
+    One process: exactly checkpoint.save_checkpoint. Several (collective, DDP or FSDP2): the full model state
+    dict and the full optimizer state (single-process format, as save_checkpoint above) and every rank's RNG
+    state are gathered; rank 0 alone writes model.safetensors, optimizer.pt, scheduler.pt, rng_rank{r}.pt per
+    rank and trainer_state.json (last; with "world_size") into a temp dir, renames it into place and prunes
+    to keep_last. Every rank returns the same path, after the checkpoint is complete.
+    """
+    from safetensors.torch import save_file
+
+    from . import checkpoint as ck
+    if _world() == 1:
+        return ck.save_checkpoint(run_dir, step, model, optimizer, scheduler, extra, keep_last=keep_last)
+    model = getattr(model, "module", model)
+    model_sd = full_model_state_dict(model)      # FSDP2: gathered, on rank 0 only
+    opt_sd = full_optimizer_state_dict(optimizer)
+    rngs: list[Any] | None = [None] * _world() if _rank() == 0 else None
+    dist.gather_object(ck.rng_state(), rngs, dst=0)
+    state = {**(extra or {}), "step": int(step), "world_size": _world()}
+
+    def write() -> Path:
+        if keep_last is not None and keep_last < 1:
+            raise LisaError(f"keep_last must be >= 1 or None (got {keep_last})")
+        root = Path(run_dir) / "checkpoints"
+        ck.clean_tmp(root)
+        final = root / f"step-{int(step):06d}"
+        with ck.atomic_dir(final) as tmp:
+            save_file(_drop_tied(model, model_sd), str(tmp / ck.MODEL), metadata={"format": "pt"})
+            torch.save(opt_sd, tmp / ck.OPTIMIZER)
+            torch.save(scheduler.state_dict(), tmp / ck.SCHEDULER)
+            for r, rng in enumerate(rngs):
+                torch.save(rng, tmp / rng_file(r))
+            (tmp / ck.STATE).write_text(json.dumps(state, indent=2))  # last: marks the checkpoint complete
+        if keep_last is not None:
+            older = [d for _, d in ck.checkpoint_dirs(run_dir) if d != final]
+            for d in older[:max(0, len(older) - (keep_last - 1))]:
+                doomed = root / f"{ck.TMP_PREFIX}del-{d.name}-{os.getpid()}"
+                os.rename(d, doomed)  # renamed first: a kill mid-delete never leaves a half-deleted step-*
+                shutil.rmtree(doomed, ignore_errors=True)
+        return final
+
+    return on_rank0(write)
+
+
+def load_run_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore a save_run_checkpoint directory (collective under DDP/FSDP2); returns its trainer state.
+
+    The checkpoint must come from the same number of processes (the global batch is batch_size × processes
+    and each rank restores its own RNG state); otherwise a LisaError says how many it needs.
+    """
+    from safetensors.torch import load_file
+
+    from . import checkpoint as ck
+    path = Path(path)
+    try:
+        state = json.loads((path / ck.STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise LisaError(f"checkpoint '{path}': {ck.STATE} is unreadable ({ck._first_line(e)})") from None
+    written_by = state.get("world_size", 1) if isinstance(state, dict) else 1
+    if written_by != _world():
+        raise LisaError(f"checkpoint '{path}' was written by {_processes(written_by)}, this run has "
+                        f"{_processes(_world())}: resume with {written_by} (the global batch is train.batch_size "
+                        "× processes)")
+    if _world() == 1:
+        return ck.load_checkpoint(path, model, optimizer, scheduler)
+    need = [ck.STATE, ck.MODEL, ck.OPTIMIZER, ck.SCHEDULER, rng_file(_rank())]
+    missing = [f for f in need if not (path / f).is_file()]
+    if missing:
+        raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
+    model = getattr(model, "module", model)
+    try:
+        model_sd = _fill_tied(model, load_file(str(path / ck.MODEL)))
+    except Exception as e:
+        raise LisaError(f"checkpoint '{path}': {ck.MODEL} is corrupt ({ck._first_line(e)})") from None
+    opt_sd, sched_sd = ck._torch_load(path, ck.OPTIMIZER), ck._torch_load(path, ck.SCHEDULER)
+    rng = ck._torch_load(path, rng_file(_rank()))
+    load_full_model_state_dict(model, model_sd)
+    load_full_optimizer_state_dict(optimizer, opt_sd)
+    scheduler.load_state_dict(sched_sd)
+    ck.set_rng_state(rng, where=f"checkpoint '{path}': {rng_file(_rank())}")
+    return state
+
+
+def full_model(model: nn.Module) -> nn.Module | None:
+    """Collective under FSDP2: the model with full weights to save, on rank 0 (None on the others).
+
+    Without FSDP2 the model itself (on rank 0). Under FSDP2 the full state dict is gathered to rank 0 and
+    assigned into a fresh instance of the model's class built on the meta device (no second random init).
+    """
+    model = getattr(model, "module", model)
+    if not _fsdp(model):
+        return model if _rank() == 0 else None
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+    sd = full_model_state_dict(model)
+    if _rank() != 0:
+        return None
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    with torch.device("meta"):
+        plain = cls(copy.deepcopy(model.config))
+    plain.load_state_dict(_fill_tied(model, sd), strict=True, assign=True)
+    if _tied_names(model):
+        plain.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()

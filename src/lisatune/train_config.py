@@ -1,6 +1,7 @@
 """TrainConfig: one YAML file describes a run (model, data, method and its options, loop settings).
 
     lisatune train run.yaml --set train.lr=3e-5 --set lisa.n_layers=4
+    torchrun --nproc_per_node 2 -m lisatune.cli train run.yaml --set distributed=ddp
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ class TrainConfig(BaseModel):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     method: str = "lisa"
+    # Several processes (torchrun / accelerate launch): "ddp" replicates the model, "fsdp" shards it
+    # (FSDP2; lisa and full only). train.batch_size is then per process. See docs/distributed.md.
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
     lisa: LisaConfig = LisaConfig()
     lora: LoraOptions = LoraOptions()
     galore: GaloreOptions = GaloreOptions()
