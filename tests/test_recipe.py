@@ -66,7 +66,7 @@ def test_every_method_lowers_the_held_out_loss_and_saves_a_loadable_model(tmp_pa
     assert all("active" in r for r in rows if "loss" in r) == (method == "lisa")
 
 
-@pytest.mark.parametrize("method", ["lisa", "full"])
+@pytest.mark.parametrize("method", ["lisa", "full", "galore"])
 def test_resume_from_a_mid_run_checkpoint_is_bitwise_equal(tmp_path, assets, method):
     whole = train(load_config(str(write_config(tmp_path, assets, method, "whole")), []))
     cfg = write_config(tmp_path, assets, method, "split", save_every=4, keep_last=5)

@@ -22,11 +22,15 @@ def cmd_train(args) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun/accelerate, one summary, not one per rank
     try:
         s = train(cfg)
     except Interrupted as e:
-        print(f"lisatune: {e}; continue with: lisatune train {args.config or ''} --resume".replace("  ", " "))
+        if rank0:
+            print(f"lisatune: {e}; continue with: lisatune train {args.config or ''} --resume".replace("  ", " "))
         return 130
+    if not rank0:
+        return 0
     if s.get("already_complete"):
         print(f"run in {cfg.train.output_dir} is already complete (use --overwrite to train again)")
     print(f"\n{s['method']} fine-tuning of {s['model']}: {s['steps']} steps in {s['train_seconds']:.0f} s "

@@ -33,7 +33,12 @@ class Galore(Method):
     Options = GaloreOptions
 
     def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
+        import torch.serialization
         from galore_torch import GaLoreAdamW  # imported late: it loads bitsandbytes (seconds)
+        from galore_torch.galore_projector import GaLoreProjector
+
+        # Its state holds a projector object per matrix: allow exactly that class in weights_only loads.
+        torch.serialization.add_safe_globals([GaLoreProjector])
 
         o = self.options
         _, mods = block_linears(model)
