@@ -1,0 +1,123 @@
+"""`lisatune bench memory|speed` and `lisatune norms`: argparse front-ends over the analysis modules.
+
+    from lisatune.analysis.commands import register
+    register(subparsers)          # adds "bench" (with "memory" and "speed") and "norms"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import LisaError
+
+
+def _common(p: argparse.ArgumentParser, steps: int, methods: list[str] | None, out: str) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (default), a Hugging Face model dir or .gguf, or 'tiny[:N_LAYERS]' (random tiny llama)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    if methods is not None:
+        p.add_argument("--methods", nargs="+", default=methods, metavar="SPEC",
+                       help="methods to compare: presets full, lora (r=8), galore (rank=128), lisa (γ=2, K=5, drop), "
+                            "lisa-keep, lisa-offload, lisa-frozen (embedding and head frozen), each refinable as "
+                            "NAME:key=value,key=value, e.g. lisa:n_layers=4,interval=10 "
+                            f"(default: {' '.join(methods)})")
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
+
+
+def cmd_bench_memory(args) -> int:
+    from .memory import bench_memory
+
+    gc = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    r = bench_memory(args.model, args.methods, args.batch, args.seq, args.steps, gc, args.switches, args.out,
+                     isolate=not args.in_process)
+    print("\n" + r["markdown"])
+    print(f"written: {r['dir'] / 'memory.md'}, memory.json, memory.png")
+    if r["problems"]:
+        print("lisatune: LISA optimizer state was not flat: " + "; ".join(r["problems"]))
+        return 1
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from .speed import bench_speed
+
+    r = bench_speed(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup,
+                    args.gradient_checkpointing == "on", args.out)
+    print("\n" + r["markdown"])
+    print(f"written: {r['dir'] / 'speed.md'}, speed.json, speed.png")
+    return 0
+
+
+def cmd_norms(args) -> int:
+    from .memory import load_bench_model, token_batches
+    from .norms import run_norms
+
+    model, vocab = load_bench_model(args.model)
+    if args.data:
+        batches = text_batches(args.model, args.data, args.batch, args.seq, args.n_batches)
+    else:
+        batches = token_batches(vocab, args.batch, args.seq, n=args.n_batches)
+    title = (f"{args.model}: mean layer norms over {args.steps} steps, batch {args.batch} x {args.seq}, "
+             f"{'data ' + Path(args.data).name if args.data else 'random tokens'}")
+    r = run_norms(model, batches, args.gamma, args.steps, args.out, args.lr_full, args.lr_lora, args.lora_r, title)
+    p = r["probabilities"]
+    print(json.dumps({k: {n: round(v, 5) for n, v in d.items()} for k, d in r["norms"].items()}, indent=1))
+    print(f"probabilities (Σ = {sum(p):.4f} = γ): {[round(x, 4) for x in p]}")
+    print(f"written: {r['dir'] / 'probabilities.json'} (use: lisa.policy=bernoulli, "
+          f"lisa.probabilities={r['dir'] / 'probabilities.json'}), norms.json, norms.png")
+    return 0
+
+
+def text_batches(model: str, path: str, batch: int, seq: int, n: int):
+    """Token batches cut from a plain text file with the model's tokenizer."""
+    import torch
+
+    if model == "tiny" or model.startswith("tiny:"):
+        raise LisaError("--data needs a model with a tokenizer (not 'tiny')")
+    from transformers import AutoTokenizer
+
+    from ..models import SMOLLM2, smollm2_path
+    if model == SMOLLM2:
+        f = smollm2_path()
+        tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(Path(path).read_text(), return_tensors="pt").input_ids[0]
+    need = batch * seq
+    if len(ids) < need:
+        raise LisaError(f"--data {path}: {len(ids)} tokens, fewer than one batch ({batch} x {seq})")
+    chunks = [ids[i:i + need].view(batch, seq) for i in range(0, len(ids) - need + 1, need)][:n]
+    return [c.clone() for c in chunks] or [torch.as_tensor(ids[:need]).view(batch, seq)]
+
+
+def register(subparsers) -> None:
+    """Add `bench` (memory, speed) and `norms` to an argparse subparsers object."""
+    b = subparsers.add_parser("bench", help="measure memory or speed of the fine-tuning methods")
+    bs = b.add_subparsers(dest="bench", required=True)
+
+    m = bs.add_parser("memory", help="weights/grads/optimizer state/activations (exact) and peak RSS per method")
+    _common(m, 3, ["full", "lora", "galore", "lisa", "lisa-keep"], "bench-out")
+    m.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
+    m.add_argument("--switches", type=int, default=10, help="LISA runs at least this many switches (default 10)")
+    m.add_argument("--in-process", action="store_true",
+                   help="all methods in this process (fast; peak RSS then not per method)")
+    m.set_defaults(func=cmd_bench_memory)
+
+    s = bs.add_parser("speed", help="median forward/backward/optimizer time per method, interleaved round-robin")
+    _common(s, 20, ["full", "lora", "galore", "lisa", "lisa-frozen"], "bench-out")
+    s.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    s.add_argument("--gradient-checkpointing", choices=["off", "on"], default="off")
+    s.set_defaults(func=cmd_bench_speed)
+
+    n = subparsers.add_parser("norms", help="layerwise weight norms of LoRA vs full FT -> LISA probabilities")
+    _common(n, 20, None, "norms-out")
+    n.add_argument("--gamma", type=int, default=2, help="expected active blocks: Σ p_l (default 2)")
+    n.add_argument("--data", help="plain text file to train on (default: random tokens)")
+    n.add_argument("--n-batches", type=int, default=8, help="distinct batches, cycled (default 8)")
+    n.add_argument("--lr-full", type=float, default=1e-5)
+    n.add_argument("--lr-lora", type=float, default=1e-4)
+    n.add_argument("--lora-r", type=int, default=8)
+    n.set_defaults(func=cmd_norms)

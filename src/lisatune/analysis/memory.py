@@ -1,0 +1,540 @@
+"""Where the memory of a fine-tuning step goes, per method: counted exactly from the tensors held.
+
+For each method on the same model, batch and sequence length:
+
+* weights, gradients, optimizer state: bytes of the unique storages the model's parameters, their
+  ``.grad`` and everything reachable from the optimizer's state hold (a tensor shared by two owners, such
+  as a tied embedding/head, counts once; GaLore's projection matrices count as state);
+* activations: the unique storages autograd saves for backward during the forward pass (caught with
+  ``torch.autograd.graph.saved_tensors_hooks``; parameters saved by a matmul are weights, not
+  activations). With gradient checkpointing, autograd inside a block saves nothing we can see (the
+  checkpoint's own hooks take over), so the block inputs it keeps for recomputation are counted instead
+  (forward pre-hooks on the blocks); the one block recomputed at a time during backward is not;
+* peak RSS: in a separate process per method (``python -m lisatune.analysis.memory --worker SPEC``), the
+  high-water mark of resident memory over the training steps only (reset after the model is loaded,
+  through ``/proc/self/clear_refs``), beside ``ru_maxrss`` of the whole process and the RSS of the bare
+  runtime (torch + transformers imported, no model).
+
+LISA is measured over >= 10 switches; its optimizer state is sampled at every step when the inner AdamW
+has just updated (the most it holds in that step) and must be flat for the drop/offload policies.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+MIB = 2**20
+
+# Method presets (name -> (method, options)); any entry may be refined as "name:key=value,key=value".
+PRESETS: dict[str, tuple[str, dict]] = {
+    "full": ("full", {}),
+    "lora": ("lora", {"r": 8}),
+    "galore": ("galore", {"rank": 128}),
+    "lisa": ("lisa", {"n_layers": 2, "interval": 5, "state_policy": "drop"}),
+    "lisa-keep": ("lisa", {"n_layers": 2, "interval": 5, "state_policy": "keep"}),
+    "lisa-offload": ("lisa", {"n_layers": 2, "interval": 5, "state_policy": "offload"}),
+    "lisa-frozen": ("lisa", {"n_layers": 2, "interval": 5, "train_embedding": False, "train_head": False}),
+}
+DEFAULT_METHODS = ["full", "lora", "galore", "lisa", "lisa-keep"]
+
+
+# -- models ---------------------------------------------------------------------------------------
+def tiny_llama(n_layers: int = 4, seed: int = 0) -> nn.Module:
+    """The tiny llama of the tests (vocab 96, hidden 32, 4 heads / 2 KV heads, MLP 64), random weights."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+
+
+def load_bench_model(name: str = "smollm2", gradient_checkpointing: bool = False) -> tuple[nn.Module, int]:
+    """(model in train mode, vocab size) for "smollm2", "tiny" / "tiny:N_LAYERS", or a HF model dir / .gguf."""
+    if name == "tiny" or name.startswith("tiny:"):
+        model = tiny_llama(int(name.partition(":")[2] or 4))
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+    else:
+        from ..models import ModelConfig, load_model
+
+        model, _ = load_model(ModelConfig.build(source=name, gradient_checkpointing=gradient_checkpointing))
+    model.train()  # HF checkpoints blocks only in train mode (no dropout in these models)
+    return model, int(model.config.vocab_size)
+
+
+def cached_source(name: str, log=print) -> str:
+    """A GGUF source ("smollm2" or a .gguf) converted once to a safetensors model dir under the temp dir
+    (dequantizing the GGUF takes 10-200 s; a worker per method would pay it each time); other names as given."""
+    if not (name == "smollm2" or name.lower().endswith(".gguf")):
+        return name
+    import tempfile
+
+    from ..models import ModelConfig, load_model, save_model
+
+    stem = Path(name).stem if name != "smollm2" else "smollm2"
+    cache = Path(os.environ.get("LISATUNE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "lisatune-bench-cache") / stem
+    if not (cache / "config.json").is_file():
+        log(f"  converting {name} once to {cache} (safetensors) for the benchmark processes")
+        model, tok = load_model(ModelConfig.build(source=name))
+        save_model(model, tok, cache)
+    return str(cache)
+
+
+def token_batches(vocab: int, batch: int, seq: int, n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """"lisa:n_layers=4,state_policy=keep" -> (label, method name, options) over the presets."""
+    import yaml
+
+    head, _, rest = spec.partition(":")
+    if head in PRESETS:
+        name, opts = PRESETS[head][0], dict(PRESETS[head][1])
+    else:
+        name, opts = head, {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            from ..errors import LisaError
+            raise LisaError(f"method spec '{spec}': '{item}' is not key=value")
+        opts[key.strip()] = yaml.safe_load(value)
+    return spec, name, opts
+
+
+# -- exact byte counts ----------------------------------------------------------------------------
+def _key(t: torch.Tensor) -> tuple:
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    s = t.untyped_storage()
+    return (t.device.type, s.data_ptr() or id(s))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.untyped_storage().nbytes()
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared tensors count once)."""
+    seen = set(exclude or ())
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        k = _key(t)
+        if k not in seen:
+            seen.add(k)
+            total += _nbytes(t)
+    return total
+
+
+def reachable_tensors(obj: Any, depth: int = 6, _seen: set | None = None) -> list[torch.Tensor]:
+    """Tensors inside dicts, lists, tuples and plain objects' attributes (e.g. GaLore's projectors)."""
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen or depth < 0:
+        return []
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for it in items for t in reachable_tensors(it, depth - 1, seen)]
+
+
+def _param_keys(model: nn.Module) -> set:
+    return {_key(p) for p in model.parameters()} | {_key(b) for b in model.buffers()}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return unique_bytes(model.parameters())
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Every tensor the optimizer's state holds, plus LisaAdamW's parked (keep/offload) states: on a CPU
+    machine an "offloaded" state still sits in the same RAM."""
+    roots = [opt.state, getattr(opt, "_parked", {})]
+    return unique_bytes(t for r in roots for t in reachable_tensors(r))
+
+
+class ActivationMeter:
+    """Unique storages saved for backward while active (parameters and buffers excluded).
+
+    >>> with ActivationMeter(model) as m:
+    ...     loss = model(input_ids=x, labels=x).loss
+    >>> m.bytes
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None):
+        self.model = model
+        self.blocks = blocks
+        self.bytes = 0
+        self.count = 0
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        k = _key(t)
+        if k in self._seen:
+            return
+        self._seen.add(k)
+        self._held.append(t.untyped_storage())  # kept alive until exit: no address reuse while counting
+        self.bytes += _nbytes(t)
+        self.count += 1
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self._add(t)
+        return t
+
+    def _pre(self, _mod, args, kwargs):
+        for v in list(args) + list(kwargs.values()):
+            if torch.is_tensor(v):
+                self._add(v)
+            elif isinstance(v, tuple):  # e.g. position_embeddings (cos, sin)
+                for u in v:
+                    if torch.is_tensor(u):
+                        self._add(u)
+
+    def __enter__(self) -> "ActivationMeter":
+        self._seen = _param_keys(self.model)
+        self._held: list = []
+        self._handles = [b.register_forward_pre_hook(self._pre, with_kwargs=True) for b in self.blocks or []]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._held = []
+
+
+def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    from ..layers import find_layers
+
+    lm = find_layers(model)
+    blocks = model.get_submodule(lm.blocks_path)
+    return [b for b in blocks if getattr(b, "gradient_checkpointing", False)]
+
+
+# -- resident memory ------------------------------------------------------------------------------
+def _status_kib(field_name: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    v = _status_kib("VmRSS")
+    return None if v is None else v * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    v = _status_kib("VmHWM")
+    return None if v is None else v * 1024
+
+
+def maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+# -- one method -----------------------------------------------------------------------------------
+@dataclass
+class MethodMemory:
+    label: str
+    method: str
+    options: dict
+    steps: int
+    weights: int = 0
+    grads: int = 0  # the most held after any backward
+    state: int = 0  # the most held during any step
+    activations: int = 0  # the most saved by any forward
+    trainable: int = 0  # parameters updated in a step (the most in any step)
+    state_per_step: list[int] = field(default_factory=list)
+    switches: int = 0
+    state_flat: bool | None = None  # LISA only
+    bound: int | None = None  # weights + activations + grads and state of the trainable set
+    runtime_rss: int | None = None  # the process before loading the model (torch etc. imported)
+    loaded_rss: int | None = None  # after loading the model
+    peak_rss: int | None = None  # high-water mark over the training steps
+    maxrss: int | None = None  # ru_maxrss: whole process, model loading included
+    seconds: float = 0.0
+
+    @property
+    def accounted(self) -> int:
+        return self.weights + self.grads + self.state + self.activations
+
+    @property
+    def unaccounted(self) -> int | None:
+        """Peak RSS beyond the runtime and the counted tensors: backward's transient buffers (e.g. the
+        logits' gradient), a checkpointed block's recomputation, allocator retention."""
+        if self.peak_rss is None or self.runtime_rss is None:
+            return None
+        return self.peak_rss - self.runtime_rss - self.accounted
+
+
+def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int = 256, steps: int = 3,
+                   gradient_checkpointing: bool = False, switches: int = 10, model: nn.Module | None = None,
+                   vocab: int | None = None, runtime_rss: int | None = None) -> MethodMemory:
+    """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory."""
+    from ..methods import build_method
+    from ..optim import LisaAdamW
+
+    t0 = time.perf_counter()
+    label, name, opts = parse_method(spec)
+    if model is None:
+        model, vocab = load_bench_model(model_name, gradient_checkpointing)
+    loaded = rss_bytes()
+    method = build_method(name, opts)
+    model = method.prepare(model)
+    model.train()
+    opt = method.optimizer(model, lr=1e-5, weight_decay=0.0)
+    lisa = opt if isinstance(opt, LisaAdamW) else None
+    # Step 1 allocates the optimizer state only after backward freed the activations; from step 2 on
+    # the state is held through forward and backward: one step would understate the peak.
+    steps = max(steps, 2)
+    if lisa is not None:
+        steps = max(steps, lisa.config.interval * switches + 1)
+    data = token_batches(vocab, batch, seq)
+    blocks = _checkpointed_blocks(model) if gradient_checkpointing else []
+    m = MethodMemory(label=label, method=name, options=opts, steps=steps, runtime_rss=runtime_rss,
+                     loaded_rss=loaded, weights=weight_bytes(model))
+    inner = lisa.inner if lisa is not None else opt
+    # Sample at the end of each update (before LisaAdamW's switch frees the frozen blocks' state).
+    handle = inner.register_step_post_hook(lambda *_: m.state_per_step.append(optimizer_state_bytes(opt)))
+    gc_reset = reset_peak_rss()
+    for i in range(steps):
+        ids = data[i % len(data)]
+        with ActivationMeter(model, blocks) as meter:
+            loss = model(input_ids=ids, labels=ids).loss
+        m.activations = max(m.activations, meter.bytes)
+        loss.backward()
+        del loss
+        m.grads = max(m.grads, grad_bytes(model))
+        m.trainable = max(m.trainable, sum(p.numel() for g in opt.param_groups for p in g["params"]
+                                           if p.grad is not None))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    handle.remove()
+    m.state = max(m.state_per_step)
+    m.peak_rss = peak_rss_bytes() if gc_reset else None
+    m.maxrss = maxrss_bytes()
+    if lisa is not None:
+        m.switches = len(lisa.history) - 1
+        m.state_flat = min(m.state_per_step) == max(m.state_per_step)
+        # Lower bound of a LISA step: weights, activations, and gradients + AdamW state (exp_avg,
+        # exp_avg_sq and a 4-byte step per tensor) of the trainable set only.
+        n_tensors = max(sum(1 for g in lisa.param_groups for _ in g["params"]), 0)
+        m.bound = m.weights + m.activations + 3 * 4 * m.trainable + 4 * n_tensors
+    else:
+        m.bound = m.accounted
+    m.seconds = time.perf_counter() - t0
+    return m
+
+
+# -- all methods ----------------------------------------------------------------------------------
+def _worker_cmd(spec: str, a: dict) -> list[str]:
+    # The worker uses this process's torch thread count (the tests run with 1 thread).
+    arg = {"spec": spec, "threads": torch.get_num_threads(), **a}
+    return [sys.executable, "-m", "lisatune.analysis.memory", "--worker", json.dumps(arg)]
+
+
+def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
+               steps: int = 3, gradient_checkpointing: bool = False, switches: int = 10,
+               isolate: bool = True, log=print, on_result=None) -> list[MethodMemory]:
+    """Measure every method; isolate=True runs each in its own process (needed for a meaningful RSS)."""
+    methods = methods or DEFAULT_METHODS
+    kw = {"model_name": model_name, "batch": batch, "seq": seq, "steps": steps,
+          "gradient_checkpointing": gradient_checkpointing, "switches": switches}
+    out = []
+    if isolate:
+        kw["model_name"] = cached_source(model_name, log)
+    else:
+        base, vocab = load_bench_model(model_name, gradient_checkpointing)
+    for spec in methods:
+        if isolate:
+            r = subprocess.run(_worker_cmd(spec, kw), capture_output=True, text=True)
+            if r.returncode != 0:
+                from ..errors import LisaError
+                raise LisaError(f"memory worker for '{spec}' failed:\n{r.stderr[-3000:]}")
+            m = MethodMemory(**json.loads(r.stdout.strip().splitlines()[-1]))
+        else:
+            m = measure_method(spec, model=copy.deepcopy(base), vocab=vocab, **kw)
+        log(f"  {spec}: state {m.state / MIB:.1f} MiB, grads {m.grads / MIB:.1f} MiB, activations "
+            f"{m.activations / MIB:.1f} MiB, peak RSS {(m.peak_rss or 0) / MIB:.0f} MiB ({m.steps} steps, "
+            f"{m.seconds:.0f} s)")
+        out.append(m)
+        if on_result is not None:
+            on_result(out)
+    return out
+
+
+def check_flat(results: list[MethodMemory]) -> list[str]:
+    """Problems: a drop/offload LISA run whose state was not flat or that saw fewer than 10 switches."""
+    bad = []
+    for m in results:
+        if m.method == "lisa" and m.options.get("state_policy", "drop") != "keep":
+            if not m.state_flat:
+                bad.append(f"{m.label}: optimizer state not flat ({min(m.state_per_step):,}..{max(m.state_per_step):,} B)")
+            if m.switches < 10:
+                bad.append(f"{m.label}: only {m.switches} switches")
+    return bad
+
+
+def _mib(v: int | None) -> str:
+    return "–" if v is None else f"{v / MIB:,.1f}"
+
+
+def markdown(results: list[MethodMemory], title: str = "") -> str:
+    full = next((m for m in results if m.method == "full"), None)
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| method | weights MiB | grads MiB | optimizer state MiB | activations MiB | sum MiB | "
+              "peak RSS MiB (training) | not counted MiB | ru_maxrss MiB | state / full | peak RSS / full | "
+              "state per step |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m in results:
+        sr = f"{m.state / full.state:.3f}" if full and full.state else "–"
+        rr = f"{m.peak_rss / full.peak_rss:.3f}" if full and full.peak_rss and m.peak_rss else "–"
+        if m.method == "lisa":
+            s = m.state_per_step
+            flat = "flat" if m.state_flat else f"grows {min(s) / MIB:.1f}→{max(s) / MIB:.1f} MiB"
+            per = f"{flat} over {m.switches} switches ({len(s)} steps)"
+        else:
+            per = "constant" if len(set(m.state_per_step)) <= 1 else "varies"
+        lines.append(f"| {m.label} | {_mib(m.weights)} | {_mib(m.grads)} | {_mib(m.state)} | {_mib(m.activations)} "
+                     f"| {_mib(m.accounted)} | {_mib(m.peak_rss)} | {_mib(m.unaccounted)} | {_mib(m.maxrss)} | {sr} "
+                     f"| {rr} | {per} |")
+    runtime = next((m.runtime_rss for m in results if m.runtime_rss), None)
+    lisas = [m for m in results if m.method == "lisa" and m.bound]
+    if lisas:
+        lines += ["", "LISA lower bound = weights + activations + grads and AdamW state of the trainable set only:", "",
+                  "| method | bound MiB | peak RSS MiB | peak RSS / bound | (peak RSS − runtime) / bound |",
+                  "|---|---:|---:|---:|---:|"]
+        for m in lisas:
+            r1 = f"{m.peak_rss / m.bound:.2f}" if m.peak_rss else "–"
+            r2 = f"{(m.peak_rss - runtime) / m.bound:.2f}" if m.peak_rss and runtime else "–"
+            lines.append(f"| {m.label} | {_mib(m.bound)} | {_mib(m.peak_rss)} | {r1} | {r2} |")
+    if runtime:
+        lines += ["", f"Runtime RSS before loading the model (python + torch + transformers): {_mib(runtime)} MiB."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
+    """Stacked bars (weights, grads, state, activations) per method, one panel per setting; a marker at
+    the training peak RSS above the bare runtime's RSS."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False, sharey=True)
+    parts = [("weights", "#4c72b0"), ("grads", "#dd8452"), ("state", "#55a868"), ("activations", "#c44e52")]
+    for ax, (title, res) in zip(axes[0], runs.items()):
+        x = range(len(res))
+        bottom = [0.0] * len(res)
+        for key, color in parts:
+            vals = [getattr(m, key) / MIB for m in res]
+            ax.bar(x, vals, bottom=bottom, color=color, label=key if ax is axes[0][0] else None)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        # RSS beyond the bare runtime (python + torch), comparable with the counted bytes; only known when
+        # each method ran in its own process
+        peaks = [(i, (m.peak_rss - m.runtime_rss) / MIB) for i, m in enumerate(res) if m.peak_rss and m.runtime_rss]
+        if peaks:
+            ax.scatter([i for i, _ in peaks], [v for _, v in peaks], marker="_", s=900, color="black", zorder=3,
+                       label="peak RSS − runtime RSS" if ax is axes[0][0] else None)
+        ax.set_xticks(list(x), [m.label for m in res], rotation=20, ha="right")
+        ax.set_title(title)
+        ax.set_ylabel("MiB")
+    fig.legend(loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
+                 steps: int = 3, checkpointing: list[bool] = (False,), switches: int = 10,
+                 out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print) -> dict:
+    """Every setting of gradient checkpointing x every method: writes memory.md, memory.json, memory.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[MethodMemory]] = {}
+
+    def save() -> tuple[str, list[str]]:  # after every method: a long run interrupted still reports
+        md = "".join(markdown(r, t) + "\n" for t, r in runs.items() if r)
+        problems = [p for r in runs.values() for p in check_flat(r)]
+        if problems:
+            md += "\n**Not flat:** " + "; ".join(problems) + "\n"
+        (out / "memory.md").write_text(md)
+        (out / "memory.json").write_text(json.dumps({t: [asdict(m) for m in r] for t, r in runs.items()}, indent=1))
+        plot({t: r for t, r in runs.items() if r}, out / "memory.png")
+        return md, problems
+
+    for gc in checkpointing:
+        title = f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}"
+        log(title)
+        runs[title] = []
+        runs[title] = run_memory(model_name, methods, batch, seq, steps, gc, switches, isolate, log,
+                                 on_result=lambda res, t=title: (runs.__setitem__(t, list(res)), save()))
+    md, problems = save()
+    return {"runs": runs, "markdown": md, "problems": problems, "dir": out}
+
+
+def _worker(arg: str) -> int:
+    runtime = rss_bytes()
+    a = json.loads(arg)
+    torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
+    m = measure_method(a.pop("spec"), runtime_rss=runtime, **a)
+    print(json.dumps(asdict(m)))
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", required=True, help="JSON: spec and measure_method keyword arguments")
+    import logging
+    logging.disable(logging.INFO)
+    # Import what loading a model imports before sampling the runtime RSS.
+    import transformers  # noqa: F401
+    sys.exit(_worker(ap.parse_args().worker))
