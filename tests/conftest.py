@@ -1,4 +1,6 @@
 """Tiny models built from configs (no network), shared by the tests."""
+import json
+import os
 import pytest
 import torch
 import transformers as T
@@ -59,3 +61,19 @@ def tiny_tokenizer(chat: bool):
     tok = T.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token="<pad>")
     tok.chat_template = CHATML if chat else None
     return tok
+
+
+# A whole `lisatune train` run in seconds: a tiny llama + tokenizer saved as a HF directory, and alpaca data.
+RECORDS = [{"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."} for a in range(6) for b in range(4)]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on the shared cores
+
+
+def make_run_assets(root):
+    tok = tiny_tokenizer(chat=True)
+    cfg = ARCHS["llama"](4)
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return root

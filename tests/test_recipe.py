@@ -13,29 +13,18 @@ import transformers as T
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ARCHS, tiny_tokenizer
+from conftest import SUBPROCESS_ENV, make_run_assets
 from lisatune.checkpoint import latest_checkpoint, load_checkpoint
 from lisatune.errors import LisaError
 from lisatune.recipe import train
 from lisatune.train_config import load_config
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on the shared cores
-RECORDS = [{"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."} for a in range(6) for b in range(4)]
+ENV = SUBPROCESS_ENV
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    tok = tiny_tokenizer(chat=True)
-    cfg = ARCHS["llama"](4)
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return root
+    return make_run_assets(tmp_path_factory.mktemp("assets"))
 
 
 def write_config(tmp_path, assets, method="lisa", name="run", **train):

@@ -9,7 +9,6 @@ the 1-process run 6.5e-7 for DDP and 6.5e-7 for FSDP2, against a largest weight 
 Resume on the same number of processes is bitwise (measured for DDP and FSDP2; DDP is tested here).
 """
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import transformers as T
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ARCHS, tiny_tokenizer
+from conftest import SUBPROCESS_ENV, make_run_assets
 from lisatune.distributed import launch_mode, wrap_for
 from lisatune.errors import LisaError
 from lisatune.recipe import train
@@ -32,23 +31,13 @@ from lisatune.train_config import load_config
 pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
               pytest.mark.timeout(300)]
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-RECORDS = [{"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."}
-           for a in range(6) for b in range(4)]
+ENV = SUBPROCESS_ENV
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist_assets")
-    tok = tiny_tokenizer(chat=True)
-    cfg = ARCHS["llama"](4)
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return root
+    return make_run_assets(tmp_path_factory.mktemp("dist_assets"))
 
 
 def write_config(root: Path, name: str, distributed: str, method: str = "lisa", **train) -> Path:

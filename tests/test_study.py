@@ -1,32 +1,19 @@
 """`lisatune study` on a tiny model: grids run, resume and report; finished runs are not retrained; bad files fail
 in one line."""
 import json
-from pathlib import Path
 
 import pytest
-import torch
-import transformers as T
 import yaml
 
 import lisatune.recipe
-from conftest import ARCHS, tiny_tokenizer
+from conftest import make_run_assets
 from lisatune.cli import main
 from lisatune.errors import LisaError
 from lisatune.study import load_study, run_study, write_report
 
-RECORDS = [{"instruction": f"Add {a} and {b}.", "output": f"The answer is {a + b}."} for a in range(6) for b in range(4)]
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    tok = tiny_tokenizer(chat=True)
-    cfg = ARCHS["llama"](4)
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    root = make_run_assets(tmp_path_factory.mktemp("assets"))
     base = {"model": {"source": str(root / "model")},
             "data": {"format": "alpaca", "path": str(root / "train.jsonl"), "val_fraction": 0.25, "max_length": 64},
             "method": "lisa", "lisa": {"n_layers": 2, "interval": 2},
