@@ -170,3 +170,10 @@ def test_checkpointing_and_bf16_runs_learn(tmp_path, assets, overrides):
 def test_lora_can_be_saved_as_an_adapter(tmp_path, assets):
     s = train(load_config(str(write_config(tmp_path, assets, "lora", max_steps=2)), ["train.merge_lora=false"]))
     assert (Path(s["final_model"]) / "adapter_config.json").is_file()
+
+
+def test_running_a_finished_run_again_with_resume_auto_reports_it(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, max_steps=2, resume="auto")
+    first = train(load_config(str(cfg), []))
+    again = train(load_config(str(cfg), []))
+    assert again["already_complete"] and again["after"] == first["after"]
