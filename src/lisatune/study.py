@@ -43,6 +43,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LisaError
+from .analysis.memory import reset_peak_rss
+from .plots import save_figure
 
 log = logging.getLogger("lisatune")
 
@@ -462,7 +464,7 @@ def _train_here(cfg_path: Path) -> tuple[int, float, str | None]:
     from .recipe import Interrupted, train
     from .train_config import load_config
 
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     try:
         train(load_config(str(cfg_path)))
         code, error = 0, None
@@ -471,15 +473,6 @@ def _train_here(cfg_path: Path) -> tuple[int, float, str | None]:
     except LisaError as e:
         code, error = 2, str(e)
     return code, round(_peak_rss_kib(reset) / 1024, 1), error
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _peak_rss_kib(reset: bool) -> float:
@@ -736,9 +729,7 @@ def _plots(plan: Plan, groups: dict[str, list[Group]], best: dict[str, Group | N
         ax.set_title(f"{plan.study.name}: eval loss (best sweep point, mean over seeds)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "eval_loss.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "eval_loss.png")
         made.append(("eval loss curves", "eval_loss.png"))
 
     # Sweeps: final eval loss against the (single) sweep value, per setting.
@@ -760,9 +751,7 @@ def _plots(plan: Plan, groups: dict[str, list[Group]], best: dict[str, Group | N
         ax.set_title(f"{plan.study.name}: sweep (mean over seeds)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "sweep.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "sweep.png")
         made.append(("sweep", "sweep.png"))
 
     # Ablations (γ, K): settings that differ only in that option; one line per family of such settings.
@@ -789,9 +778,7 @@ def _plots(plan: Plan, groups: dict[str, list[Group]], best: dict[str, Group | N
         ax.grid(alpha=0.3)
         if any(f for f, _ in families):
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / name)
         made.append((f"{symbol} ablation", name))
     return made
 

@@ -34,6 +34,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from ..plots import save_figure
 
 MIB = 2**20
 
@@ -487,10 +488,7 @@ def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
         ax.set_title(title)
         ax.set_ylabel("MiB")
     fig.legend(loc="lower center", ncol=5, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, rect=(0, 0.06, 1, 1))
 
 
 def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,

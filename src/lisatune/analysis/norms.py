@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import LisaError
+from ..plots import save_figure
 
 KINDS = ("full_weight", "full_update", "lora_update", "lora_adapter", "lora_weight")
 
@@ -184,10 +185,7 @@ def plot(norms: dict[str, dict[str, float]], path: str | os.PathLike, title: str
     ax.set_ylabel("mean norm over steps")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def run_norms(model: nn.Module, batches: list[torch.Tensor], gamma: int = 2, steps: int = 20,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .memory import DEFAULT_METHODS, cached_source, load_bench_model, parse_method, token_batches
+from ..plots import save_figure
 
 SPEED_METHODS = ["full", "lora", "galore", "lisa", "lisa-frozen"]
 
@@ -183,10 +184,7 @@ def plot(results: list[MethodSpeed], path: str | os.PathLike, title: str = "") -
     ax.set_ylabel("median seconds per step")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def bench_speed(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
