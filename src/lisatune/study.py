@@ -297,13 +297,9 @@ def _number(v: Any) -> Any:
 
 
 def _set(data: dict, key: str, value: Any, where: str) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise LisaError(f"{where}: '{key}': '{part}' is not a section")
-    node[parts[-1]] = _number(value)
+    from .train_config import set_dotted
+
+    set_dotted(data, key, _number(value), f"{where}: '{key}'")
 
 
 def _get(data: dict, key: str) -> Any:

@@ -93,17 +93,22 @@ def parse_value(text: str):
         return text
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    key, sep, value = assignment.partition("=")
-    if not sep or not key:
-        raise LisaError(f"--set '{assignment}': expected key=value, e.g. train.lr=3e-5")
+def set_dotted(data: dict, key: str, value, where: str) -> None:
+    """data["a"]["b"] = value for key "a.b", creating sections on the way."""
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise LisaError(f"--set '{assignment}': '{part}' is not a section")
-    node[parts[-1]] = parse_value(value)
+            raise LisaError(f"{where}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise LisaError(f"--set '{assignment}': expected key=value, e.g. train.lr=3e-5")
+    set_dotted(data, key, parse_value(value), f"--set '{assignment}'")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
