@@ -91,6 +91,28 @@ def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes_identically
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_signal_during_the_first_eval_stops_cleanly_at_step_0_and_resume_matches(tmp_path, assets, monkeypatch):
+    import lisatune.recipe as recipe
+    from lisatune.recipe import Interrupted
+    real = recipe.eval_loss
+
+    def eval_then_signal(*a, **k):  # SIGTERM arrives while the model is being evaluated, before any step
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    cfg = write_config(tmp_path, assets, "lisa", "early")
+    monkeypatch.setattr(recipe, "eval_loss", eval_then_signal)
+    with pytest.raises(Interrupted) as e:
+        train(load_config(str(cfg), []))
+    assert e.value.step == 0 and e.value.path.name == "step-000000"
+    monkeypatch.setattr(recipe, "eval_loss", real)
+    resumed = train(load_config(str(cfg), ["train.resume=true"]))
+    whole = train(load_config(str(write_config(tmp_path, assets, "lisa", "whole")), []))
+    assert resumed["before"] == whole["before"]
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "early")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lisatune.cli", *args], capture_output=True, text=True, timeout=300, env=ENV)
 

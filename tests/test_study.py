@@ -88,6 +88,31 @@ def test_a_run_in_its_own_process_records_its_own_peak_rss(tmp_path, assets, mon
     assert 100 < info["peak_rss_mib"] < 4000 and info["peak_rss_kind"].startswith("ru_maxrss")
 
 
+def test_sigterm_to_the_study_stops_it_even_while_its_run_is_starting_up(tmp_path, assets, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = write_study(tmp_path, assets, isolate=True,
+                       runs=[{"name": "first", "set": {"train.max_steps": 400}}, {"name": "second"}])
+    log = tmp_path / "runs" / "logs" / "first_s0.log"
+
+    def kill_when_started():  # like `kill PID` of a nohup'd study while its child is still starting up
+        deadline = time.time() + 120
+        while time.time() < deadline and not log.is_file():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_when_started, daemon=True).start()
+    lines = []
+    r = run_study(load_study(path), echo=lines.append)
+    assert r.get("interrupted") == "first_s0" and r["failed"] == 0, lines
+    assert not (tmp_path / "runs" / "second_s0").exists()  # the study stopped; the next run never started
+    assert not (tmp_path / "results" / "first_s0" / "failed.json").exists()
+
+
 def test_sweeps_and_seeds_expand_and_the_report_keeps_the_best_sweep_point(tmp_path, assets):
     path = write_study(tmp_path, assets, seeds=[0, 1], sweep={"train.lr": ["1e-3", "1e-2"]},
                        runs=[{"name": "full", "set": {"method": "full"}},

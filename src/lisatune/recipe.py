@@ -130,6 +130,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
+    # From the first line: a signal while the model loads or the first eval runs is a clean stop too.
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
     t = cfg.train
     run = Path(t.output_dir)
     set_seed(t.seed)
@@ -185,58 +191,60 @@ def train(cfg: TrainConfig) -> dict:
         first_eval = evaluate(0)
         log.info("before training: %s", _fmt(first_eval))
 
+    if all_sum(stop.requested)[0]:  # stopped before the first step: keep the first eval
+        raise Interrupted(step, checkpoint(step))
+
     # The loop.
     model.train()
     started, tokens_seen = time.perf_counter(), 0
     bar = tqdm(total=total, initial=step, desc=f"{cfg.method}", disable=not accelerator.is_main_process)
-    with StopRequest() as stop:
-        while step < total:
-            tick, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            for micro in range(t.grad_accum):
-                # Every rank draws the same global batch and takes its slice of it.
-                idx = batch_indices(len(train_set), global_batch, t.seed, step * t.grad_accum + micro)[rank::world]
-                batch = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx], pad_id).items()}
-                with no_sync(forward, skip=micro < t.grad_accum - 1):  # accumulate locally, reduce at the last
-                    loss = forward(**batch).loss
-                    n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
-                    n_global, non_finite = all_sum(n_labels, not torch.isfinite(loss))  # all ranks agree
-                    if non_finite:
-                        _non_finite(run, step + 1, "loss")
-                    # This rank's share of the global batch's labelled tokens, × world because DDP/FSDP average
-                    # the ranks' gradients: the gradient is the global batch's mean-loss gradient (× 1 in one process).
-                    loss = loss * (world * n_labels / n_global) / t.grad_accum
-                    accelerator.backward(loss)
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            trainable = [p for p in model.parameters() if p.requires_grad]  # LISA changes it at switches
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
-            grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
-            if not math.isfinite(grad_norm):
-                _non_finite(run, step + 1, "gradient norm")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_sum, tokens, stopping = all_sum(loss_sum, tokens, stop.requested)  # a signal on any rank stops all
-            loss_sum /= world
-            tokens_seen += tokens
+    while step < total:
+        tick, tokens, loss_sum = time.perf_counter(), 0, 0.0
+        for micro in range(t.grad_accum):
+            # Every rank draws the same global batch and takes its slice of it.
+            idx = batch_indices(len(train_set), global_batch, t.seed, step * t.grad_accum + micro)[rank::world]
+            batch = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx], pad_id).items()}
+            with no_sync(forward, skip=micro < t.grad_accum - 1):  # accumulate locally, reduce at the last
+                loss = forward(**batch).loss
+                n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
+                n_global, non_finite = all_sum(n_labels, not torch.isfinite(loss))  # all ranks agree
+                if non_finite:
+                    _non_finite(run, step + 1, "loss")
+                # This rank's share of the global batch's labelled tokens, × world because DDP/FSDP average
+                # the ranks' gradients: the gradient is the global batch's mean-loss gradient (× 1 in one process).
+                loss = loss * (world * n_labels / n_global) / t.grad_accum
+                accelerator.backward(loss)
+            loss_sum += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LISA changes it at switches
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
+        if not math.isfinite(grad_norm):
+            _non_finite(run, step + 1, "gradient norm")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum, tokens, stopping = all_sum(loss_sum, tokens, stop.requested)  # a signal on any rank stops all
+        loss_sum /= world
+        tokens_seen += tokens
 
-            dt = time.perf_counter() - tick
-            status = method.status(optimizer)
-            row = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                   "tokens_per_s": tokens / dt, "step_s": dt, **status}
-            if step % t.log_every == 0 or step == total:
-                metrics.write(step, **row)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens / dt:.0f}",
-                            **({"active": status["active"]} if "active" in status else {}))
-            bar.update(1)
-            if t.eval_every and step % t.eval_every == 0 and step < total:
-                evaluate(step)
-            if t.save_every and step % t.save_every == 0 and step < total:
-                checkpoint(step)
-            if stopping:
-                bar.close()
-                raise Interrupted(step, checkpoint(step))
+        dt = time.perf_counter() - tick
+        status = method.status(optimizer)
+        row = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+               "tokens_per_s": tokens / dt, "step_s": dt, **status}
+        if step % t.log_every == 0 or step == total:
+            metrics.write(step, **row)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens / dt:.0f}",
+                        **({"active": status["active"]} if "active" in status else {}))
+        bar.update(1)
+        if t.eval_every and step % t.eval_every == 0 and step < total:
+            evaluate(step)
+        if t.save_every and step % t.save_every == 0 and step < total:
+            checkpoint(step)
+        if stopping:
+            bar.close()
+            raise Interrupted(step, checkpoint(step))
     bar.close()
 
     last_eval = evaluate(step)

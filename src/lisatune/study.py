@@ -430,14 +430,22 @@ def _train_child(cfg_path: Path, log_path: Path) -> tuple[int, float, str | None
         # SIGTERM to the study (e.g. `kill PID` of a nohup run) reaches the child, which saves a checkpoint
         # and exits 130. Ctrl-C in a terminal reaches the child by itself (same process group): not forwarded,
         # since a second SIGINT would abort the child's checkpoint.
-        old_term = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(signal.SIGTERM))
-        old_int = signal.signal(signal.SIGINT, lambda s, f: None)
+        signalled = []
+
+        def forward_term(_s, _f):
+            signalled.append(True)
+            proc.send_signal(signal.SIGTERM)
+
+        old_term = signal.signal(signal.SIGTERM, forward_term)
+        old_int = signal.signal(signal.SIGINT, lambda s, f: signalled.append(True))
         try:
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS alone
         finally:
             signal.signal(signal.SIGTERM, old_term)
             signal.signal(signal.SIGINT, old_int)
         code = os.waitstatus_to_exitcode(status)
+        if signalled and code != 0:  # the study was stopped: an interruption, not a failed run
+            code = 130
         proc.returncode = code
     kib = usage.ru_maxrss if sys.platform != "darwin" else usage.ru_maxrss / 1024
     return code, round(kib / 1024, 1), _last_error(log_path) if code else None
