@@ -64,6 +64,14 @@ def test_lisa_counts_only_the_always_on_and_active_blocks(base):
     assert m.bound == m.weights + m.activations + 3 * active * F32 + 4 * n_tensors
 
 
+def test_the_fused_loss_saves_the_logits_activations_and_changes_nothing_else(base):
+    std, fused = measure(base, "lisa:n_layers=2,interval=5", loss="standard"), measure(base, "lisa:n_layers=2,interval=5")
+    logits = 2 * 8 * 96 * F32  # batch 2 x 8 tokens x vocab 96, fp32
+    assert std.activations - fused.activations >= logits
+    assert (fused.weights, fused.grads, fused.state, fused.trainable) == (std.weights, std.grads, std.state,
+                                                                           std.trainable)
+
+
 def test_lora_counts_adapters_on_every_block_linear(base):
     m = measure(base, "lora:r=8")
     r = 8

@@ -6,12 +6,11 @@ import math
 import torch
 
 from .data import collate, encode_prompt, extract_answer
-
-IGNORE = -100
+from .loss import IGNORE, standard_loss
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, loss_fn=standard_loss) -> dict:
     """Mean loss over every labelled token of `examples` (not a mean of batch means)."""
     was_training = model.training
     model.eval()
@@ -19,12 +18,8 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> 
     total, tokens = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=IGNORE, reduction="sum")
-        total += loss.item()
-        tokens += int((labels != IGNORE).sum())
+        total += loss_fn(model, **batch, reduction="sum").item()
+        tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train(was_training)
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_tokens": tokens}

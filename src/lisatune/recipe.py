@@ -28,6 +28,7 @@ from .distributed import (all_sum, full_model, is_dtensor, launch_mode, load_run
                           save_run_checkpoint, wrap_for)
 from .errors import LisaError
 from .evaluate import eval_loss, gsm_accuracy
+from .loss import pick_loss
 from .methods import build_method
 from .metrics import Metrics
 from .models import load_model, save_model
@@ -165,6 +166,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     scheduler = lr_schedule(optimizer, t.schedule, t.warmup_steps, total)
     pad_id = tokenizer.pad_token_id
+    # Head + cross-entropy in chunks (no full logits) when one process holds the whole model and it checks out.
+    probe = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in range(min(2, len(train_set)))], pad_id).items()}
+    loss_fn = pick_loss(model, probe, t.fused_loss and mode == "none")
 
     step, first_eval = 0, None
     if resume_from is not None:
@@ -174,7 +178,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
     metrics = Metrics(run, t.tensorboard, resume_step=step if resume_from else None) if rank == 0 else NoMetrics()
 
     def evaluate(at: int) -> dict:  # every rank evaluates (FSDP2 needs all of them in each forward)
-        res = eval_loss(model, val_set, pad_id, t.eval_batch_size) if val_set else {}
+        res = eval_loss(model, val_set, pad_id, t.eval_batch_size, loss_fn) if val_set else {}
         if gsm_items:
             acc = gsm_accuracy(model, tokenizer, gsm_items, t.gsm_max_new_tokens, t.eval_batch_size)
             res |= {k: v for k, v in acc.items() if k != "samples"}
@@ -205,7 +209,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
             idx = batch_indices(len(train_set), global_batch, t.seed, step * t.grad_accum + micro)[rank::world]
             batch = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx], pad_id).items()}
             with no_sync(forward, skip=micro < t.grad_accum - 1):  # accumulate locally, reduce at the last
-                loss = forward(**batch).loss
+                loss = loss_fn(forward, **batch)
                 n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
                 n_global, non_finite = all_sum(n_labels, not torch.isfinite(loss))  # all ranks agree
                 if non_finite:

@@ -34,6 +34,9 @@ class TrainOptions(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = 1.0  # None: no clipping
+    # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process only; checked
+    # against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
+    fused_loss: bool = True
     eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
     eval_batch_size: int = Field(8, ge=1)
     gsm_eval_samples: int = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)

@@ -32,7 +32,7 @@ def cmd_bench_memory(args) -> int:
 
     gc = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     r = bench_memory(args.model, args.methods, args.batch, args.seq, args.steps, gc, args.switches, args.out,
-                     isolate=not args.in_process)
+                     isolate=not args.in_process, loss=args.loss)
     print("\n" + r["markdown"])
     print(f"written: {r['dir'] / 'memory.md'}, memory.json, memory.png")
     if r["problems"]:
@@ -102,6 +102,9 @@ def register(subparsers) -> None:
     _common(m, 3, ["full", "lora", "galore", "lisa", "lisa-keep"], "bench-out")
     m.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
     m.add_argument("--switches", type=int, default=10, help="LISA runs at least this many switches (default 10)")
+    m.add_argument("--loss", choices=["fused", "standard"], default="fused",
+                   help="fused: head + cross-entropy in chunks, as `lisatune train` does (default); "
+                        "standard: the model's own logits and loss")
     m.add_argument("--in-process", action="store_true",
                    help="all methods in this process (fast; peak RSS then not per method)")
     m.set_defaults(func=cmd_bench_memory)

@@ -318,8 +318,10 @@ class MethodMemory:
 
 def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int = 256, steps: int = 3,
                    gradient_checkpointing: bool = False, switches: int = 10, model: nn.Module | None = None,
-                   vocab: int | None = None, runtime_rss: int | None = None) -> MethodMemory:
-    """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory."""
+                   vocab: int | None = None, runtime_rss: int | None = None, loss: str = "fused") -> MethodMemory:
+    """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory.
+    loss: "fused" (head + cross-entropy in chunks, as `lisatune train` does) or "standard" (the model's own)."""
+    from ..loss import pick_loss
     from ..methods import build_method
     from ..optim import LisaAdamW
 
@@ -339,6 +341,8 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
     if lisa is not None:
         steps = max(steps, lisa.config.interval * switches + 1)
     data = token_batches(vocab, batch, seq)
+    probe = {"input_ids": data[0][:1], "attention_mask": None, "labels": data[0][:1]}
+    loss_fn = pick_loss(model, probe, loss == "fused")
     blocks = _checkpointed_blocks(model) if gradient_checkpointing else []
     m = MethodMemory(label=label, method=name, options=opts, steps=steps, runtime_rss=runtime_rss,
                      loaded_rss=loaded, weights=weight_bytes(model))
@@ -349,10 +353,10 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
     for i in range(steps):
         ids = data[i % len(data)]
         with ActivationMeter(model, blocks) as meter:
-            loss = model(input_ids=ids, labels=ids).loss
+            value = loss_fn(model, ids, None, ids)
         m.activations = max(m.activations, meter.bytes)
-        loss.backward()
-        del loss
+        value.backward()
+        del value
         m.grads = max(m.grads, grad_bytes(model))
         m.trainable = max(m.trainable, sum(p.numel() for g in opt.param_groups for p in g["params"]
                                            if p.grad is not None))
@@ -384,11 +388,11 @@ def _worker_cmd(spec: str, a: dict) -> list[str]:
 
 def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                steps: int = 3, gradient_checkpointing: bool = False, switches: int = 10,
-               isolate: bool = True, log=print, on_result=None) -> list[MethodMemory]:
+               isolate: bool = True, log=print, on_result=None, loss: str = "fused") -> list[MethodMemory]:
     """Measure every method; isolate=True runs each in its own process (needed for a meaningful RSS)."""
     methods = methods or DEFAULT_METHODS
     kw = {"model_name": model_name, "batch": batch, "seq": seq, "steps": steps,
-          "gradient_checkpointing": gradient_checkpointing, "switches": switches}
+          "gradient_checkpointing": gradient_checkpointing, "switches": switches, "loss": loss}
     out = []
     if isolate:
         kw["model_name"] = cached_source(model_name, log)
@@ -493,7 +497,8 @@ def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
 
 def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                  steps: int = 3, checkpointing: list[bool] = (False,), switches: int = 10,
-                 out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print) -> dict:
+                 out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print,
+                 loss: str = "fused") -> dict:
     """Every setting of gradient checkpointing x every method: writes memory.md, memory.json, memory.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,11 +515,11 @@ def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, 
         return md, problems
 
     for gc in checkpointing:
-        title = f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}"
+        title = f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}, {loss} loss"
         log(title)
         runs[title] = []
         runs[title] = run_memory(model_name, methods, batch, seq, steps, gc, switches, isolate, log,
-                                 on_result=lambda res, t=title: (runs.__setitem__(t, list(res)), save()))
+                                 on_result=lambda res, t=title: (runs.__setitem__(t, list(res)), save()), loss=loss)
     md, problems = save()
     return {"runs": runs, "markdown": md, "problems": problems, "dir": out}
 

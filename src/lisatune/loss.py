@@ -1,0 +1,124 @@
+"""Causal-LM loss without the full logits tensor: the head and cross-entropy run over chunks of tokens.
+
+A 49k-vocabulary head on 4 x 256 tokens makes 192 MiB of fp32 logits, as much again for their
+log-softmax and for their gradient. Here only the labelled positions go through the head, a chunk at a time,
+and the gradients of the hidden states and of the head are formed in the same pass (softmax - one-hot), so
+no chunk's logits outlive it and nothing is recomputed. The loss equals the model's own (mean cross-entropy
+over labelled next tokens); `check_fused` verifies that on a real batch before a run relies on it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+IGNORE = -100
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in fp32
+log = logging.getLogger("lisatune")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy of (h @ W.T + b) against targets, with the gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, rows, grad_enabled):
+        # needs_input_grad ignores no_grad(): evaluation would pay for gradients nobody asked for.
+        need_h, need_w, need_b = (n and grad_enabled for n in ctx.needs_input_grad[:3])
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_h else None
+        # Accumulated over chunks in fp32, as one matmul over all rows would.
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, h.shape[0], rows):
+            hc, y = h[s:s + rows], targets[s:s + rows]
+            logits = (hc @ weight.T if bias is None else torch.addmm(bias, hc, weight.T)).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p[torch.arange(len(y), device=y.device), y] -= 1
+                p = p.to(h.dtype)
+                if need_h:
+                    torch.mm(p, weight, out=gh[s:s + rows])
+                if need_w:
+                    gw.addmm_(p.T.float(), hc.float())
+                if need_b:
+                    gb += p.sum(0, dtype=torch.float32)
+        # Kept on ctx, not saved_for_backward: backward hands them over without a second reference, so
+        # autograd adopts the head's gradient instead of copying it.
+        ctx.grads = [gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the fused loss supports one backward pass per forward (no retain_graph)")
+        for g in grads:
+            if g is not None:
+                g.mul_(grad.to(g.dtype))
+        return (*grads, None, None, None)
+
+
+def head_of(model: nn.Module) -> nn.Linear | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if type(head) is nn.Linear else None
+
+
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    return dec if isinstance(dec, nn.Module) and dec is not model else None
+
+
+def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
+    """The model's causal-LM loss (mean, or sum, over labelled next tokens), computed chunk-wise."""
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    h, y = hidden[:, :-1][keep], targets[keep]
+    head = head_of(model)
+    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    total = _LinearCrossEntropy.apply(h, head.weight, head.bias, y, rows, torch.is_grad_enabled())
+    return total if reduction == "sum" else total / y.numel()
+
+
+def standard_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
+    """The model's own logits and cross-entropy (any model, any wrapper)."""
+    if reduction == "mean":
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE, reduction="sum")
+
+
+def check_fused(model: nn.Module, batch: dict, rtol: float = 1e-4) -> str | None:
+    """None if the fused loss can stand in for the model's on this batch, else the reason it cannot."""
+    if head_of(model) is None or decoder_of(model) is None:
+        return "the model has no plain Linear output head behind get_decoder()"
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "the model is sharded"
+    was = model.training
+    model.eval()  # no dropout, so the two losses see the same network
+    try:
+        with torch.no_grad():
+            ref = standard_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            got = fused_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    except Exception as e:  # a decoder that wants other inputs, say: the model's own path still works
+        return f"{type(e).__name__}: {e}"
+    finally:
+        model.train(was)
+    if not torch.allclose(got, ref.float(), rtol=rtol, atol=1e-5):
+        return f"fused loss {got.item():.6f} != the model's {ref.item():.6f} (extra logit processing?)"
+    return None
+
+
+def pick_loss(model: nn.Module, batch: dict, fused: bool):
+    """The loss function a run uses: fused if asked for and it checks out on `batch`, else the model's own."""
+    if fused:
+        why = check_fused(model, batch)
+        if why is None:
+            return fused_loss
+        log.info("fused loss off: %s; using the model's own logits and loss", why)
+    return standard_loss
