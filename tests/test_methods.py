@@ -135,6 +135,8 @@ def test_galore_keeps_low_rank_state_for_block_matrices(arch, proj_type):
     assert len(galore) == 1 and {id(p) for p in galore[0]["params"]} == {id(m.weight) for m in linears.values()}
     for p in galore[0]["params"]:
         assert 8 in opt.state[p]["exp_avg"].shape and opt.state[p]["exp_avg"].numel() < p.numel()
+        m = opt.state[p]["projector"].ortho_matrix  # its own r rows/columns, not a view of the whole SVD factor
+        assert 8 in m.shape and m.untyped_storage().nbytes() == m.numel() * m.element_size()
     everything = {id(p) for g in opt.param_groups for p in g["params"]}
     assert everything == {id(p) for p in model.parameters()}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .base import Method, block_linears, decay_groups, trainable
@@ -54,5 +55,17 @@ class Galore(Method):
         # galore_torch treats a group as GaLore when it has a "rank" key; the other keys configure its projector.
         galore = {"params": projected, "rank": o.rank, "update_proj_gap": o.update_proj_gap,
                   "scale": o.scale, "proj_type": o.proj_type}
-        return GaLoreAdamW(decay_groups(rest) + [galore], lr=lr, weight_decay=weight_decay,
-                           betas=tuple(betas), eps=eps, no_deprecation_warning=True)
+        opt = GaLoreAdamW(decay_groups(rest) + [galore], lr=lr, weight_decay=weight_decay,
+                          betas=tuple(betas), eps=eps, no_deprecation_warning=True)
+        opt.register_step_post_hook(_own_projections)
+        return opt
+
+
+def _own_projections(opt, *_):
+    """galore_torch keeps U[:, :r] / Vh[:r] as views of the whole SVD factor: copy out the r rows or
+    columns so the rest is freed (for SmolLM2 at rank 128 that factor is 4.5x the projection)."""
+    for st in opt.state.values():
+        proj = st.get("projector")
+        m = getattr(proj, "ortho_matrix", None)
+        if isinstance(m, torch.Tensor) and m.untyped_storage().nbytes() > m.numel() * m.element_size():
+            proj.ortho_matrix = m.clone()
