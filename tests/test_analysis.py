@@ -84,17 +84,17 @@ def test_lora_counts_adapters_on_every_block_linear(base):
     assert m.state == 2 * adapters * F32 + 4 * (4 * 14)
 
 
-def test_galore_counts_projectors_with_the_svd_factor_they_keep_alive(base):
+def test_galore_counts_moments_and_projections_of_rank_r(base):
     m = measure(base, "galore:rank=8")
     r = 8
     mats = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)]  # (out, in) per block
     per_block = 0
     for rows, cols in mats:
         moments = 2 * (rows * r if rows >= cols else r * cols)  # Adam moments of the projected gradient
-        # galore_torch slices its projector from the SVD factor (Vh[:r] or U[:, :r]): the slice is a view,
-        # so the whole factor (cols x cols, or rows x min) stays allocated
-        svd = cols * cols if rows >= cols else rows * min(rows, cols)
-        per_block += moments + svd
+        # the projection Vh[:r] (r x cols) or U[:, :r] (rows x r), copied out of the SVD factor by lisatune
+        # (galore_torch alone keeps a view, and with it the whole factor)
+        proj = r * cols if rows >= cols else rows * r
+        per_block += moments + proj
     plain = EMB + HEAD + NORM + 4 * 2 * 32  # not projected: plain AdamW (galore_torch keeps `step` as an int)
     assert m.state == (4 * per_block + 2 * plain) * F32
     assert m.grads == P * F32

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .allocator import release_freed_memory
 from .checkpoint import latest_checkpoint
 from .data import collate, gsm_eval_items, load_splits
 from .data.render import IGNORE
@@ -138,6 +139,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
     t = cfg.train
+    if t.release_memory:
+        release_freed_memory()
     run = Path(t.output_dir)
     set_seed(t.seed)
     # Under torchrun / accelerate launch this joins the process group (gloo on CPU, NCCL on GPUs).

@@ -27,12 +27,18 @@ def _common(p: argparse.ArgumentParser, steps: int, methods: list[str] | None, o
     p.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
 
 
+def _glibc_default(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--glibc-default", action="store_true",
+                   help="leave glibc's dynamic mmap threshold alone (default: fix it, as `lisatune train` does, "
+                        "so freed tensors leave the process; see lisatune/allocator.py)")
+
+
 def cmd_bench_memory(args) -> int:
     from .memory import bench_memory
 
     gc = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     r = bench_memory(args.model, args.methods, args.batch, args.seq, args.steps, gc, args.switches, args.out,
-                     isolate=not args.in_process, loss=args.loss)
+                     isolate=not args.in_process, loss=args.loss, release_memory=not args.glibc_default)
     print("\n" + r["markdown"])
     print(f"written: {r['dir'] / 'memory.md'}, memory.json, memory.png")
     if r["problems"]:
@@ -45,7 +51,7 @@ def cmd_bench_speed(args) -> int:
     from .speed import bench_speed
 
     r = bench_speed(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup,
-                    args.gradient_checkpointing == "on", args.out)
+                    args.gradient_checkpointing == "on", args.out, release_memory=not args.glibc_default)
     print("\n" + r["markdown"])
     print(f"written: {r['dir'] / 'speed.md'}, speed.json, speed.png")
     return 0
@@ -105,6 +111,7 @@ def register(subparsers) -> None:
     m.add_argument("--loss", choices=["fused", "standard"], default="fused",
                    help="fused: head + cross-entropy in chunks, as `lisatune train` does (default); "
                         "standard: the model's own logits and loss")
+    _glibc_default(m)
     m.add_argument("--in-process", action="store_true",
                    help="all methods in this process (fast; peak RSS then not per method)")
     m.set_defaults(func=cmd_bench_memory)
@@ -113,6 +120,7 @@ def register(subparsers) -> None:
     _common(s, 20, ["full", "lora", "galore", "lisa", "lisa-frozen"], "bench-out")
     s.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     s.add_argument("--gradient-checkpointing", choices=["off", "on"], default="off")
+    _glibc_default(s)
     s.set_defaults(func=cmd_bench_speed)
 
     n = subparsers.add_parser("norms", help="layerwise weight norms of LoRA vs full FT -> LISA probabilities")

@@ -318,14 +318,19 @@ class MethodMemory:
 
 def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int = 256, steps: int = 3,
                    gradient_checkpointing: bool = False, switches: int = 10, model: nn.Module | None = None,
-                   vocab: int | None = None, runtime_rss: int | None = None, loss: str = "fused") -> MethodMemory:
+                   vocab: int | None = None, runtime_rss: int | None = None, loss: str = "fused",
+                   release_memory: bool = True) -> MethodMemory:
     """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory.
-    loss: "fused" (head + cross-entropy in chunks, as `lisatune train` does) or "standard" (the model's own)."""
+    loss: "fused" (head + cross-entropy in chunks, as `lisatune train` does) or "standard" (the model's own).
+    release_memory: a fixed glibc mmap threshold, as `lisatune train` sets (lisatune.allocator)."""
+    from ..allocator import release_freed_memory
     from ..loss import pick_loss
     from ..methods import build_method
     from ..optim import LisaAdamW
 
     t0 = time.perf_counter()
+    if release_memory:
+        release_freed_memory()
     label, name, opts = parse_method(spec)
     if model is None:
         model, vocab = load_bench_model(model_name, gradient_checkpointing)
@@ -388,11 +393,13 @@ def _worker_cmd(spec: str, a: dict) -> list[str]:
 
 def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                steps: int = 3, gradient_checkpointing: bool = False, switches: int = 10,
-               isolate: bool = True, log=print, on_result=None, loss: str = "fused") -> list[MethodMemory]:
+               isolate: bool = True, log=print, on_result=None, loss: str = "fused",
+               release_memory: bool = True) -> list[MethodMemory]:
     """Measure every method; isolate=True runs each in its own process (needed for a meaningful RSS)."""
     methods = methods or DEFAULT_METHODS
     kw = {"model_name": model_name, "batch": batch, "seq": seq, "steps": steps,
-          "gradient_checkpointing": gradient_checkpointing, "switches": switches, "loss": loss}
+          "gradient_checkpointing": gradient_checkpointing, "switches": switches, "loss": loss,
+          "release_memory": release_memory}
     out = []
     if isolate:
         kw["model_name"] = cached_source(model_name, log)
@@ -498,7 +505,7 @@ def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
 def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                  steps: int = 3, checkpointing: list[bool] = (False,), switches: int = 10,
                  out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print,
-                 loss: str = "fused") -> dict:
+                 loss: str = "fused", release_memory: bool = True) -> dict:
     """Every setting of gradient checkpointing x every method: writes memory.md, memory.json, memory.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,11 +522,13 @@ def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, 
         return md, problems
 
     for gc in checkpointing:
-        title = f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}, {loss} loss"
+        malloc = "freed memory released (fixed mmap threshold)" if release_memory else "glibc default malloc"
+        title = f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}, {loss} loss, {malloc}"
         log(title)
         runs[title] = []
         runs[title] = run_memory(model_name, methods, batch, seq, steps, gc, switches, isolate, log,
-                                 on_result=lambda res, t=title: (runs.__setitem__(t, list(res)), save()), loss=loss)
+                                 on_result=lambda res, t=title: (runs.__setitem__(t, list(res)), save()), loss=loss,
+                                 release_memory=release_memory)
     md, problems = save()
     return {"runs": runs, "markdown": md, "problems": problems, "dir": out}
 

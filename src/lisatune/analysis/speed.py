@@ -92,12 +92,16 @@ class MethodSpeed:
 
 def run_speed(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
               steps: int = 20, warmup: int = 2, gradient_checkpointing: bool = False, lr: float = 1e-5,
-              log=print, on_round=None) -> list[MethodSpeed]:
-    """on_round(results) is called after every timed round (e.g. to save partial results)."""
+              log=print, on_round=None, release_memory: bool = True) -> list[MethodSpeed]:
+    """on_round(results) is called after every timed round (e.g. to save partial results).
+    release_memory: a fixed glibc mmap threshold, as `lisatune train` sets (lisatune.allocator)."""
+    from ..allocator import release_freed_memory
     from ..layers import find_layers
     from ..methods import build_method
 
     methods = methods or SPEED_METHODS
+    if release_memory:
+        release_freed_memory()
     base, vocab = load_bench_model(cached_source(model_name, log), gradient_checkpointing)
     data = token_batches(vocab, batch, seq, n=4)
     runs = []
@@ -189,12 +193,12 @@ def plot(results: list[MethodSpeed], path: str | os.PathLike, title: str = "") -
 
 def bench_speed(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                 steps: int = 20, warmup: int = 2, gradient_checkpointing: bool = False,
-                out_dir: str | os.PathLike = "bench-out", log=print) -> dict:
+                out_dir: str | os.PathLike = "bench-out", log=print, release_memory: bool = True) -> dict:
     """Writes speed.md, speed.json and speed.png into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = (f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}, "
-             f"{torch.get_num_threads()} threads")
+             f"{torch.get_num_threads()} threads, {'fixed mmap threshold' if release_memory else 'glibc default malloc'}")
     log(title)
 
     def save(res: list[MethodSpeed]) -> str:  # after every round: a long run interrupted still reports
@@ -204,7 +208,8 @@ def bench_speed(model_name: str = "smollm2", methods: list[str] | None = None, b
         plot(res, out / "speed.png", title)
         return md
 
-    res = run_speed(model_name, methods, batch, seq, steps, warmup, gradient_checkpointing, log=log, on_round=save)
+    res = run_speed(model_name, methods, batch, seq, steps, warmup, gradient_checkpointing, log=log, on_round=save,
+                    release_memory=release_memory)
     return {"results": res, "markdown": save(res), "dir": out}
 
 
