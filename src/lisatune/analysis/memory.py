@@ -67,8 +67,8 @@ def load_bench_model(name: str = "smollm2", gradient_checkpointing: bool = False
     if name == "tiny" or name.startswith("tiny:"):
         model = tiny_llama(int(name.partition(":")[2] or 4))
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            from ..models import enable_checkpointing
+            enable_checkpointing(model)
     else:
         from ..models import ModelConfig, load_model
 
