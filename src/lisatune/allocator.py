@@ -5,7 +5,9 @@ glibc serves large allocations with mmap, but raises that size threshold each ti
 instead, and a freed heap block stays resident until everything above it is freed too: the process's RSS
 creeps toward the sum of everything that was ever live at once, not what is live now. A fixed threshold
 (which also turns the adjustment off) keeps every large tensor in its own mapping, unmapped when freed.
-Measured on SmolLM2-135M (docs/benchmarks.md): peak RSS of full fine-tuning and LISA drop by 0.5 GB.
+Measured on SmolLM2-135M (docs/benchmarks.md): peak RSS of full fine-tuning and LISA drop by 0.5 GB, but
+every fresh mapping is page-faulted and zeroed by the kernel, and steps took ~35 % longer: opt-in
+(`train.release_memory: true`, `lisatune bench ... --release-memory`).
 """
 from __future__ import annotations
 

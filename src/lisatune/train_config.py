@@ -38,8 +38,9 @@ class TrainOptions(BaseModel):
     # against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
     fused_loss: bool = True
     # Linux/glibc: serve large allocations with mmap at a fixed threshold, so freed tensors leave the process
-    # at once instead of staying resident in the heap (lower peak RSS on CPU; see lisatune.allocator).
-    release_memory: bool = True
+    # at once instead of staying resident in the heap. On SmolLM2 (CPU): peak RSS -0.5 GB, steps ~35 % slower
+    # (docs/benchmarks.md): for when memory, not time, is what runs out.
+    release_memory: bool = False
     eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
     eval_batch_size: int = Field(8, ge=1)
     gsm_eval_samples: int = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)

@@ -27,10 +27,10 @@ def _common(p: argparse.ArgumentParser, steps: int, methods: list[str] | None, o
     p.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
 
 
-def _glibc_default(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--glibc-default", action="store_true",
-                   help="leave glibc's dynamic mmap threshold alone (default: fix it, as `lisatune train` does, "
-                        "so freed tensors leave the process; see lisatune/allocator.py)")
+def _release_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--release-memory", action="store_true",
+                   help="fix glibc's mmap threshold so freed tensors leave the process at once (lower RSS, slower "
+                        "steps), as `lisatune train` does with train.release_memory: true; see lisatune/allocator.py")
 
 
 def cmd_bench_memory(args) -> int:
@@ -38,7 +38,7 @@ def cmd_bench_memory(args) -> int:
 
     gc = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     r = bench_memory(args.model, args.methods, args.batch, args.seq, args.steps, gc, args.switches, args.out,
-                     isolate=not args.in_process, loss=args.loss, release_memory=not args.glibc_default)
+                     isolate=not args.in_process, loss=args.loss, release_memory=args.release_memory)
     print("\n" + r["markdown"])
     print(f"written: {r['dir'] / 'memory.md'}, memory.json, memory.png")
     if r["problems"]:
@@ -51,7 +51,7 @@ def cmd_bench_speed(args) -> int:
     from .speed import bench_speed
 
     r = bench_speed(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup,
-                    args.gradient_checkpointing == "on", args.out, release_memory=not args.glibc_default)
+                    args.gradient_checkpointing == "on", args.out, release_memory=args.release_memory)
     print("\n" + r["markdown"])
     print(f"written: {r['dir'] / 'speed.md'}, speed.json, speed.png")
     return 0
@@ -111,7 +111,7 @@ def register(subparsers) -> None:
     m.add_argument("--loss", choices=["fused", "standard"], default="fused",
                    help="fused: head + cross-entropy in chunks, as `lisatune train` does (default); "
                         "standard: the model's own logits and loss")
-    _glibc_default(m)
+    _release_memory(m)
     m.add_argument("--in-process", action="store_true",
                    help="all methods in this process (fast; peak RSS then not per method)")
     m.set_defaults(func=cmd_bench_memory)
@@ -120,7 +120,7 @@ def register(subparsers) -> None:
     _common(s, 20, ["full", "lora", "galore", "lisa", "lisa-frozen"], "bench-out")
     s.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     s.add_argument("--gradient-checkpointing", choices=["off", "on"], default="off")
-    _glibc_default(s)
+    _release_memory(s)
     s.set_defaults(func=cmd_bench_speed)
 
     n = subparsers.add_parser("norms", help="layerwise weight norms of LoRA vs full FT -> LISA probabilities")

@@ -319,10 +319,10 @@ class MethodMemory:
 def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int = 256, steps: int = 3,
                    gradient_checkpointing: bool = False, switches: int = 10, model: nn.Module | None = None,
                    vocab: int | None = None, runtime_rss: int | None = None, loss: str = "fused",
-                   release_memory: bool = True) -> MethodMemory:
+                   release_memory: bool = False) -> MethodMemory:
     """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory.
     loss: "fused" (head + cross-entropy in chunks, as `lisatune train` does) or "standard" (the model's own).
-    release_memory: a fixed glibc mmap threshold, as `lisatune train` sets (lisatune.allocator)."""
+    release_memory: a fixed glibc mmap threshold, as train.release_memory: true sets (lisatune.allocator)."""
     from ..allocator import release_freed_memory
     from ..loss import pick_loss
     from ..methods import build_method
@@ -394,7 +394,7 @@ def _worker_cmd(spec: str, a: dict) -> list[str]:
 def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                steps: int = 3, gradient_checkpointing: bool = False, switches: int = 10,
                isolate: bool = True, log=print, on_result=None, loss: str = "fused",
-               release_memory: bool = True) -> list[MethodMemory]:
+               release_memory: bool = False) -> list[MethodMemory]:
     """Measure every method; isolate=True runs each in its own process (needed for a meaningful RSS)."""
     methods = methods or DEFAULT_METHODS
     kw = {"model_name": model_name, "batch": batch, "seq": seq, "steps": steps,
@@ -505,7 +505,7 @@ def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
 def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                  steps: int = 3, checkpointing: list[bool] = (False,), switches: int = 10,
                  out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print,
-                 loss: str = "fused", release_memory: bool = True) -> dict:
+                 loss: str = "fused", release_memory: bool = False) -> dict:
     """Every setting of gradient checkpointing x every method: writes memory.md, memory.json, memory.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,9 +92,9 @@ class MethodSpeed:
 
 def run_speed(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
               steps: int = 20, warmup: int = 2, gradient_checkpointing: bool = False, lr: float = 1e-5,
-              log=print, on_round=None, release_memory: bool = True) -> list[MethodSpeed]:
+              log=print, on_round=None, release_memory: bool = False) -> list[MethodSpeed]:
     """on_round(results) is called after every timed round (e.g. to save partial results).
-    release_memory: a fixed glibc mmap threshold, as `lisatune train` sets (lisatune.allocator)."""
+    release_memory: a fixed glibc mmap threshold, as train.release_memory: true sets (lisatune.allocator)."""
     from ..allocator import release_freed_memory
     from ..layers import find_layers
     from ..methods import build_method
@@ -193,7 +193,7 @@ def plot(results: list[MethodSpeed], path: str | os.PathLike, title: str = "") -
 
 def bench_speed(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                 steps: int = 20, warmup: int = 2, gradient_checkpointing: bool = False,
-                out_dir: str | os.PathLike = "bench-out", log=print, release_memory: bool = True) -> dict:
+                out_dir: str | os.PathLike = "bench-out", log=print, release_memory: bool = False) -> dict:
     """Writes speed.md, speed.json and speed.png into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
