@@ -42,7 +42,8 @@ def test_a_2x2_grid_trains_reports_and_a_second_invocation_retrains_nothing(tmp_
         assert {p.name for p in (res / rid).iterdir()} >= {"summary.json", "metrics.jsonl", "config.yaml", "run.json"}
         run = tmp_path / "runs" / rid
         assert not (run / "final").exists() and not (run / "checkpoints").exists()  # keep_models: false
-        assert json.loads((res / rid / "run.json").read_text())["peak_rss_mib"] > 10
+        info = json.loads((res / rid / "run.json").read_text())
+        assert info["peak_rss_mib"] > 10 and info["code"].startswith("0.1.0")
     report = (res / "report.md").read_text()
     table = [ln for ln in report.splitlines() if ln.startswith("| n_layers")]
     assert len(table) == 4 and all("–" not in ln.split("|")[5] for ln in table)  # eval loss after is there

@@ -510,6 +510,7 @@ def _collect(plan: Plan, job: Job, status: dict) -> None:
                              "VmHWM since the run started (in-process: includes earlier runs' leftovers)",
             "wall_s": round(sum(s["wall_s"] for s in segments), 1), "segments": len(segments),
             "host": {"cpus": os.cpu_count(), "torch_threads": _torch_threads()},
+            "code": _code_version(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (rdir / "run.json").write_text(json.dumps(info, indent=1))
     (rdir / "failed.json").unlink(missing_ok=True)
@@ -520,6 +521,20 @@ def _collect(plan: Plan, job: Job, status: dict) -> None:
     if not plan.study.keep_models:
         for big in ("final", "checkpoints"):
             shutil.rmtree(run / big, ignore_errors=True)
+
+
+def _code_version() -> str:
+    """The lisatune commit that trained the run (results of different code should not be mixed silently)."""
+    from . import __version__
+    here = Path(__file__).parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    return f"{__version__}+{sha}{'.dirty' if dirty else ''}" if sha else __version__
 
 
 def _torch_threads() -> int | None:
