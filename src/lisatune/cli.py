@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("lisatune").setLevel(logging.INFO)  # our own progress; libraries stay at warnings
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its 4-bit CPU kernel notice on import (unused here)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
