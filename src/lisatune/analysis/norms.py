@@ -180,8 +180,8 @@ def plot(norms: dict[str, dict[str, float]], path: str | os.PathLike, title: str
         ax.plot(list(x), vals, style, label=label, markersize=3)
     ax.set_yscale("log")
     ticks = [i for i in x if i in (0, len(layers) - 1) or (i - 1) % max(1, len(layers) // 10) == 0]
-    ax.set_xticks(ticks, [layers[i].replace("block", "") for i in ticks])
-    ax.set_xlabel("layer (embedding, blocks, head)")
+    ax.set_xticks(ticks, [{"embedding": "E", "head": "H"}.get(layers[i], layers[i].replace("block", "")) for i in ticks])
+    ax.set_xlabel("layer (E = embedding, blocks 0..N-1, H = head)")
     ax.set_ylabel("mean norm over steps")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
