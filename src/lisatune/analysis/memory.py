@@ -27,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -496,7 +497,7 @@ def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
             ax.scatter([i for i, _ in peaks], [v for _, v in peaks], marker="_", s=900, color="black", zorder=3,
                        label="peak RSS − runtime RSS" if ax is axes[0][0] else None)
         ax.set_xticks(list(x), [m.label for m in res], rotation=20, ha="right")
-        ax.set_title(title)
+        ax.set_title(textwrap.fill(title, 60), fontsize=9)
         ax.set_ylabel("MiB")
     fig.legend(loc="lower center", ncol=5, fontsize=8)
     return save_figure(fig, path, rect=(0, 0.06, 1, 1))

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,7 +187,7 @@ def plot(results: list[MethodSpeed], path: str | os.PathLike, title: str = "") -
                    zorder=3, label="FLOP floor × full step")
     ax.set_xticks(list(x), [m.label for m in results], rotation=20, ha="right")
     ax.set_ylabel("median seconds per step")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
