@@ -38,7 +38,8 @@ from .train_config import TrainConfig
 log = logging.getLogger("lisatune")
 
 # Changing these does not change what a resumed run computes.
-RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last"}
+RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last",
+               "release_memory"}
 
 
 class Interrupted(Exception):
