@@ -16,12 +16,10 @@ import ctypes.util
 import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number, glibc's malloc.h
-_applied: int | None = None
 
 
 def release_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
     """Set glibc's mmap threshold to `threshold_bytes` (fixed). False where that is not possible."""
-    global _applied
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -29,11 +27,4 @@ def release_freed_memory(threshold_bytes: int = 128 * 1024) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
         return False
-    ok = bool(mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-    _applied = int(threshold_bytes) if ok else _applied
-    return ok
-
-
-def applied_threshold() -> int | None:
-    """The threshold this process set, if any (reported beside memory measurements)."""
-    return _applied
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
