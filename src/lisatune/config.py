@@ -9,7 +9,7 @@ import yaml
 from pydantic import AliasChoices, ConfigDict, Field, field_validator
 
 from .errors import LisaError
-from .options import Options, format_validation_error  # noqa: F401 (re-exported)
+from .options import Options
 
 
 class LisaConfig(Options):

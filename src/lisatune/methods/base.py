@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import format_validation_error
+from ..options import format_validation_error
 from ..errors import LisaError
 from ..layers import find_layers
 

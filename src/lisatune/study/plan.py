@@ -1,0 +1,304 @@
+"""Reading a study file into a Plan: the validated runs (jobs), their ids and resolved configs."""
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import LisaError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+# Keys a study sets itself on every run; `set`/`grid`/`sweep` may not touch them.
+_OWNED = {"train.output_dir", "train.resume", "train.overwrite"}
+
+
+class RunSpec(BaseModel):
+    """One named setting: dotted overrides of the base config."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    set: dict[str, Any] = {}
+    sweep: dict[str, list[Any]] | None = None  # replaces the study's sweep for this setting ({} = none)
+    seeds: list[int] | None = None  # replaces the study's seeds for this setting
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("must be letters, digits and _ . + = - (it names a directory)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        return v if v is None else _check_seeds(v)
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, v: dict | None) -> dict | None:
+        return v if v is None else _check_axes(v)
+
+
+def _check_seeds(v: list[int]) -> list[int]:
+    if not v or len(set(v)) != len(v):
+        raise ValueError("must be a non-empty list of distinct integers")
+    return v
+
+
+def _check_axes(v: dict) -> dict:
+    for key, values in v.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"'{key}' needs a non-empty list of values")
+        if key in _OWNED:
+            raise ValueError(f"'{key}' is set by the study itself")
+    return v
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    base_config: str | None = None  # a run config (YAML), relative to the study file
+    base: dict[str, Any] = {}  # inline run config, merged over base_config
+    output_dir: str
+    results_dir: str
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "lisa.seed"])
+    runs: list[RunSpec] = []
+    grid: dict[str, list[Any]] = {}
+    sweep: dict[str, list[Any]] = {}
+    select: str = "eval_loss"  # the `after` metric (lower is better) that picks the best sweep value
+    keep_models: bool = False  # False: delete final/ and checkpoints/ once the metrics are copied
+    isolate: bool = True  # each run in its own process: a true per-run peak RSS
+    # interleave: seed by seed, the middle sweep point of every setting first (a partial study is already a
+    # comparison); listed: in the order of the file
+    order: Literal["interleave", "listed"] = "interleave"
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return _check_seeds(v)
+
+    @field_validator("grid", "sweep")
+    @classmethod
+    def _axes(cls, v: dict) -> dict:
+        return _check_axes(v)
+
+    @model_validator(mode="after")
+    def _runs(self) -> "Study":
+        if not self.runs and not self.grid:
+            raise ValueError("runs/grid: the study has no runs (give `runs:` and/or `grid:`)")
+        names = [r.name for r in self.runs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"runs: the name '{dup[0]}' is used twice")
+        for r in self.runs:
+            for key in list(r.set) + list(r.sweep or {}):
+                if key in _OWNED:
+                    raise ValueError(f"runs: '{r.name}' sets '{key}', which the study sets itself")
+        if not _NAME.match(self.name):
+            raise ValueError(f"name: '{self.name}' must be letters, digits and _ . + = -")
+        return self
+
+
+@dataclass
+class Job:
+    """One training run of the study."""
+    run_id: str
+    setting: str
+    seed: int
+    sweep: dict[str, Any]  # sweep key -> value (as validated in the config)
+    config: dict  # the resolved run config (JSON-able)
+    skip: str | None = None  # why it cannot run (e.g. a missing probabilities file)
+
+
+@dataclass
+class Plan:
+    study: Study
+    path: Path
+    jobs: list[Job]
+    settings: list[str] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.study.output_dir)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.study.results_dir)
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def load_study(path: str | os.PathLike) -> Plan:
+    """Read and validate the study file and every run config it implies; errors are one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise LisaError(f"study file '{path}' does not exist")
+    data = _read_yaml(p, "a mapping (name, base_config or base, output_dir, results_dir, runs/grid, ...)")
+    try:
+        study = Study.model_validate(data)
+    except ValidationError as e:
+        raise LisaError(_study_error(e, p)) from None
+    base = _base_config(study, p)
+    jobs, settings, order = [], [], []
+    for s_index, (setting, overrides, sweep, seeds) in enumerate(_settings(study)):
+        settings.append(setting)
+        keys, grids = list(sweep), list(itertools.product(*sweep.values())) if sweep else [()]
+        for g_index, values in enumerate(grids):
+            for seed_index, seed in enumerate(seeds):
+                jobs.append(_job(study, p, base, setting, overrides, dict(zip(keys, values)), seed))
+                # interleave: first seed, middle sweep point of every setting first, so a partial study is useful
+                order.append((seed_index, _middle_first(g_index, len(grids)), s_index) if study.order == "interleave"
+                             else (len(order),))
+    jobs = [j for _, j in sorted(zip(order, jobs), key=lambda x: x[0])]
+    ids = [j.run_id for j in jobs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise LisaError(f"{p}: two runs get the id '{dup[0]}' (rename a run or grid value)")
+    return Plan(study, p, jobs, settings)
+
+
+def _middle_first(i: int, n: int) -> int:
+    """Rank of point i of n when the middle comes first, then alternately above and below it."""
+    d = i - n // 2 if n % 2 else i - (n - 1) // 2
+    return 2 * d - 1 if d > 0 else -2 * d
+
+
+def _read_yaml(p: Path, expected: str) -> dict:
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise LisaError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise LisaError(f"{p}: expected {expected}")
+    return data
+
+
+def _study_error(e: ValidationError, p: Path) -> str:
+    errors = e.errors()
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo is the root cause
+    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+    if err["type"] == "extra_forbidden":
+        model = RunSpec if loc.startswith("runs[") else Study
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{p}: unknown key '{loc}' ({hint}valid: {', '.join(model.model_fields)})"
+    if err["type"] == "missing":
+        return f"{p}: '{loc}' is required"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{p}: {loc + ': ' if loc else ''}{msg}" + (f" (got {err['input']!r})" if loc else "")
+
+
+def _base_config(study: Study, p: Path) -> dict:
+    data: dict = {}
+    if study.base_config:
+        f = (p.parent / study.base_config)
+        if not f.is_file():
+            raise LisaError(f"{p}: base_config '{study.base_config}' does not exist (looked for {f})")
+        data = _read_yaml(f, "a run config mapping (model, data, method, train, ...)")
+    elif not study.base:
+        from ..train_config import DEFAULT
+        data = copy.deepcopy(DEFAULT)
+    return _merge(data, study.base)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _settings(study: Study):
+    """(setting name, overrides, sweep, seeds) for every named run x grid point."""
+    axes = list(study.grid.items())
+    points = [dict(zip([k for k, _ in axes], vs)) for vs in itertools.product(*[v for _, v in axes])] or [{}]
+    runs = study.runs or [RunSpec.model_construct(name="", set={}, sweep=None, seeds=None)]
+    for run in runs:
+        for point in points:
+            label = "-".join(f"{short_key(k)}{fmt_value(v)}" for k, v in point.items())
+            name = "-".join(x for x in (run.name, label) if x)
+            sweep = study.sweep if run.sweep is None else run.sweep
+            yield name, {**run.set, **point}, sweep, run.seeds or study.seeds
+
+
+def short_key(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        v = _number(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "", str(v).replace("/", "-"))[:40] or "x"
+
+
+def _number(v: Any) -> Any:
+    """'5e-5' (a string to YAML 1.1) as the float it means; anything else unchanged."""
+    if isinstance(v, str):
+        try:
+            return float(v) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", v.strip()) else v
+        except ValueError:
+            return v
+    return v
+
+
+def _set(data: dict, key: str, value: Any, where: str) -> None:
+    from ..train_config import set_dotted
+
+    set_dotted(data, key, _number(value), f"{where}: '{key}'")
+
+
+def _get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _job(study: Study, p: Path, base: dict, setting: str, overrides: dict, sweep: dict, seed: int) -> Job:
+    from ..train_config import TrainConfig, config_error
+
+    run_id = "_".join([setting] + [f"{short_key(k)}{fmt_value(v)}" for k, v in sweep.items()] + [f"s{seed}"])
+    where = f"{p}: run '{run_id}'"
+    data = copy.deepcopy(base)
+    for key, value in {**overrides, **sweep}.items():
+        _set(data, key, value, where)
+    for key in study.seed_keys:
+        _set(data, key, seed, where)
+    _set(data, "train.output_dir", str(Path(study.output_dir) / run_id), where)
+    _set(data, "train.resume", "auto", where)
+    _set(data, "train.overwrite", True, where)  # with resume=auto: resume a checkpoint, else start clean
+    try:
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise LisaError(config_error(e, where)) from None
+    for opt in ("path", "val_path"):
+        f = getattr(cfg.data, opt)
+        if f and not Path(f).is_file():
+            raise LisaError(f"{where}: data.{opt} '{f}' does not exist")
+    resolved = cfg.model_dump(mode="json")
+    job = Job(run_id, setting, seed, {k: _get(resolved, k) for k in sweep}, resolved)
+    probs = cfg.lisa.probabilities
+    if cfg.method == "lisa" and isinstance(probs, str) and not Path(probs).is_file():
+        job.skip = (f"lisa.probabilities file '{probs}' does not exist; generate it with `lisatune norms` "
+                    "(see studies/README.md) and run the study again")
+    return job
+
+
