@@ -74,19 +74,21 @@ def resolve_path(model: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+def decoder_of(model: nn.Module) -> nn.Module | None:
+    """The model's decoder stack (`get_decoder()`: the language model inside a VLM), if it is a submodule."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        dec = get() if callable(get) else None
+    except Exception:  # some remote-code models raise here
+        return None
+    return dec if isinstance(dec, nn.Module) and dec is not model else None
+
+
 def _language_scope(model: nn.Module) -> tuple[str, nn.Module]:
     """The language model inside `model` (for VLMs, not the vision tower), else the model itself."""
-    get = getattr(model, "get_decoder", None)
-    if callable(get):
-        try:
-            dec = get()
-        except Exception:  # some remote-code models raise here; fall back to the whole model
-            dec = None
-        if isinstance(dec, nn.Module) and dec is not model:
-            path = _module_path(model, dec)
-            if path is not None:
-                return path, dec
-    return "", model
+    dec = decoder_of(model)
+    path = _module_path(model, dec) if dec is not None else None
+    return (path, dec) if path is not None else ("", model)
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -13,6 +13,8 @@ import logging
 import torch
 from torch import nn
 
+from .layers import decoder_of
+
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in fp32
 log = logging.getLogger("lisatune")
@@ -64,12 +66,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def head_of(model: nn.Module) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if type(head) is nn.Linear else None
-
-
-def decoder_of(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_decoder", None)
-    dec = get() if callable(get) else None
-    return dec if isinstance(dec, nn.Module) and dec is not model else None
 
 
 def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
