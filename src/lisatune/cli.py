@@ -92,12 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register(sub)
-    try:  # `lisatune study`: grids of runs and their report
-        from .study import register as register_study
-    except ImportError:
-        pass
-    else:
-        register_study(sub)
+    from .study import register as register_study  # `lisatune study`: grids of runs and their report
+    register_study(sub)
     return p
 
 
@@ -112,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except LisaError as e:
         print(f"lisatune: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
