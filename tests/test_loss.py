@@ -101,3 +101,38 @@ def test_under_no_grad_the_fused_loss_computes_no_gradients(monkeypatch):
     assert made == [] and not a.requires_grad
     b = L.fused_loss(model, **batch)
     assert made and b.requires_grad and torch.equal(a, b.detach())
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_under_ddp_the_fused_loss_runs_the_wrappers_forward_and_equals_the_models_own(arch, one_process_group,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 96 * 5)
+    model, batch = tiny_model(arch, n_layers=2), labelled_batch()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    mode = model.training
+    ddp.train(not mode)  # the wrapper's flag is not the model's: the check restores the model's own
+    model.train(mode)
+    assert L.unwrap(ddp) is model and L.check_fused(ddp, batch) is None
+    assert model.training == mode
+    ref = L.standard_loss(model, **batch)
+    ref.backward()
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    calls = []
+    ddp.register_forward_pre_hook(lambda m, a, k: calls.append(sorted(k)), with_kwargs=True)
+    got = L.fused_loss(ddp, **batch)  # DDP's forward prepares the reducer; its hooks all-reduce in backward
+    got.backward()
+    have = grads(model)
+    assert calls == [["attention_mask", "input_ids", "logits_to_keep", "output_hidden_states"]]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert have.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(have[n], want[n], rtol=1e-4, atol=1e-6, msg=n)

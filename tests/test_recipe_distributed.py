@@ -110,6 +110,9 @@ def check_like_one_process(run: Path, ref: Path, mode: str) -> None:
         assert g.get("active") == w.get("active")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distributed"] == mode and summary["processes"] == 2 and summary["steps"] == 8
+    # DDP runs the chunked head + cross-entropy through its wrapper; FSDP2's sharded head keeps the model's loss
+    assert summary["loss"] == {"ddp": "fused", "fsdp": "model"}[mode]
+    assert json.loads((ref / "summary.json").read_text())["loss"] == "fused"
     ckpt = run / "checkpoints" / "step-000008"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt",
                                                "rng_rank1.pt", "trainer_state.json"}
@@ -125,6 +128,7 @@ def test_ddp_with_lora_trains_like_one_process(assets):
     train(load_config(str(write_config(assets, "single_lora", "none", "lora", batch_size=4)), []))
     r = torchrun(write_config(assets, "ddp_lora", "ddp", "lora"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((assets / "ddp_lora" / "summary.json").read_text())["loss"] == "fused"
     a, b = weights(assets / "ddp_lora"), weights(assets / "single_lora")  # merged into plain models
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= ATOL  # measured 7.5e-9
 

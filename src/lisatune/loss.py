@@ -5,6 +5,8 @@ log-softmax and for their gradient. Here only the labelled positions go through 
 and the gradients of the hidden states and of the head are formed in the same pass (softmax - one-hot), so
 no chunk's logits outlive it and nothing is recomputed. The loss equals the model's own (mean cross-entropy
 over labelled next tokens); `check_fused` verifies that on a real batch before a run relies on it.
+Under DDP the wrapper's forward still runs (it prepares the gradient all-reduce), asked for the hidden states
+and the logits of one position only; the head's gradient then reaches DDP's hooks like any other.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from .distributed import LisaDDP
 from .layers import decoder_of
 
 IGNORE = -100
@@ -68,13 +71,26 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear else None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (torch's or LisaDDP), else the model itself."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, LisaDDP)) else model
+
+
+def _hidden_states(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    inner = unwrap(model)
+    if inner is model:
+        return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True)
+    return out.hidden_states[-1]  # after the final norm, as the head sees it (check_fused verifies)
+
+
 def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
     """The model's causal-LM loss (mean, or sum, over labelled next tokens), computed chunk-wise."""
-    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    hidden = _hidden_states(model, input_ids, attention_mask)
     targets = labels[:, 1:]
     keep = targets != IGNORE
     h, y = hidden[:, :-1][keep], targets[keep]
-    head = head_of(model)
+    head = head_of(unwrap(model))
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
     total = _LinearCrossEntropy.apply(h, head.weight, head.bias, y, rows, torch.is_grad_enabled())
     return total if reduction == "sum" else total / y.numel()
@@ -90,23 +106,30 @@ def standard_loss(model: nn.Module, input_ids, attention_mask, labels, reduction
 
 
 def check_fused(model: nn.Module, batch: dict, rtol: float = 1e-4) -> str | None:
-    """None if the fused loss can stand in for the model's on this batch, else the reason it cannot."""
-    if head_of(model) is None or decoder_of(model) is None:
+    """None if the fused loss can stand in for the model's on this batch, else the reason it cannot.
+
+    `model` is what training calls (a DDP wrapper checks both its own path and the plain model's, which
+    evaluation uses). Collective under DDP: every rank calls it.
+    """
+    inner = unwrap(model)
+    if head_of(inner) is None or decoder_of(inner) is None:
         return "the model has no plain Linear output head behind get_decoder()"
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         return "the model is sharded"
-    was = model.training
-    model.eval()  # no dropout, so the two losses see the same network
+    was = inner.training  # a wrapper's own flag may differ from the model's
+    inner.eval()  # no dropout, so the two losses see the same network
     try:
         with torch.no_grad():
-            ref = standard_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            got = fused_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            ref = standard_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float()
+            got = [fused_loss(m, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                   for m in dict.fromkeys([model, inner])]
     except Exception as e:  # a decoder that wants other inputs, say: the model's own path still works
         return f"{type(e).__name__}: {e}"
     finally:
-        model.train(was)
-    if not torch.allclose(got, ref.float(), rtol=rtol, atol=1e-5):
-        return f"fused loss {got.item():.6f} != the model's {ref.item():.6f} (extra logit processing?)"
+        inner.train(was)
+    for g in got:
+        if not torch.allclose(g, ref, rtol=rtol, atol=1e-5):
+            return f"fused loss {g.item():.6f} != the model's {ref.item():.6f} (extra logit processing?)"
     return None
 
 

@@ -29,7 +29,7 @@ from .distributed import (all_sum, full_model, is_dtensor, launch_mode, load_run
                           save_run_checkpoint, wrap_for)
 from .errors import LisaError
 from .evaluate import eval_loss, gsm_accuracy
-from .loss import pick_loss
+from .loss import pick_loss, standard_loss
 from .methods import build_method
 from .metrics import Metrics
 from .models import load_model, save_model
@@ -170,9 +170,11 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     scheduler = lr_schedule(optimizer, t.schedule, t.warmup_steps, total)
     pad_id = tokenizer.pad_token_id
-    # Head + cross-entropy in chunks (no full logits) when one process holds the whole model and it checks out.
+    # Head + cross-entropy in chunks (no full logits) when the head is not sharded and the fused loss checks out.
     probe = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in range(min(2, len(train_set)))], pad_id).items()}
-    loss_fn = pick_loss(model, probe, t.fused_loss and mode == "none")
+    loss_fn = pick_loss(forward, probe, t.fused_loss and mode != "fsdp")
+    if all_sum(loss_fn is standard_loss)[0]:  # every rank computes the same way
+        loss_fn = standard_loss
 
     step, first_eval = 0, None
     if resume_from is not None:
@@ -264,7 +266,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict:
     def write_summary() -> dict:
         losses = [r["loss"] for r in map(json.loads, metrics.path.read_text().splitlines()) if "loss" in r]
         summary = {"method": cfg.method, "model": cfg.model.source, "steps": step, "distributed": mode,
-                   "processes": world, "train_seconds": round(elapsed, 1),
+                   "processes": world, "loss": "model" if loss_fn is standard_loss else "fused", "train_seconds": round(elapsed, 1),
                    "train_loss_first": sum(losses[:5]) / max(1, len(losses[:5])),
                    "train_loss_last": sum(losses[-5:]) / max(1, len(losses[-5:])),
                    "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),

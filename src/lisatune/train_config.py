@@ -34,8 +34,8 @@ class TrainOptions(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = 1.0  # None: no clipping
-    # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process only; checked
-    # against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
+    # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process or DDP, not FSDP;
+    # checked against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
     fused_loss: bool = True
     # Linux/glibc: serve large allocations with mmap at a fixed threshold, so freed tensors leave the process
     # at once instead of staying resident in the heap. On SmolLM2 (CPU): peak RSS -0.5 GB, steps ~35 % slower
