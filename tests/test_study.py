@@ -1,6 +1,7 @@
 """`lisatune study` on a tiny model: grids run, resume and report; finished runs are not retrained; bad files fail
 in one line."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -141,6 +142,39 @@ def test_sweeps_and_seeds_expand_and_the_report_keeps_the_best_sweep_point(tmp_p
     assert "full | lr 0.01 **best**" in report and (tmp_path / "results" / "sweep.png").is_file()
 
 
+def test_best_seeds_train_only_the_best_sweep_point_once_its_sweep_is_done(tmp_path, assets, monkeypatch, capsys):
+    path = write_study(tmp_path, assets, sweep={"train.lr": [1e-3, 1e-2, 1e-1]}, best_seeds=[1, 2], order="listed",
+                       runs=[{"name": "full", "set": {"method": "full"}}])
+    plan = load_study(path)
+    assert [j.run_id for j in plan.jobs if not j.if_best] == ["full_lr0.001_s0", "full_lr0.01_s0", "full_lr0.1_s0"]
+    assert len(plan.jobs) == 9 and all(j.if_best for j in plan.jobs[3:])  # best_seeds after the whole sweep
+    assert main(["study", str(path), "--dry-run"]) == 0
+    assert "full_lr0.01_s1: waits for the sweep of full (3 run(s) to go)" in capsys.readouterr().out
+
+    trained = []
+
+    def fake_train(cfg):  # lr 1e-2 is best on seed 0; the other seeds are much worse (a noisy setting)
+        run = Path(cfg.train.output_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        trained.append(run.name)
+        loss = {1e-3: 2.0, 1e-2: 1.0, 1e-1: 3.0}[cfg.train.lr] + 1.5 * cfg.train.seed
+        (run / "summary.json").write_text(json.dumps({"steps": 4, "before": {"eval_loss": 3.0},
+                                                      "after": {"eval_loss": loss}, "train_seconds": 1}))
+    monkeypatch.setattr(lisatune.recipe, "train", fake_train)
+    r = run_study(load_study(path), echo=lambda *a: None)
+    assert trained == ["full_lr0.001_s0", "full_lr0.01_s0", "full_lr0.1_s0", "full_lr0.01_s1", "full_lr0.01_s2"]
+    assert (r["trained"], r["skipped"]) == (5, 4)
+    report = (tmp_path / "results" / "report.md").read_text()
+    # chosen on seed 0 (1.0 < 2.0), reported over seeds 0-2 (mean 2.5 > lr 1e-3's 2.0: still this point)
+    row = next(ln for ln in report.splitlines() if ln.startswith("| full |"))
+    assert "lr 0.01 (of 3)" in row and "| 3/3 |" in row and "2.5000 ± 1.5000" in row
+    assert "5 of 5 runs finished" in report and "| full | lr 0.001 | 1/1 | 2.0000 |" in report
+    assert main(["study", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "full_lr0.01_s2: done" in out and "full_lr0.1_s1: not the best sweep point of full" in out
+    assert run_study(load_study(path), echo=lambda *a: None)["trained"] == 0
+
+
 def test_a_missing_probabilities_file_skips_that_run_with_a_clear_message(tmp_path, assets):
     probs = tmp_path / "probs.json"
     path = write_study(tmp_path, assets, runs=[{"name": "norms", "set": {
@@ -168,7 +202,9 @@ def test_a_diverging_run_is_recorded_as_failed_and_not_retried(tmp_path, assets)
 @pytest.mark.parametrize("fields,message", [
     ({"runz": []}, "unknown key 'runz' (did you mean 'runs'? valid: name, description, base_config"),
     ({"runs": [{"name": "a", "sett": {}}]},
-     "unknown key 'runs[0].sett' (did you mean 'set'? valid: name, set, sweep, seeds)"),
+     "unknown key 'runs[0].sett' (did you mean 'set'? valid: name, set, sweep, seeds, best_seeds)"),
+    ({"runs": [{"name": "a"}], "best_seeds": [0]}, "runs: 'a': seed 0 is in both seeds and best_seeds"),
+    ({"runs": [{"name": "a", "best_seeds": [2, 2]}]}, "runs[0].best_seeds: must be a list of distinct integers"),
     ({"runs": [{"name": "a"}, {"name": "a"}]}, "the name 'a' is used twice"),
     ({"runs": []}, "the study has no runs"),
     ({"runs": [{"name": "a", "set": {"lisa.n_layerz": 2}}]}, "run 'a_s0': unknown option 'lisa.n_layerz' (valid:"),

@@ -7,6 +7,7 @@ A study file names a base run config and the runs to compare:
     output_dir: runs/studies/sft-smollm2        # checkpoints and models: large, not committed
     results_dir: studies/results/sft-smollm2    # summary.json, metrics.jsonl, config.yaml per run: small, committed
     seeds: [0, 1, 2]                            # each seed sets train.seed and lisa.seed (see seed_keys)
+    best_seeds: [3]                             # then at each setting's best sweep point only (chosen on seeds)
     sweep: {train.lr: [1.0e-5, 3.0e-5]}         # every setting is run at each value; the report keeps the best
     runs:                                       # named settings (dotted overrides, as `lisatune train --set`)
       - {name: full, set: {method: full}}
@@ -24,7 +25,7 @@ Modules: plan (the study file -> jobs), runner (training them), report (table an
 from __future__ import annotations
 
 from .plan import Job, Plan, load_study
-from .report import load_results, write_report
+from .report import if_best_state, load_results, write_report
 from .runner import run_study
 
 __all__ = ["Job", "Plan", "load_study", "load_results", "run_study", "write_report", "register"]
@@ -37,9 +38,12 @@ def cmd_study(args) -> int:
         print(f"report: {write_report(plan)}")
         return 0
     if args.dry_run:
+        results, failed = load_results(plan)
         for j in plan.jobs:
-            state = ("done" if (plan.results_dir / j.run_id / "summary.json").is_file()
-                     else f"skip: {j.skip}" if j.skip else "to run")
+            state = ("done" if j.run_id in results else "failed" if j.run_id in failed
+                     else f"skip: {j.skip}" if j.skip
+                     else (if_best_state(plan, j, results, failed) or "to run (best point)") if j.if_best
+                     else "to run")
             print(f"{j.run_id}: {state}")
         return 0
     r = run_study(plan, retry_failed=args.retry_failed, only=args.only, echo=lambda m: print(m, flush=True))

@@ -28,6 +28,7 @@ class RunSpec(BaseModel):
     set: dict[str, Any] = {}
     sweep: dict[str, list[Any]] | None = None  # replaces the study's sweep for this setting ({} = none)
     seeds: list[int] | None = None  # replaces the study's seeds for this setting
+    best_seeds: list[int] | None = None  # replaces the study's best_seeds for this setting ([] = none)
 
     @field_validator("name")
     @classmethod
@@ -41,15 +42,20 @@ class RunSpec(BaseModel):
     def _seeds(cls, v: list[int] | None) -> list[int] | None:
         return v if v is None else _check_seeds(v)
 
+    @field_validator("best_seeds")
+    @classmethod
+    def _best_seeds(cls, v: list[int] | None) -> list[int] | None:
+        return v if v is None else _check_seeds(v, empty=True)
+
     @field_validator("sweep")
     @classmethod
     def _sweep(cls, v: dict | None) -> dict | None:
         return v if v is None else _check_axes(v)
 
 
-def _check_seeds(v: list[int]) -> list[int]:
-    if not v or len(set(v)) != len(v):
-        raise ValueError("must be a non-empty list of distinct integers")
+def _check_seeds(v: list[int], empty: bool = False) -> list[int]:
+    if (not v and not empty) or len(set(v)) != len(v):
+        raise ValueError("must be a list of distinct integers" if empty else "must be a non-empty list of distinct integers")
     return v
 
 
@@ -72,6 +78,9 @@ class Study(BaseModel):
     output_dir: str
     results_dir: str
     seeds: list[int] = Field(default_factory=lambda: [0])
+    # More seeds for each setting's best sweep point only, chosen on `seeds` once its sweep is complete:
+    # sweep cheaply on one seed, then measure the spread where it matters.
+    best_seeds: list[int] = []
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "lisa.seed"])
     runs: list[RunSpec] = []
     grid: dict[str, list[Any]] = {}
@@ -87,6 +96,11 @@ class Study(BaseModel):
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         return _check_seeds(v)
+
+    @field_validator("best_seeds")
+    @classmethod
+    def _best_seeds(cls, v: list[int]) -> list[int]:
+        return _check_seeds(v, empty=True)
 
     @field_validator("grid", "sweep")
     @classmethod
@@ -105,6 +119,11 @@ class Study(BaseModel):
             for key in list(r.set) + list(r.sweep or {}):
                 if key in _OWNED:
                     raise ValueError(f"runs: '{r.name}' sets '{key}', which the study sets itself")
+            both = set(r.seeds or self.seeds) & set(self.best_seeds if r.best_seeds is None else r.best_seeds)
+            if both:
+                raise ValueError(f"runs: '{r.name}': seed {min(both)} is in both seeds and best_seeds")
+        if not self.runs and set(self.seeds) & set(self.best_seeds):
+            raise ValueError(f"best_seeds: seed {min(set(self.seeds) & set(self.best_seeds))} is also in seeds")
         if not _NAME.match(self.name):
             raise ValueError(f"name: '{self.name}' must be letters, digits and _ . + = -")
         return self
@@ -119,6 +138,7 @@ class Job:
     sweep: dict[str, Any]  # sweep key -> value (as validated in the config)
     config: dict  # the resolved run config (JSON-able)
     skip: str | None = None  # why it cannot run (e.g. a missing probabilities file)
+    if_best: bool = False  # a best_seeds run: trains only if its sweep point is its setting's best
 
 
 @dataclass
@@ -150,15 +170,17 @@ def load_study(path: str | os.PathLike) -> Plan:
         raise LisaError(_study_error(e, p)) from None
     base = _base_config(study, p)
     jobs, settings, order = [], [], []
-    for s_index, (setting, overrides, sweep, seeds) in enumerate(_settings(study)):
+    for s_index, (setting, overrides, sweep, seeds, best_seeds) in enumerate(_settings(study)):
         settings.append(setting)
         keys, grids = list(sweep), list(itertools.product(*sweep.values())) if sweep else [()]
         for g_index, values in enumerate(grids):
-            for seed_index, seed in enumerate(seeds):
+            # best_seeds after every `seeds` run: a sweep point is known best only when its sweep is done
+            for seed_index, seed in enumerate(seeds + best_seeds):
                 jobs.append(_job(study, p, base, setting, overrides, dict(zip(keys, values)), seed))
+                jobs[-1].if_best = seed_index >= len(seeds)
                 # interleave: first seed, middle sweep point of every setting first, so a partial study is useful
                 order.append((seed_index, _middle_first(g_index, len(grids)), s_index) if study.order == "interleave"
-                             else (len(order),))
+                             else (jobs[-1].if_best, len(order)))
     jobs = [j for _, j in sorted(zip(order, jobs), key=lambda x: x[0])]
     ids = [j.run_id for j in jobs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -233,7 +255,8 @@ def _settings(study: Study):
             label = "-".join(f"{short_key(k)}{fmt_value(v)}" for k, v in point.items())
             name = "-".join(x for x in (run.name, label) if x)
             sweep = study.sweep if run.sweep is None else run.sweep
-            yield name, {**run.set, **point}, sweep, run.seeds or study.seeds
+            best_seeds = study.best_seeds if run.best_seeds is None else run.best_seeds
+            yield name, {**run.set, **point}, sweep, run.seeds or study.seeds, best_seeds
 
 
 def short_key(key: str) -> str:

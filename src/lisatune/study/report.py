@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..plots import save_figure
@@ -67,10 +67,11 @@ class Group:
     setting: str
     sweep: dict
     results: list[Result]
-    jobs: list[Job]
+    jobs: list[Job]  # the `seeds` runs
+    extra: list[Job] = field(default_factory=list)  # the best_seeds runs (train only at the best point)
 
-    def after(self, key: str) -> float | None:
-        return _mean(r.summary["after"].get(key) for r in self.results)
+    def after(self, key: str, base_only: bool = False) -> float | None:
+        return _mean(r.summary["after"].get(key) for r in self.results if not (base_only and r.job.if_best))
 
 
 def _groups(plan: Plan, results: dict[str, Result]) -> dict[str, list[Group]]:
@@ -80,7 +81,7 @@ def _groups(plan: Plan, results: dict[str, Result]) -> dict[str, list[Group]]:
         for job in (j for j in plan.jobs if j.setting == setting):
             key = json.dumps(job.sweep, sort_keys=True)
             g = by_point.setdefault(key, Group(setting, job.sweep, [], []))
-            g.jobs.append(job)
+            (g.extra if job.if_best else g.jobs).append(job)
             if job.run_id in results:
                 g.results.append(results[job.run_id])
         out[setting] = sorted(by_point.values(), key=lambda g: tuple(
@@ -89,8 +90,25 @@ def _groups(plan: Plan, results: dict[str, Result]) -> dict[str, list[Group]]:
 
 
 def _best(groups: list[Group], select: str) -> Group | None:
-    done = [g for g in groups if g.results and g.after(select) is not None]
-    return min(done, key=lambda g: g.after(select)) if done else None
+    """The sweep point with the lowest mean `select`, judged on the `seeds` runs only (best_seeds come after)."""
+    done = [g for g in groups if g.after(select, base_only=True) is not None]
+    return min(done, key=lambda g: g.after(select, base_only=True)) if done else None
+
+
+def if_best_state(plan: Plan, job: Job, results: dict[str, Result], failed: dict) -> str | None:
+    """For a best_seeds run: None if it should train now, else why not ('waits ...' or 'not the best ...')."""
+    groups = _groups(plan, results)[job.setting]
+    to_go = [j for g in groups for j in g.jobs if j.run_id not in results and j.run_id not in failed and not j.skip]
+    if to_go:
+        return f"waits for the sweep of {job.setting} ({len(to_go)} run(s) to go)"
+    best = _best(groups, plan.study.select)
+    if best is None or best.sweep != job.sweep:
+        return f"not the best sweep point of {job.setting}"
+    return None
+
+
+def _planned(g: Group, best: Group | None) -> int:
+    return len(g.jobs) + (len(g.extra) if g is best else 0)
 
 
 def write_report(plan: Plan) -> Path:
@@ -114,11 +132,12 @@ def write_report(plan: Plan) -> Path:
     if plan.study.description:
         lines += [plan.study.description.strip(), ""]
     n_done = len(results)
+    n_planned = sum(len(g.jobs) for gs in groups.values() for g in gs) + sum(len(gs[0].extra) for gs in groups.values())
     lines += [f"Model `{base['model']['source']}`, data format `{d['format']}`"
               + (f" (`{d['path']}`)" if d.get("path") else "")
               + f", max_length {d['max_length']}, batch {t['batch_size']}×{t['grad_accum']}, "
               f"{t['max_steps'] or str(t['epochs']) + ' epochs'} steps, {t['schedule']} schedule, "
-              f"warmup {t['warmup_steps']}. {n_done} of {len(plan.jobs)} runs finished"
+              f"warmup {t['warmup_steps']}. {n_done} of {n_planned} runs finished"
               + (f", {len(failed)} failed" if failed else "") + ".", ""]
 
     head = ["setting", "method"] + (["sweep (best)"] if swept else []) + ["seeds", "eval loss before",
@@ -141,7 +160,7 @@ def write_report(plan: Plan) -> Path:
             n_points = len(groups[setting])
             row.append(", ".join(f"{short_key(k)} {fmt_value(v)}" for k, v in g.sweep.items())
                        + (f" (of {n_points})" if n_points > 1 else ""))
-        row += [f"{len(rs)}/{len(g.jobs)}", _stat([r.summary["before"].get("eval_loss") for r in rs]),
+        row += [f"{len(rs)}/{_planned(g, g)}", _stat([r.summary["before"].get("eval_loss") for r in rs]),
                 _stat([r.summary["after"].get("eval_loss") for r in rs])]
         if text_data:
             row += [_stat([r.summary["before"].get("eval_ppl") for r in rs], "{:.2f}"),
@@ -155,7 +174,8 @@ def write_report(plan: Plan) -> Path:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"Values are mean ± sample standard deviation over seeds (one value: a single seed). "
               f"With a sweep, each setting is shown at the sweep point with the lowest mean `{sel}` after "
-              "training. Eval loss is on the held-out set"
+              "training" + (f" on seeds {plan.study.seeds} (then run again with seeds {plan.study.best_seeds})"
+                            if plan.study.best_seeds else "") + ". Eval loss is on the held-out set"
               + (" (whole held-out GSM templates)" if gsm_data else "") + "; "
               "peak RSS is the high-water mark of the run's own process (model loading, evaluation and "
               "training)" + ("" if plan.study.isolate else " — here in-process (isolate: false), so it also "
@@ -169,7 +189,7 @@ def write_report(plan: Plan) -> Path:
             for g in groups[setting]:
                 point = ", ".join(f"{short_key(k)} {fmt_value(v)}" for k, v in g.sweep.items()) or "–"
                 mark = " **best**" if g is best[setting] and len(groups[setting]) > 1 else ""
-                row = [setting, point + mark, f"{len(g.results)}/{len(g.jobs)}",
+                row = [setting, point + mark, f"{len(g.results)}/{_planned(g, best[setting])}",
                        _stat([r.summary["after"].get("eval_loss") for r in g.results])]
                 if gsm_data:
                     row.append(_stat([r.summary["after"].get("gsm_exact_match") for r in g.results], "{:.3f}"))

@@ -15,7 +15,7 @@ import yaml
 from ..errors import LisaError
 from ..analysis.memory import reset_peak_rss
 from .plan import Job, Plan
-from .report import write_report
+from .report import if_best_state, load_results, write_report
 
 
 
@@ -45,6 +45,12 @@ def run_study(plan: Plan, retry_failed: bool = False, only: list[str] | None = N
             counts["skipped"] += 1
             echo(f"{head}: skipped: {job.skip}")
             continue
+        if job.if_best:
+            why = if_best_state(plan, job, *load_results(plan))
+            if why:
+                counts["skipped"] += 1
+                echo(f"{head}: {why}")
+                continue
         echo(f"{head}: training ({'resuming' if _has_checkpoint(out / job.run_id) else 'new'}) ...")
         status = _run_job(plan, job)
         if status["returncode"] == 0:
