@@ -187,7 +187,7 @@ def test_a_missing_probabilities_file_skips_that_run_with_a_clear_message(tmp_pa
     assert "skipped: lisa.probabilities" in (tmp_path / "results" / "report.md").read_text()
 
 
-def test_a_diverging_run_is_recorded_as_failed_and_not_retried(tmp_path, assets):
+def test_a_diverging_run_is_recorded_as_failed_and_not_retried(tmp_path, assets, capsys):
     path = write_study(tmp_path, assets, runs=[{"name": "hot", "set": {
         "method": "full", "train.lr": 1e30, "train.max_grad_norm": None}}])
     r = run_study(load_study(path), echo=lambda *a: None)
@@ -197,6 +197,9 @@ def test_a_diverging_run_is_recorded_as_failed_and_not_retried(tmp_path, assets)
     run_study(load_study(path), echo=lines.append)
     assert any("failed before, not retried" in ln for ln in lines)
     assert "`hot_s0`: failed: non-finite" in (tmp_path / "results" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["study", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == "hot_s0: failed"
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -231,3 +234,12 @@ def test_the_cli_prints_a_bad_study_as_one_line(tmp_path, assets, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lisatune: error:") and len(err.splitlines()) == 1
     assert "unknown key 'results_dirr' (did you mean 'results_dir'?" in err
+
+
+def test_a_dry_run_piped_into_head_exits_cleanly(tmp_path, assets):
+    import subprocess
+    import sys
+    path = write_study(tmp_path, assets, runs=[{"name": "a", "seeds": list(range(3000))}])
+    cmd = f"{sys.executable} -m lisatune.cli study {path} --dry-run | head -1; echo rc=${{PIPESTATUS[0]}}"
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert p.stdout.splitlines() == ["a_s0: to run", "rc=0"] and "Traceback" not in p.stderr, p.stderr

@@ -70,6 +70,10 @@ class Group:
     jobs: list[Job]  # the `seeds` runs
     extra: list[Job] = field(default_factory=list)  # the best_seeds runs (train only at the best point)
 
+    def planned(self, is_best: bool) -> int:
+        """How many runs this point trains: its `seeds`, plus its best_seeds if it is the setting's best."""
+        return len(self.jobs) + (len(self.extra) if is_best else 0)
+
     def after(self, key: str, base_only: bool = False) -> float | None:
         return _mean(r.summary["after"].get(key) for r in self.results if not (base_only and r.job.if_best))
 
@@ -105,10 +109,6 @@ def if_best_state(plan: Plan, job: Job, results: dict[str, Result], failed: dict
     if best is None or best.sweep != job.sweep:
         return f"not the best sweep point of {job.setting}"
     return None
-
-
-def _planned(g: Group, best: Group | None) -> int:
-    return len(g.jobs) + (len(g.extra) if g is best else 0)
 
 
 def write_report(plan: Plan) -> Path:
@@ -160,7 +160,7 @@ def write_report(plan: Plan) -> Path:
             n_points = len(groups[setting])
             row.append(", ".join(f"{short_key(k)} {fmt_value(v)}" for k, v in g.sweep.items())
                        + (f" (of {n_points})" if n_points > 1 else ""))
-        row += [f"{len(rs)}/{_planned(g, g)}", _stat([r.summary["before"].get("eval_loss") for r in rs]),
+        row += [f"{len(rs)}/{g.planned(is_best=True)}", _stat([r.summary["before"].get("eval_loss") for r in rs]),
                 _stat([r.summary["after"].get("eval_loss") for r in rs])]
         if text_data:
             row += [_stat([r.summary["before"].get("eval_ppl") for r in rs], "{:.2f}"),
@@ -189,7 +189,7 @@ def write_report(plan: Plan) -> Path:
             for g in groups[setting]:
                 point = ", ".join(f"{short_key(k)} {fmt_value(v)}" for k, v in g.sweep.items()) or "–"
                 mark = " **best**" if g is best[setting] and len(groups[setting]) > 1 else ""
-                row = [setting, point + mark, f"{len(g.results)}/{_planned(g, best[setting])}",
+                row = [setting, point + mark, f"{len(g.results)}/{g.planned(g is best[setting])}",
                        _stat([r.summary["after"].get("eval_loss") for r in g.results])]
                 if gsm_data:
                     row.append(_stat([r.summary["after"].get("gsm_exact_match") for r in g.results], "{:.3f}"))
