@@ -206,6 +206,19 @@ def test_gradient_accumulation_switches_only_at_optimizer_steps():
     assert any(not torch.allclose(pa[n], p0, atol=1e-3) for n, p0 in params(tiny_model()).items())
 
 
+def test_zero_probabilities_train_only_the_always_on_set():
+    # The embedding/head-only control of the ablations study: Algorithm 1 with every p_l = 0.
+    model = tiny_model(n_layers=4)
+    before = params(model)
+    opt = LisaAdamW(model, policy="bernoulli", probabilities=[0.0] * 4, interval=2, lr=1e-2)
+    train(model, opt, batches(6))
+    moved = {n for n, p in params(model).items() if not torch.equal(p, before[n])}
+    assert list(opt.active_layers) == [] and moved
+    assert all(block_of(n, opt.layers) is None for n in moved)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= moved
+    assert opt.state_bytes() > 0
+
+
 def test_embedding_head_norm_are_options():
     model = tiny_model()
     opt = LisaAdamW(model, n_layers=1, train_embedding=False, train_head=False, train_norm=False)
