@@ -1,6 +1,8 @@
 """`lisatune study` on a tiny model: grids run, resume and report; finished runs are not retrained; bad files fail
 in one line."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -237,8 +239,6 @@ def test_the_cli_prints_a_bad_study_as_one_line(tmp_path, assets, capsys):
 
 
 def test_a_dry_run_piped_into_head_exits_cleanly(tmp_path, assets):
-    import subprocess
-    import sys
     path = write_study(tmp_path, assets, runs=[{"name": "a", "seeds": list(range(3000))}])
     cmd = f"{sys.executable} -m lisatune.cli study {path} --dry-run | head -1; echo rc=${{PIPESTATUS[0]}}"
     p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
