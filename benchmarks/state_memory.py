@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from lisatune.analysis.memory import load_bench_model, optimizer_state_bytes
-from lisatune.optim import LisaAdamW
+from lisatune.analysis.memory import load_bench_model
+from lisatune.analysis.meter import optimizer_state_bytes
+from lisatune import LisaAdamW
 
 
 def mib(n: int) -> str:

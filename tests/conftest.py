@@ -6,33 +6,13 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lisatune.analysis.tiny import ARCHS, tiny_config
+from lisatune.analysis.tiny import tiny_model as _tiny_model
+
 torch.set_num_threads(1)  # tiny models: threads only contend on the 2 shared cores
 
-ARCHS = {
-    "llama": lambda n: T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
-    "mistral": lambda n: T.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
-                                         num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": lambda n: T.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
-                                     num_attention_heads=4, num_key_value_heads=2),
-    "gemma": lambda n: T.GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8),
-    "gpt2": lambda n: T.GPT2Config(vocab_size=96, n_embd=32, n_layer=n, n_head=4, n_positions=128,
-                                   bos_token_id=0, eos_token_id=0),
-    "gpt_neox": lambda n: T.GPTNeoXConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
-                                          num_attention_heads=4),
-    "opt": lambda n: T.OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=n, num_attention_heads=4,
-                                 word_embed_proj_dim=32, max_position_embeddings=128),
-    "phi": lambda n: T.PhiConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n,
-                                 num_attention_heads=4),
-}
-
-
 def tiny_model(arch: str = "llama", n_layers: int = 6, seed: int = 0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = ARCHS[arch](n_layers)
-    model = T.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="eager")
-    return model.eval()  # no dropout: runs are deterministic
+    return _tiny_model(arch, n_layers, seed, dtype).eval()  # no dropout: runs are deterministic
 
 
 def batches(n: int, seed: int = 0, batch: int = 2, seq: int = 12, vocab: int = 96):
@@ -70,7 +50,7 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads 
 
 def make_run_assets(root):
     tok = tiny_tokenizer(chat=True)
-    cfg = ARCHS["llama"](4)
+    cfg = tiny_config("llama", 4)
     cfg.vocab_size = len(tok)
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")

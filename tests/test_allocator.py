@@ -8,7 +8,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 SCRIPT = r"""
 import os, sys, torch
-from lisatune.allocator import release_freed_memory
+from lisatune.recipe.allocator import release_freed_memory
 if sys.argv[1] == "fixed":
     assert release_freed_memory()
 page = os.sysconf("SC_PAGE_SIZE")

@@ -9,7 +9,8 @@ import torch
 from conftest import batches, tiny_model
 from lisatune import LisaAdamW
 from lisatune.analysis import commands
-from lisatune.analysis.memory import (ActivationMeter, check_flat, measure_method, optimizer_state_bytes,
+from lisatune.analysis.memory import check_flat, measure_method
+from lisatune.analysis.meter import (ActivationMeter, optimizer_state_bytes,
                                       unique_bytes)
 from lisatune.analysis.norms import probabilities, scale_to_sum
 from lisatune.analysis.speed import run_speed

@@ -14,7 +14,7 @@ import torch
 
 from conftest import batches, tiny_model
 from lisatune import LisaAdamW, LisaError
-from lisatune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lisatune.recipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 TESTS = Path(__file__).parent
 
@@ -109,7 +109,7 @@ KILLED_WRITER = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_model
-from lisatune import checkpoint
+from lisatune.recipe import checkpoint
 run, marker = sys.argv[2], sys.argv[3]
 model = tiny_model(n_layers=2)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

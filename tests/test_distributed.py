@@ -13,6 +13,7 @@ Frozen blocks are compared bitwise: they must not move at all.
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from conftest import batches, tiny_model
 from dist_scripts.workers import build, diverge_worker, launch, load_worker, resume_worker, snapshot, train_steps, train_worker
@@ -144,11 +145,11 @@ def test_checkpoint_mid_interval_resumes_exactly_and_loads_in_one_process(tmp_pa
     assert all(torch.equal(ranks[0]["final"][n], straight["final"][n]) for n in straight["final"])
     assert ranks[0]["history"] == straight["history"]
     # the checkpoint is in single-process format: it resumes in one process (a different world size)
-    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    ck = tmp_path / "run" / "checkpoints" / f"step-{stop:06d}"
     model = tiny_model(n_layers=6)
     opt = LisaAdamW(model, seed=0, **ADAMW)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
+    model.load_state_dict(load_file(str(ck / "model.safetensors")))
+    opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
     assert opt.steps_done == stop and all(not hasattr(v, "to_local") for st in opt.state.values() for v in st.values())
     data = batches(STEPS, seed=1, batch=BATCH)
     train_steps(model, opt, data[stop:], 0, 1)

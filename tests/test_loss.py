@@ -4,7 +4,7 @@ import torch
 import transformers as T
 
 from conftest import ARCHS, tiny_model
-from lisatune import loss as L
+from lisatune.recipe import loss as L
 
 
 def labelled_batch(vocab=96, batch=3, seq=20, seed=0):

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models as tm, pre_tokenizers
 
 from conftest import tiny_model
 from lisatune import LisaError
-from lisatune import models
-from lisatune.models import ModelConfig, load_model, save_model
+from lisatune.recipe import models
+from lisatune.recipe.models import ModelConfig, load_model, save_model
 
 
 def tiny_tokenizer():

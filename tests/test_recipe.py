@@ -14,10 +14,10 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import SUBPROCESS_ENV, make_run_assets
-from lisatune.checkpoint import latest_checkpoint, load_checkpoint
+from lisatune.recipe.checkpoint import latest_checkpoint, load_checkpoint
 from lisatune.errors import LisaError
-from lisatune.recipe import train
-from lisatune.train_config import load_config
+from lisatune.recipe.loop import train
+from lisatune.recipe.config import load_config
 
 ENV = SUBPROCESS_ENV
 
@@ -92,8 +92,8 @@ def test_sigint_saves_a_checkpoint_exits_cleanly_and_resume_finishes_identically
 
 
 def test_a_signal_during_the_first_eval_stops_cleanly_at_step_0_and_resume_matches(tmp_path, assets, monkeypatch):
-    import lisatune.recipe as recipe
-    from lisatune.recipe import Interrupted
+    import lisatune.recipe.loop as recipe
+    from lisatune.recipe.loop import Interrupted
     real = recipe.eval_loss
 
     def eval_then_signal(*a, **k):  # SIGTERM arrives while the model is being evaluated, before any step

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import lisatune.recipe
+import lisatune.study.runner
 from conftest import make_run_assets
 from lisatune.cli import main
 from lisatune.errors import LisaError
@@ -56,7 +56,7 @@ def test_a_2x2_grid_trains_reports_and_a_second_invocation_retrains_nothing(tmp_
 
     mtimes = {rid: (res / rid / "summary.json").stat().st_mtime_ns for rid in ids}
     calls = []
-    monkeypatch.setattr(lisatune.recipe, "train", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(lisatune.study.runner, "train", lambda cfg: calls.append(cfg))
     r = run_study(load_study(path), echo=lambda *a: None)
     assert (r["trained"], r["done"]) == (0, 4) and calls == []
     assert mtimes == {rid: (res / rid / "summary.json").stat().st_mtime_ns for rid in ids}
@@ -162,7 +162,7 @@ def test_best_seeds_train_only_the_best_sweep_point_once_its_sweep_is_done(tmp_p
         loss = {1e-3: 2.0, 1e-2: 1.0, 1e-1: 3.0}[cfg.train.lr] + 1.5 * cfg.train.seed
         (run / "summary.json").write_text(json.dumps({"steps": 4, "before": {"eval_loss": 3.0},
                                                       "after": {"eval_loss": loss}, "train_seconds": 1}))
-    monkeypatch.setattr(lisatune.recipe, "train", fake_train)
+    monkeypatch.setattr(lisatune.study.runner, "train", fake_train)
     r = run_study(load_study(path), echo=lambda *a: None)
     assert trained == ["full_lr0.001_s0", "full_lr0.01_s0", "full_lr0.1_s0", "full_lr0.01_s1", "full_lr0.01_s2"]
     assert (r["trained"], r["skipped"]) == (5, 4)

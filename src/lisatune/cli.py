@@ -7,13 +7,18 @@ import logging
 import os
 import sys
 
+from .analysis.commands import register as register_analysis
+from .data import DataConfig, gsm_eval_items, load_splits
 from .errors import LisaError
+from .recipe.config import load_config
+from .recipe.evaluate import eval_loss, gsm_accuracy
+from .recipe.loop import Interrupted, train
+from .recipe.models import ModelConfig, load_model
+from .recipe.run_dir import describe_eval
+from .study import register as register_study
 
 
 def cmd_train(args) -> int:
-    from .recipe import Interrupted, _fmt, train
-    from .train_config import load_config
-
     overrides = list(args.set or [])
     if args.resume:
         overrides.append("train.resume=true")
@@ -36,18 +41,14 @@ def cmd_train(args) -> int:
     print(f"\n{s['method']} fine-tuning of {s['model']}: {s['steps']} steps in {s['train_seconds']:.0f} s "
           f"({s['tokens_per_s']:.0f} tokens/s)")
     print(f"  train loss: {s['train_loss_first']:.4f} (first 5 steps) -> {s['train_loss_last']:.4f} (last 5)")
-    print(f"  before: {_fmt(s['before'])}")
-    print(f"  after:  {_fmt(s['after'])}")
+    print(f"  before: {describe_eval(s['before'])}")
+    print(f"  after:  {describe_eval(s['after'])}")
     print(f"  model saved to {s['final_model']} (AutoModelForCausalLM.from_pretrained loads it)")
     print(f"  metrics: {s['metrics']}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .data import DataConfig, gsm_eval_items, load_splits
-    from .evaluate import eval_loss, gsm_accuracy
-    from .models import ModelConfig, load_model
-
     model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     data = {"format": args.format, "max_length": args.max_length}
     if args.format != "gsm":
@@ -86,14 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    try:  # measurement commands live with the analysis code
-        from .analysis.commands import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
-    from .study import register as register_study  # `lisatune study`: grids of runs and their report
-    register_study(sub)
+    register_analysis(sub)  # bench memory | speed, norms
+    register_study(sub)  # `lisatune study`: grids of runs and their report
     return p
 
 

@@ -105,7 +105,7 @@ def train_worker(rank, world, out, mode, seeds, lisa, steps, batch):
 def resume_worker(rank, world, out, mode, lisa, steps, batch, stop):
     """The uninterrupted run; then train to `stop`, save_checkpoint, rebuild everything, load, train on."""
     from conftest import batches
-    from lisatune.distributed import load_checkpoint, save_checkpoint
+    from lisatune.recipe.checkpoint import load_checkpoint, save_checkpoint
     data = batches(steps, seed=1, batch=batch)
     model, run, opt = build(mode, 0, lisa)
     train_steps(run, opt, data, rank, world)
@@ -113,15 +113,14 @@ def resume_worker(rank, world, out, mode, lisa, steps, batch, stop):
     del model, run, opt
     model, run, opt = build(mode, 0, lisa)
     train_steps(run, opt, data[:stop], rank, world)
-    ck = Path(out) / "ck.pt"
-    save_checkpoint(ck, model, opt, extra={"stop": stop})
+    ck = save_checkpoint(Path(out) / "run", stop, model, opt, extra={"stop": stop})
     del model, run, opt
     model, run, opt = build(mode, 0, lisa, arch_layers=6)
     with torch.no_grad():  # scramble the fresh weights so that only the checkpoint can restore them
         for p in model.parameters():
             p.mul_(0.5)
     extra = load_checkpoint(ck, model, opt)
-    assert extra == {"stop": stop} and opt.steps_done == stop
+    assert extra["stop"] == stop and opt.steps_done == stop
     train_steps(run, opt, data[stop:], rank, world)
     torch.save({"final": snapshot(model), "history": opt.history, "straight": straight},
                Path(out) / f"resumed{rank}.pt")

@@ -9,7 +9,15 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer
+
 from ..errors import LisaError
+from ..recipe.models import SMOLLM2, smollm2_path
+from .memory import bench_memory, load_bench_model
+from .meter import token_batches
+from .norms import run_norms
+from .speed import bench_speed
 
 
 def _common(p: argparse.ArgumentParser, steps: int, methods: list[str] | None, out: str) -> None:
@@ -30,12 +38,10 @@ def _common(p: argparse.ArgumentParser, steps: int, methods: list[str] | None, o
 def _release_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release-memory", action="store_true",
                    help="fix glibc's mmap threshold so freed tensors leave the process at once (lower RSS, slower "
-                        "steps), as `lisatune train` does with train.release_memory: true; see lisatune/allocator.py")
+                        "steps), as `lisatune train` does with train.release_memory: true; see lisatune/recipe/allocator.py")
 
 
 def cmd_bench_memory(args) -> int:
-    from .memory import bench_memory
-
     gc = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     r = bench_memory(args.model, args.methods, args.batch, args.seq, args.steps, gc, args.switches, args.out,
                      isolate=not args.in_process, loss=args.loss, release_memory=args.release_memory)
@@ -48,8 +54,6 @@ def cmd_bench_memory(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
-    from .speed import bench_speed
-
     r = bench_speed(args.model, args.methods, args.batch, args.seq, args.steps, args.warmup,
                     args.gradient_checkpointing == "on", args.out, release_memory=args.release_memory)
     print("\n" + r["markdown"])
@@ -58,9 +62,6 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_norms(args) -> int:
-    from .memory import load_bench_model, token_batches
-    from .norms import run_norms
-
     model, vocab = load_bench_model(args.model)
     if args.data:
         batches = text_batches(args.model, args.data, args.batch, args.seq, args.n_batches)
@@ -79,13 +80,8 @@ def cmd_norms(args) -> int:
 
 def text_batches(model: str, path: str, batch: int, seq: int, n: int):
     """Token batches cut from a plain text file with the model's tokenizer."""
-    import torch
-
     if model == "tiny" or model.startswith("tiny:"):
         raise LisaError("--data needs a model with a tokenizer (not 'tiny')")
-    from transformers import AutoTokenizer
-
-    from ..models import SMOLLM2, smollm2_path
     if model == SMOLLM2:
         f = smollm2_path()
         tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)

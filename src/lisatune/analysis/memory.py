@@ -24,20 +24,29 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
 
 import torch
 from torch import nn
-from ..plots import save_figure
 
-MIB = 2**20
+from ..engine import LisaOptimizer
+from ..errors import LisaError
+from ..schema import parse_yaml
+from ..methods import build_method
+from ..recipe.allocator import release_freed_memory
+from ..recipe.loss import pick_loss
+from ..recipe.models import ModelConfig, enable_checkpointing, load_model, save_model
+from .meter import (MIB, ActivationMeter, checkpointed_blocks, grad_bytes, maxrss_bytes, optimizer_state_bytes,
+                    peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, weight_bytes)
+from .plots import pyplot, save_figure
+from .tiny import tiny_model
+
 
 # Method presets (name -> (method, options)); any entry may be refined as "name:key=value,key=value".
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -53,26 +62,13 @@ DEFAULT_METHODS = ["full", "lora", "galore", "lisa", "lisa-keep"]
 
 
 # -- models ---------------------------------------------------------------------------------------
-def tiny_llama(n_layers: int = 4, seed: int = 0) -> nn.Module:
-    """The tiny llama of the tests (vocab 96, hidden 32, 4 heads / 2 KV heads, MLP 64), random weights."""
-    import transformers as T
-
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
-
-
 def load_bench_model(name: str = "smollm2", gradient_checkpointing: bool = False) -> tuple[nn.Module, int]:
     """(model in train mode, vocab size) for "smollm2", "tiny" / "tiny:N_LAYERS", or a HF model dir / .gguf."""
     if name == "tiny" or name.startswith("tiny:"):
-        model = tiny_llama(int(name.partition(":")[2] or 4))
+        model = tiny_model("llama", int(name.partition(":")[2] or 4), max_positions=1024)
         if gradient_checkpointing:
-            from ..models import enable_checkpointing
             enable_checkpointing(model)
     else:
-        from ..models import ModelConfig, load_model
-
         model, _ = load_model(ModelConfig.build(source=name, gradient_checkpointing=gradient_checkpointing))
     model.train()  # HF checkpoints blocks only in train mode (no dropout in these models)
     return model, int(model.config.vocab_size)
@@ -83,10 +79,6 @@ def cached_source(name: str, log=print) -> str:
     (dequantizing the GGUF takes 10-200 s; a worker per method would pay it each time); other names as given."""
     if not (name == "smollm2" or name.lower().endswith(".gguf")):
         return name
-    import tempfile
-
-    from ..models import ModelConfig, load_model, save_model
-
     stem = Path(name).stem if name != "smollm2" else "smollm2"
     cache = Path(os.environ.get("LISATUNE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "lisatune-bench-cache") / stem
     if not (cache / "config.json").is_file():
@@ -96,15 +88,8 @@ def cached_source(name: str, log=print) -> str:
     return str(cache)
 
 
-def token_batches(vocab: int, batch: int, seq: int, n: int = 4, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
-
-
 def parse_method(spec: str) -> tuple[str, str, dict]:
     """"lisa:n_layers=4,state_policy=keep" -> (label, method name, options) over the presets."""
-    import yaml
-
     head, _, rest = spec.partition(":")
     if head in PRESETS:
         name, opts = PRESETS[head][0], dict(PRESETS[head][1])
@@ -113,173 +98,9 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            from ..errors import LisaError
             raise LisaError(f"method spec '{spec}': '{item}' is not key=value")
-        opts[key.strip()] = yaml.safe_load(value)
+        opts[key.strip()] = parse_yaml(value, f"method spec {spec!r}")
     return spec, name, opts
-
-
-# -- exact byte counts ----------------------------------------------------------------------------
-def _key(t: torch.Tensor) -> tuple:
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    s = t.untyped_storage()
-    return (t.device.type, s.data_ptr() or id(s))
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    return t.untyped_storage().nbytes()
-
-
-def unique_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and shared tensors count once)."""
-    seen = set(exclude or ())
-    total = 0
-    for t in tensors:
-        if t is None or t.device.type == "meta":
-            continue
-        k = _key(t)
-        if k not in seen:
-            seen.add(k)
-            total += _nbytes(t)
-    return total
-
-
-def reachable_tensors(obj: Any, depth: int = 6, _seen: set | None = None) -> list[torch.Tensor]:
-    """Tensors inside dicts, lists, tuples and plain objects' attributes (e.g. GaLore's projectors)."""
-    seen = _seen if _seen is not None else set()
-    if id(obj) in seen or depth < 0:
-        return []
-    seen.add(id(obj))
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple, set)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
-        items = list(vars(obj).values())
-    else:
-        return []
-    return [t for it in items for t in reachable_tensors(it, depth - 1, seen)]
-
-
-def _param_keys(model: nn.Module) -> set:
-    return {_key(p) for p in model.parameters()} | {_key(b) for b in model.buffers()}
-
-
-def weight_bytes(model: nn.Module) -> int:
-    return unique_bytes(model.parameters())
-
-
-def grad_bytes(model: nn.Module) -> int:
-    return unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Every tensor the optimizer's state holds, plus LisaAdamW's parked (keep/offload) states: on a CPU
-    machine an "offloaded" state still sits in the same RAM."""
-    roots = [opt.state, getattr(opt, "_parked", {})]
-    return unique_bytes(t for r in roots for t in reachable_tensors(r))
-
-
-class ActivationMeter:
-    """Unique storages saved for backward while active (parameters and buffers excluded).
-
-    >>> with ActivationMeter(model) as m:
-    ...     loss = model(input_ids=x, labels=x).loss
-    >>> m.bytes
-    """
-
-    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None):
-        self.model = model
-        self.blocks = blocks
-        self.bytes = 0
-        self.count = 0
-
-    def _add(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
-            return
-        k = _key(t)
-        if k in self._seen:
-            return
-        self._seen.add(k)
-        self._held.append(t.untyped_storage())  # kept alive until exit: no address reuse while counting
-        self.bytes += _nbytes(t)
-        self.count += 1
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self._add(t)
-        return t
-
-    def _pre(self, _mod, args, kwargs):
-        for v in list(args) + list(kwargs.values()):
-            if torch.is_tensor(v):
-                self._add(v)
-            elif isinstance(v, tuple):  # e.g. position_embeddings (cos, sin)
-                for u in v:
-                    if torch.is_tensor(u):
-                        self._add(u)
-
-    def __enter__(self) -> "ActivationMeter":
-        self._seen = _param_keys(self.model)
-        self._held: list = []
-        self._handles = [b.register_forward_pre_hook(self._pre, with_kwargs=True) for b in self.blocks or []]
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-        for h in self._handles:
-            h.remove()
-        self._held = []
-
-
-def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
-    from ..layers import find_layers
-
-    lm = find_layers(model)
-    blocks = model.get_submodule(lm.blocks_path)
-    return [b for b in blocks if getattr(b, "gradient_checkpointing", False)]
-
-
-# -- resident memory ------------------------------------------------------------------------------
-def _status_kib(field_name: str) -> int | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int | None:
-    v = _status_kib("VmRSS")
-    return None if v is None else v * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int | None:
-    v = _status_kib("VmHWM")
-    return None if v is None else v * 1024
-
-
-def maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
 
 
 # -- one method -----------------------------------------------------------------------------------
@@ -324,10 +145,6 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
     """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory.
     loss: "fused" (head + cross-entropy in chunks, as `lisatune train` does) or "standard" (the model's own).
     release_memory: a fixed glibc mmap threshold, as train.release_memory: true sets (lisatune.allocator)."""
-    from ..allocator import release_freed_memory
-    from ..loss import pick_loss
-    from ..methods import build_method
-    from ..optim import LisaAdamW
 
     t0 = time.perf_counter()
     if release_memory:
@@ -340,7 +157,7 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
     model = method.prepare(model)
     model.train()
     opt = method.optimizer(model, lr=1e-5, weight_decay=0.0)
-    lisa = opt if isinstance(opt, LisaAdamW) else None
+    lisa = opt if isinstance(opt, LisaOptimizer) else None
     # Step 1 allocates the optimizer state only after backward freed the activations; from step 2 on
     # the state is held through forward and backward: one step would understate the peak.
     steps = max(steps, 2)
@@ -349,7 +166,7 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
     data = token_batches(vocab, batch, seq)
     probe = {"input_ids": data[0][:1], "attention_mask": None, "labels": data[0][:1]}
     loss_fn = pick_loss(model, probe, loss == "fused")
-    blocks = _checkpointed_blocks(model) if gradient_checkpointing else []
+    blocks = checkpointed_blocks(model) if gradient_checkpointing else []
     m = MethodMemory(label=label, method=name, options=opts, steps=steps, runtime_rss=runtime_rss,
                      loaded_rss=loaded, weights=weight_bytes(model))
     inner = lisa.inner if lisa is not None else opt
@@ -410,7 +227,6 @@ def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, ba
         if isolate:
             r = subprocess.run(_worker_cmd(spec, kw), capture_output=True, text=True)
             if r.returncode != 0:
-                from ..errors import LisaError
                 raise LisaError(f"memory worker for '{spec}' failed:\n{r.stderr[-3000:]}")
             m = MethodMemory(**json.loads(r.stdout.strip().splitlines()[-1]))
         else:
@@ -477,9 +293,7 @@ def markdown(results: list[MethodMemory], title: str = "") -> str:
 def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
     """Stacked bars (weights, grads, state, activations) per method, one panel per setting; a marker at
     the training peak RSS above the bare runtime's RSS."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False, sharey=True)
     parts = [("weights", "#4c72b0"), ("grads", "#dd8452"), ("state", "#55a868"), ("activations", "#c44e52")]

@@ -32,8 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine import find_layers
 from ..errors import LisaError
-from ..plots import save_figure
+from ..methods import build_method
+from .plots import pyplot, save_figure
 
 KINDS = ("full_weight", "full_update", "lora_update", "lora_adapter", "lora_weight")
 
@@ -44,19 +46,11 @@ def _l2(tensors) -> float:
 
 def layer_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """{"embedding": [...], "block0": [...], ..., "head": [...]} of a plain HF model (tied head = embedding)."""
-    from ..layers import find_layers
-
-    lm = find_layers(model)
-    out = {"embedding": [p for _, p in lm.embedding]}
-    out.update({f"block{i}": [p for _, p in b] for i, b in enumerate(lm.blocks)})
-    out["head"] = [p for _, p in (lm.embedding if lm.tied else lm.head)]
-    return out
+    return {k: [p for _, p in v] for k, v in find_layers(model).units().items() if k != "norm"}
 
 
 def _lora_modules(base: nn.Module) -> dict[str, list[nn.Module]]:
-    from peft.tuners.lora import LoraLayer
-
-    from ..layers import find_layers
+    from peft.tuners.lora import LoraLayer  # deferred: peft pulls in bitsandbytes (seconds)
 
     path = find_layers(base).blocks_path
     blocks = base.get_submodule(path)
@@ -114,8 +108,6 @@ def _mean(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]
 def record_norms(model: nn.Module, batches: list[torch.Tensor], steps: int = 20, lr_full: float = 1e-5,
                  lr_lora: float = 1e-4, lora_r: int = 8, log=print) -> dict[str, dict[str, float]]:
     """Mean over `steps` steps of each kind of norm (see the module doc), per layer; `model` is not modified."""
-    from ..methods import build_method
-
     if steps < 1:
         raise LisaError("norms: steps must be >= 1")
     full = build_method("full")
@@ -166,9 +158,7 @@ def probabilities(norms: dict[str, dict[str, float]], gamma: int) -> list[float]
 
 
 def plot(norms: dict[str, dict[str, float]], path: str | os.PathLike, title: str = "") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = list(norms["full_weight"])
     x = range(len(layers))

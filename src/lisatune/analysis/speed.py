@@ -27,8 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .memory import DEFAULT_METHODS, cached_source, load_bench_model, parse_method, token_batches
-from ..plots import save_figure
+from ..engine import find_layers
+from ..methods import build_method
+from ..recipe.allocator import release_freed_memory
+from .memory import DEFAULT_METHODS, cached_source, load_bench_model, parse_method
+from .meter import token_batches
+from .plots import pyplot, save_figure
 
 SPEED_METHODS = ["full", "lora", "galore", "lisa", "lisa-frozen"]
 
@@ -96,9 +100,6 @@ def run_speed(model_name: str = "smollm2", methods: list[str] | None = None, bat
               log=print, on_round=None, release_memory: bool = False) -> list[MethodSpeed]:
     """on_round(results) is called after every timed round (e.g. to save partial results).
     release_memory: a fixed glibc mmap threshold, as train.release_memory: true sets (lisatune.allocator)."""
-    from ..allocator import release_freed_memory
-    from ..layers import find_layers
-    from ..methods import build_method
 
     methods = methods or SPEED_METHODS
     if release_memory:
@@ -169,9 +170,7 @@ def markdown(results: list[MethodSpeed], title: str = "") -> str:
 
 
 def plot(results: list[MethodSpeed], path: str | os.PathLike, title: str = "") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = range(len(results))

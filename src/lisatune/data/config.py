@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from ..options import Options
+from ..schema import Options
 
 
 class DataConfig(Options):

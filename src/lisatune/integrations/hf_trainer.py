@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..optim import LisaAdamW
+from ..engine import LisaAdamW
 
 
 def lisa_optimizers(model, args, **lisa_options) -> tuple[LisaAdamW, None]:

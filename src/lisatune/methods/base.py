@@ -1,17 +1,22 @@
-"""The one interface every fine-tuning method implements, so the training loop never asks which one it runs."""
+"""The one interface every fine-tuning method implements, and the one registry of methods.
+
+A method turns (model, options) into (prepared model, optimizer). Subclassing Method with a `name` registers
+it in METHODS, which drives the run config's schema (one options section per method that has options), the
+CLI's and the study runner's valid choices: adding a method is one module plus its tests.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..options import format_validation_error
+from ..engine import find_layers
 from ..errors import LisaError
-from ..layers import find_layers
+from ..schema import format_error
 
 # The "linear layers" of a block: GPT-2-style models use Conv1D (a Linear with a transposed weight).
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -21,11 +26,19 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+METHODS: dict[str, type["Method"]] = {}  # filled by subclassing Method (see __init_subclass__)
+
+
 class Method(ABC):
     """model -> (prepared model, optimizer, progress status, model to save)."""
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            METHODS[cls.name] = cls
 
     def __init__(self, options: dict | BaseModel | None = None):
         self.options = self.validate(options)
@@ -42,7 +55,7 @@ class Method(ABC):
         except ValidationError as e:
             if not cls.Options.model_fields:  # format_validation_error would print "(valid: )"
                 raise LisaError(f"{cls.name}: takes no options (got {', '.join(map(str, options))})") from None
-            raise LisaError(format_validation_error(e, cls.Options, cls.name)) from None
+            raise LisaError(format_error(e, cls.Options, cls.name, section=True)) from None
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make the model trainable the way this method needs (default: every parameter)."""
@@ -50,9 +63,14 @@ class Method(ABC):
             p.requires_grad_(True)
         return model
 
+    def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        """The optimizer of the prepared model, with the run's AdamW hyperparameters."""
+        return self.make_optimizer(model, {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps})
+
     @abstractmethod
-    def optimizer(self, model: nn.Module, lr: float, weight_decay: float,
-                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer: ...
+    def make_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+        """Build the optimizer; `hyper` holds lr, weight_decay, betas and eps as torch optimizers take them."""
 
     def status(self, optimizer: torch.optim.Optimizer) -> dict:
         """A few values for the progress bar and metrics; most methods have nothing to say."""
@@ -70,10 +88,12 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]  # parameters() counts tied tensors once
 
 
-def decay_groups(params: list[nn.Parameter]) -> list[dict]:
-    """Weight decay on matrices only: biases and norm weights (ndim < 2) are exempt, as usual for LMs."""
-    return [{"params": [p for p in params if p.ndim >= 2]},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+def build_method(name: str, options: dict | BaseModel | None = None) -> Method:
+    """A method by name with validated options (a dict, the method's options model, or None for defaults)."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise LisaError(f"method '{name}' is not one of {', '.join(METHODS)}")
+    return cls(options)
 
 
 def block_linears(model: nn.Module) -> tuple[str, dict[str, nn.Module]]:

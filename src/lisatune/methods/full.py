@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, decay_groups, trainable
+from ..engine import decay_groups
+from .base import Method, trainable
 
 
 class Full(Method):
     name = "full"
 
-    def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-        return torch.optim.AdamW(decay_groups(trainable(model)), lr=lr, weight_decay=weight_decay,
-                                 betas=tuple(betas), eps=eps)
+    def make_optimizer(self, model, hyper):
+        return torch.optim.AdamW(decay_groups(trainable(model)), **hyper)

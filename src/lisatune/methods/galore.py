@@ -13,9 +13,11 @@ import logging
 from typing import Literal
 
 import torch
+import torch.serialization
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import Method, block_linears, decay_groups, trainable
+from ..engine import decay_groups
+from .base import Method, block_linears, trainable
 
 log = logging.getLogger("lisatune")
 
@@ -33,9 +35,8 @@ class Galore(Method):
     name = "galore"
     Options = GaloreOptions
 
-    def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-        import torch.serialization
-        from galore_torch import GaLoreAdamW  # imported late: it loads bitsandbytes (seconds)
+    def make_optimizer(self, model, hyper):
+        from galore_torch import GaLoreAdamW  # deferred: it loads bitsandbytes (seconds)
         from galore_torch.galore_projector import GaLoreProjector
 
         # Its state holds a projector object per matrix: allow exactly that class in weights_only loads.
@@ -55,8 +56,7 @@ class Galore(Method):
         # galore_torch treats a group as GaLore when it has a "rank" key; the other keys configure its projector.
         galore = {"params": projected, "rank": o.rank, "update_proj_gap": o.update_proj_gap,
                   "scale": o.scale, "proj_type": o.proj_type}
-        opt = GaLoreAdamW(decay_groups(rest) + [galore], lr=lr, weight_decay=weight_decay,
-                          betas=tuple(betas), eps=eps, no_deprecation_warning=True)
+        opt = GaLoreAdamW(decay_groups(rest) + [galore], **hyper, no_deprecation_warning=True)
         opt.register_step_post_hook(_own_projections)
         return opt
 

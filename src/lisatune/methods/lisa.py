@@ -1,8 +1,7 @@
 """LISA: the engine (LisaAdamW) behind the common method interface; options are a LisaConfig."""
 from __future__ import annotations
 
-from ..config import LisaConfig
-from ..optim import LisaAdamW, reject_peft
+from ..engine import LisaConfig, LisaOptimizer, reject_peft, unwrap
 from .base import Method
 
 
@@ -13,17 +12,17 @@ class Lisa(Method):
     def prepare(self, model):
         # LisaAdamW freezes and unfreezes blocks itself; here only refuse a PEFT model early, before any
         # set-up work (the engine refuses it again, so no path combines LISA with LoRA).
-        reject_peft(getattr(model, "module", model))
+        reject_peft(unwrap(model))
         return model
 
-    def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-        return LisaAdamW(model, self.options, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    def make_optimizer(self, model, hyper):
+        return LisaOptimizer(model, self.options, **hyper)
 
     def status(self, optimizer):
         opt = optimizer
-        while not isinstance(opt, LisaAdamW) and hasattr(opt, "optimizer"):
+        while not isinstance(opt, LisaOptimizer) and hasattr(opt, "optimizer"):
             opt = opt.optimizer  # e.g. accelerate's AcceleratedOptimizer wraps ours
-        if not isinstance(opt, LisaAdamW):
+        if not isinstance(opt, LisaOptimizer):
             return {}
-        active = ",".join(n.removeprefix("block") for n in opt.active_names)  # "3,17" or "3,embed_head"
+        active = ",".join(n.removeprefix("block") for n in opt.active_units)  # "3,17" or "3,embed_head"
         return {"active": active, "state_mib": round(opt.state_bytes() / 2**20, 2)}

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers.pytorch_utils import Conv1D
 
+from ..engine import decay_groups
 from ..errors import LisaError
-from .base import Method, block_linears, decay_groups, trainable
+from .base import Method, block_linears, trainable
 
 
 class LoraOptions(BaseModel):
@@ -43,7 +45,7 @@ class Lora(Method):
     Options = LoraOptions
 
     def prepare(self, model):
-        from peft import LoraConfig, PeftModel, get_peft_model  # lazy: peft pulls in bitsandbytes, slow and noisy
+        from peft import LoraConfig, PeftModel, get_peft_model  # deferred: peft pulls in bitsandbytes, slow and noisy
 
         if isinstance(model, PeftModel):
             raise LisaError("lora: the model already carries a PEFT adapter; pass the base model")
@@ -63,19 +65,19 @@ class Lora(Method):
             names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in mods}))
             raise LisaError(f"lora: {str(e).splitlines()[0]} (linear layers in the blocks: {names})") from None
 
-    def optimizer(self, model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8):
-        from peft import PeftModel
-
-        if not isinstance(model, PeftModel):  # else every base weight would be trained
+    def make_optimizer(self, model, hyper):
+        if not _is_peft(model):  # else every base weight would be trained
             raise LisaError("lora: optimizer() needs the model returned by prepare()")
-        return torch.optim.AdamW(decay_groups(trainable(model)), lr=lr, weight_decay=weight_decay,
-                                 betas=tuple(betas), eps=eps)
+        return torch.optim.AdamW(decay_groups(trainable(model)), **hyper)
 
     def export(self, model, merge=True):
         """merge: the base model with B·A folded into its weights (modifies `model`); else the PeftModel,
         whose save_pretrained writes the adapter only."""
-        from peft import PeftModel
-
-        if not isinstance(model, PeftModel):
+        if not _is_peft(model):
             return model
         return model.merge_and_unload() if merge else model
+
+
+def _is_peft(model) -> bool:
+    peft = sys.modules.get("peft")  # not imported here: only a model built by peft can be one
+    return peft is not None and isinstance(model, peft.PeftModel)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import os
 import re
@@ -10,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import LisaError
+from ..recipe.config import DEFAULT, set_dotted, validate_config
+from ..schema import format_error, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 # Keys a study sets itself on every run; `set`/`grid`/`sweep` may not touch them.
@@ -161,13 +161,12 @@ class Plan:
 def load_study(path: str | os.PathLike) -> Plan:
     """Read and validate the study file and every run config it implies; errors are one line."""
     p = Path(path)
-    if not p.is_file():
-        raise LisaError(f"study file '{path}' does not exist")
-    data = _read_yaml(p, "a mapping (name, base_config or base, output_dir, results_dir, runs/grid, ...)")
+    data = read_yaml(p, "study file", expected="a mapping (name, base_config or base, output_dir, results_dir, "
+                                                "runs/grid, ...)")
     try:
         study = Study.model_validate(data)
     except ValidationError as e:
-        raise LisaError(_study_error(e, p)) from None
+        raise LisaError(format_error(e, Study, str(p), noun="key", hint=True, sort=False)) from None
     base = _base_config(study, p)
     jobs, settings, order = [], [], []
     for s_index, (setting, overrides, sweep, seeds, best_seeds) in enumerate(_settings(study)):
@@ -195,42 +194,14 @@ def _middle_first(i: int, n: int) -> int:
     return 2 * d - 1 if d > 0 else -2 * d
 
 
-def _read_yaml(p: Path, expected: str) -> dict:
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise LisaError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise LisaError(f"{p}: expected {expected}")
-    return data
-
-
-def _study_error(e: ValidationError, p: Path) -> str:
-    errors = e.errors()
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo is the root cause
-    loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
-    if err["type"] == "extra_forbidden":
-        model = RunSpec if loc.startswith("runs[") else Study
-        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"{p}: unknown key '{loc}' ({hint}valid: {', '.join(model.model_fields)})"
-    if err["type"] == "missing":
-        return f"{p}: '{loc}' is required"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{p}: {loc + ': ' if loc else ''}{msg}" + (f" (got {err['input']!r})" if loc else "")
-
-
 def _base_config(study: Study, p: Path) -> dict:
     data: dict = {}
     if study.base_config:
         f = (p.parent / study.base_config)
         if not f.is_file():
             raise LisaError(f"{p}: base_config '{study.base_config}' does not exist (looked for {f})")
-        data = _read_yaml(f, "a run config mapping (model, data, method, train, ...)")
+        data = read_yaml(f, "base_config", expected="a run config mapping (model, data, method, train, ...)")
     elif not study.base:
-        from ..train_config import DEFAULT
         data = copy.deepcopy(DEFAULT)
     return _merge(data, study.base)
 
@@ -282,8 +253,6 @@ def _number(v: Any) -> Any:
 
 
 def _set(data: dict, key: str, value: Any, where: str) -> None:
-    from ..train_config import set_dotted
-
     set_dotted(data, key, _number(value), f"{where}: '{key}'")
 
 
@@ -296,8 +265,6 @@ def _get(data: dict, key: str) -> Any:
 
 
 def _job(study: Study, p: Path, base: dict, setting: str, overrides: dict, sweep: dict, seed: int) -> Job:
-    from ..train_config import TrainConfig, config_error
-
     run_id = "_".join([setting] + [f"{short_key(k)}{fmt_value(v)}" for k, v in sweep.items()] + [f"s{seed}"])
     where = f"{p}: run '{run_id}'"
     data = copy.deepcopy(base)
@@ -308,10 +275,7 @@ def _job(study: Study, p: Path, base: dict, setting: str, overrides: dict, sweep
     _set(data, "train.output_dir", str(Path(study.output_dir) / run_id), where)
     _set(data, "train.resume", "auto", where)
     _set(data, "train.overwrite", True, where)  # with resume=auto: resume a checkpoint, else start clean
-    try:
-        cfg = TrainConfig.model_validate(data)
-    except ValidationError as e:
-        raise LisaError(config_error(e, where)) from None
+    cfg = validate_config(data, where)
     for opt in ("path", "val_path"):
         f = getattr(cfg.data, opt)
         if f and not Path(f).is_file():

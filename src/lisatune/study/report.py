@@ -7,7 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..plots import save_figure
+from ..analysis.plots import pyplot, save_figure
+from ..schema import flatten
 from .plan import Job, Plan, fmt_value, short_key
 
 # Axes the report plots as ablations when the study varies them (label, file name).
@@ -113,9 +114,6 @@ def if_best_state(plan: Plan, job: Job, results: dict[str, Result], failed: dict
 
 def write_report(plan: Plan) -> Path:
     """results_dir/report.md and the plots, from whatever results exist."""
-    import matplotlib
-    matplotlib.use("Agg")
-
     res_dir = plan.results_dir
     res_dir.mkdir(parents=True, exist_ok=True)
     results, failed = load_results(plan)
@@ -212,8 +210,7 @@ def write_report(plan: Plan) -> Path:
 
 
 def _plots(plan: Plan, groups: dict[str, list[Group]], best: dict[str, Group | None], out: Path) -> list:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     made = []
     # Eval-loss curves: each setting at its best sweep point, mean over seeds.
     curves = {}
@@ -287,13 +284,6 @@ def _plots(plan: Plan, groups: dict[str, list[Group]], best: dict[str, Group | N
     return made
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
 _NOT_COMPARED = ("train.seed", "lisa.seed", "train.output_dir", "train.resume", "train.overwrite")
 
 
@@ -303,7 +293,7 @@ def _ablation(plan: Plan, best: dict[str, Group | None], axis: str) -> list[tupl
     for setting, g in best.items():
         if g is None or g.results[0].job.config["method"] != "lisa":
             continue
-        flat[setting] = {k: v for k, v in _flat(g.results[0].job.config).items()
+        flat[setting] = {k: v for k, v in flatten(g.results[0].job.config).items()
                          if k not in _NOT_COMPARED and k not in plan.study.seed_keys and k not in g.sweep}
     if len(flat) < 2:
         return []

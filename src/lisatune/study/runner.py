@@ -12,8 +12,14 @@ from pathlib import Path
 
 import yaml
 
+import torch
+
+from .. import __version__
+from ..analysis.meter import peak_rss_mib, reset_peak_rss
 from ..errors import LisaError
-from ..analysis.memory import reset_peak_rss
+from ..recipe.checkpoint import latest_checkpoint
+from ..recipe.config import load_config
+from ..recipe.loop import Interrupted, train
 from .plan import Job, Plan
 from .report import if_best_state, load_results, write_report
 
@@ -78,7 +84,6 @@ def run_study(plan: Plan, retry_failed: bool = False, only: list[str] | None = N
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from ..checkpoint import latest_checkpoint
     return run_dir.is_dir() and latest_checkpoint(run_dir) is not None
 
 
@@ -150,9 +155,6 @@ def _last_error(log_path: Path) -> str | None:
 def _train_here(cfg_path: Path) -> tuple[int, float, str | None]:
     """In this process: quicker to start, but the peak RSS is the VmHWM since this run started (Linux),
     which includes whatever earlier runs left allocated."""
-    from ..recipe import Interrupted, train
-    from ..train_config import load_config
-
     reset = reset_peak_rss()
     try:
         train(load_config(str(cfg_path)))
@@ -161,20 +163,7 @@ def _train_here(cfg_path: Path) -> tuple[int, float, str | None]:
         code, error = 130, None
     except LisaError as e:
         code, error = 2, str(e)
-    return code, round(_peak_rss_kib(reset) / 1024, 1), error
-
-
-def _peak_rss_kib(reset: bool) -> float:
-    if reset:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1])
-        except OSError:
-            pass
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform == "darwin" else r
+    return code, round(peak_rss_mib(reset), 1), error
 
 
 def _collect(plan: Plan, job: Job, status: dict) -> None:
@@ -210,7 +199,6 @@ def _collect(plan: Plan, job: Job, status: dict) -> None:
 
 def _code_version() -> str:
     """The lisatune commit that trained the run (results of different code should not be mixed silently)."""
-    from .. import __version__
     here = Path(__file__).parent.parent  # the package: src/lisatune
     try:
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -222,12 +210,8 @@ def _code_version() -> str:
     return f"{__version__}+{sha}{'.dirty' if dirty else ''}" if sha else __version__
 
 
-def _torch_threads() -> int | None:
-    try:
-        import torch
-        return torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        return None
+def _torch_threads() -> int:
+    return torch.get_num_threads()
 
 
 def _g(d: dict, key: str) -> str:

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..engine import unwrap
+from ..errors import LisaError
+from ..schema import Options
 from .checkpoint import atomic_dir
-from .options import Options
-from .errors import LisaError
 
 log = logging.getLogger("lisatune")
 
@@ -101,8 +104,6 @@ def smollm2_path() -> Path:
 
 
 def _load_dir(path: Path, cfg: ModelConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kw = {"trust_remote_code": cfg.trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -115,8 +116,6 @@ def _load_dir(path: Path, cfg: ModelConfig):
 
 
 def _load_gguf(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -129,9 +128,6 @@ def _load_gguf(path: Path):
 def _plain_copy(quantized):
     """The same weights in a fresh model without `quantization_config`: transformers refuses
     to save a model it loaded from GGUF, though the weights are already plain fp32 tensors."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(quantized.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -154,7 +150,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise LisaError(f"cannot save the model to '{out}': it is a non-empty directory without "
                         "config.json (not a model directory), refusing to replace it")
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

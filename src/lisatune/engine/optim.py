@@ -1,4 +1,4 @@
-"""LisaAdamW: Layerwise Importance Sampled AdamW as a real torch optimizer.
+"""LisaOptimizer (alias LisaAdamW): Layerwise Importance Sampled AdamW as a real torch optimizer.
 
 It owns its parameter groups. Every `interval` optimizer steps it samples a new
 active set of blocks, freezes the rest (requires_grad=False, grad=None), puts only
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import LisaConfig
-from .errors import LisaError
-from .layers import find_layers
+from ..errors import LisaError
+from .layers import find_layers, unwrap
+from .options import LisaConfig
 from .sampling import Sampler
 
 log = logging.getLogger("lisatune")
@@ -65,14 +65,22 @@ def tensor_bytes(states: Iterable[dict]) -> int:
     return sum(_local(v).numel() * v.element_size() for st in states for v in st.values() if torch.is_tensor(v))
 
 
-class LisaAdamW(torch.optim.Optimizer):
-    """LISA over any inner torch optimizer (AdamW by default).
+def decay_groups(params: list[nn.Parameter]) -> list[dict]:
+    """Weight decay on matrices only: biases and norm weights (ndim < 2) are exempt, as usual for LMs."""
+    return [{"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
-    >>> opt = LisaAdamW(model, n_layers=2, interval=20, lr=1e-5)
+
+class LisaOptimizer(torch.optim.Optimizer):
+    """LISA over any inner torch optimizer (AdamW by default). `LisaAdamW` is the same class.
+
+    >>> opt = LisaOptimizer(model, n_layers=2, interval=20, lr=1e-5)
     """
 
-    # Under torch.distributed, the ranks of this group (None: the default group) must hold the same
-    # active set; it is checked at construction, at every switch and after load_state_dict.
+    # Hooks every instance calls after each switch and load_state_dict, besides its own (register_switch_hook):
+    # how a layer above the engine plugs in for all optimizers (lisatune.distributed's rank agreement check).
+    _global_switch_hooks: OrderedDict[int, Callable] = OrderedDict()
+    # The process group whose ranks must agree on the active set (None: the default group); read by that check.
     process_group = None
 
     def __init__(self, model: nn.Module, config: LisaConfig | None = None, *, lr: float = 1e-5,
@@ -82,7 +90,7 @@ class LisaAdamW(torch.optim.Optimizer):
             config = LisaConfig.build(**options)
         elif options:
             config = LisaConfig.build(**{**config.model_dump(), **options})
-        model = getattr(model, "module", model)  # DDP/FSDP wrappers hold the model as .module
+        model = unwrap(model)
         reject_peft(model)
         self.config = cfg = config
         self.layers = lm = find_layers(model, cfg.blocks_path)
@@ -115,7 +123,7 @@ class LisaAdamW(torch.optim.Optimizer):
             p.grad = None
         for _, p in always:
             p.requires_grad_(True)
-        decay, no_decay = self._split([p for _, p in always])
+        decay, no_decay = self._split([p for _, p in always])  # groups 0 and 1
         cls = optimizer_class(optimizer_cls)
         kw = {"lr": lr, "weight_decay": weight_decay, **(optimizer_kwargs or {})}
         if betas is not None:
@@ -165,16 +173,21 @@ class LisaAdamW(torch.optim.Optimizer):
         self._switched()
 
     def _switched(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from .distributed import verify_active_set
-            verify_active_set(self, self.process_group)
-        for hook in list(self._switch_hooks.values()):
+        for hook in [*self._global_switch_hooks.values(), *self._switch_hooks.values()]:
             hook(self)
 
-    def register_switch_hook(self, hook: Callable[["LisaAdamW"], None]) -> RemovableHandle:
+    def register_switch_hook(self, hook: Callable[["LisaOptimizer"], None]) -> RemovableHandle:
         """Call hook(optimizer) after each switch and load_state_dict (e.g. to re-wrap DDP)."""
         handle = RemovableHandle(self._switch_hooks)
         self._switch_hooks[handle.id] = hook
+        return handle
+
+    @classmethod
+    def register_global_switch_hook(cls, hook: Callable[["LisaOptimizer"], None]) -> RemovableHandle:
+        """Call hook(optimizer) in every instance, at construction, after each switch and after load_state_dict,
+        before the instance's own hooks."""
+        handle = RemovableHandle(cls._global_switch_hooks)
+        cls._global_switch_hooks[handle.id] = hook
         return handle
 
     def _apply(self, target: tuple[int, ...]) -> None:
@@ -213,8 +226,8 @@ class LisaAdamW(torch.optim.Optimizer):
         return v.to(device=p.device)
 
     def _split(self, params: list[nn.Parameter]) -> tuple[list, list]:
-        params = sorted(params, key=lambda p: self._order[id(p)])
-        return [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+        decay, no_decay = decay_groups(sorted(params, key=lambda p: self._order[id(p)]))
+        return decay["params"], no_decay["params"]
 
     def _alias(self) -> None:
         self.param_groups = self.inner.param_groups
@@ -227,13 +240,19 @@ class LisaAdamW(torch.optim.Optimizer):
 
     # -- what it is doing ------------------------------------------------------------
     @property
-    def active_layers(self) -> list[int]:
-        """Indices of the transformer blocks active now."""
+    def active_blocks(self) -> list[int]:
+        """Indices of the transformer blocks active now (`active_layers` is the same)."""
         return [u for u in self._active if u < self.layers.n_blocks]
 
+    active_layers = active_blocks
+
     @property
-    def active_names(self) -> list[str]:
+    def active_units(self) -> list[str]:
+        """Names of the sampled units active now: "block3", ..., and "embed_head" when it is sampled
+        (`active_names` is the same)."""
         return [self.unit_names[u] for u in self._active]
+
+    active_names = active_units
 
     @property
     def steps_done(self) -> int:
@@ -261,14 +280,30 @@ class LisaAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def layer_norms(self) -> dict[str, float]:
         """L2 norm of the weights of each unit: embedding, block0..N-1, head, norm."""
-        lm = self.layers
-        parts = {"embedding": lm.embedding, **{f"block{i}": b for i, b in enumerate(lm.blocks)},
-                 "head": lm.embedding if lm.tied else lm.head, "norm": lm.norm}
         return {k: float(torch.sqrt(sum(p.detach().float().pow(2).sum() for _, p in v)))
-                for k, v in parts.items() if v}
+                for k, v in self.layers.units().items()}
+
+    def sampling_state(self) -> dict:
+        """Where this optimizer is in the sampling sequence, with the settings that determine it: what every
+        rank of a distributed run must hold identically."""
+        return {"step": self._step, "switch": self._step // self.config.interval, "active": list(self._active),
+                **self._meta()}
+
+    def parked_states(self) -> dict[str, dict]:
+        """The optimizer states of frozen parameters kept (`keep`) or offloaded (`offload`), by parameter name."""
+        return self._parked
+
+    def map_states(self, fn: Callable[[torch.Tensor, dict], dict]) -> None:
+        """Replace the optimizer state of every parameter, active (inner state) or parked, by fn(param, state)
+        (e.g. to shard a loaded full state under FSDP2)."""
+        for p in list(self.inner.state):
+            self.inner.state[p] = fn(p, self.inner.state[p])
+        for name in list(self._parked):
+            self._parked[name] = fn(self._param[name], self._parked[name])
 
     # -- checkpoints -----------------------------------------------------------------
     def _meta(self) -> dict:
+        # "n_layers" stays the key of γ in checkpoints (and in the rank check): older checkpoints load.
         c = self.config
         return {"seed": c.seed, "policy": c.policy, "n_layers": c.n_layers, "interval": c.interval,
                 "n_units": len(self._units), "probabilities": self.sampler.p.tolist() if self.sampler.p is not None else None}
@@ -284,7 +319,7 @@ class LisaAdamW(torch.optim.Optimizer):
         sd = dict(state_dict)
         lisa = sd.pop("lisa", None)
         if lisa is None:
-            raise LisaError("not a LisaAdamW state dict (it has no 'lisa' entry)")
+            raise LisaError("not a LisaAdamW state dict (it has no 'lisa' entry)")  # the name users know
         for key, mine in self._meta().items():
             if key == "probabilities" and mine is not None and lisa[key] is not None:
                 same = len(mine) == len(lisa[key]) and all(abs(a - b) < 1e-12 for a, b in zip(mine, lisa[key]))
@@ -308,3 +343,6 @@ class LisaAdamW(torch.optim.Optimizer):
                                   else self._to_param(p, k, v) for k, v in st.items()}
         self.history = [dict(h) for h in lisa["history"]]
         self._switched()
+
+
+LisaAdamW = LisaOptimizer  # the name of the paper's method, which most users type

@@ -1,15 +1,18 @@
-"""LisaConfig: the validated options of the LISA engine (what a YAML `lisa:` section holds)."""
+"""LisaConfig: the validated options of the LISA engine (what a YAML `lisa:` section holds).
+
+γ is `n_layers` (the number of blocks active at a time, not the model's total; aliases `gamma` and SWIFT's
+`lisa_activated_layers`), K is `interval` (alias `lisa_step_interval`).
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import AliasChoices, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, ConfigDict, Field, StrictInt, field_validator
 
-from .errors import LisaError
-from .options import Options
+from ..errors import LisaError
+from ..schema import Options, parse_yaml, read_text
 
 
 class LisaConfig(Options):
@@ -17,12 +20,13 @@ class LisaConfig(Options):
     section = "lisa"
 
     # γ and K; the aliases are ModelScope SWIFT's names for the same settings.
-    n_layers: int = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"))
-    interval: int = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
+    # Strict ints: a YAML `true` is not 1.
+    n_layers: StrictInt = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"))
+    interval: StrictInt = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
     policy: Literal["uniform", "bernoulli", "weighted", "cyclic"] = "uniform"
     # Per-layer probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file.
     probabilities: list[float] | str | None = None
-    seed: int = 0
+    seed: StrictInt = Field(0, ge=0)
     train_embedding: bool = True
     train_head: bool = True
     train_norm: bool = True  # the final norm and any other non-block language-model parameter
@@ -41,8 +45,8 @@ class LisaConfig(Options):
     @field_validator("n_layers")
     @classmethod
     def _n_layers(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
+        if v < 1:  # also under bernoulli, where γ/N_L is each block's default probability
+            raise ValueError(f"n_layers (γ) = {v} must be between 1 and the number of blocks")
         return v
 
     def probability_list(self) -> list[float] | None:
@@ -53,14 +57,15 @@ class LisaConfig(Options):
 def load_probabilities(path: str) -> list[float]:
     """A JSON/YAML list or {"probabilities": [...]}, or a text file with one number per line."""
     f = Path(path)
-    if not f.is_file():
-        raise LisaError(f"probabilities file '{path}' does not exist")
-    text = f.read_text()
+    text = read_text(f, "probabilities file")
     if f.suffix in (".json", ".yaml", ".yml"):
-        try:
-            data = json.loads(text) if f.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise LisaError(f"{path}: not valid {f.suffix[1:]}: {e}") from None
+        if f.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise LisaError(f"{path}: not valid json: {e}") from None
+        else:
+            data = parse_yaml(text, str(path))
         if isinstance(data, dict):
             data = data.get("probabilities")
         if not isinstance(data, list):

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LisaError
+from ..errors import LisaError
 
 POLICIES = ("uniform", "bernoulli", "weighted", "cyclic")
 

@@ -15,10 +15,10 @@ import logging
 import torch
 from torch import nn
 
-from .distributed import LisaDDP
-from .layers import decoder_of
+from ..data.render import IGNORE
+from ..engine import unwrap
+from ..engine.layers import decoder_of
 
-IGNORE = -100
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in fp32
 log = logging.getLogger("lisatune")
 
@@ -69,11 +69,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def head_of(model: nn.Module) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if type(head) is nn.Linear else None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (torch's or LisaDDP), else the model itself."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, LisaDDP)) else model
 
 
 def _hidden_states(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:

@@ -5,8 +5,9 @@ import math
 
 import torch
 
-from .data import collate, encode_prompt, extract_answer
-from .loss import IGNORE, standard_loss
+from ..data import collate, encode_prompt, extract_answer
+from ..data.render import IGNORE
+from .loss import standard_loss
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """Training checkpoints: atomic on disk, keep-last-k, exact resume.
 
-A run directory holds `checkpoints/step-000120/` directories with
-  model.safetensors   every model tensor (shared/tied tensors stored once)
-  optimizer.pt        optimizer.state_dict()
+One format for one process, DDP and FSDP2. A run directory holds `checkpoints/step-000120/` directories with
+  model.safetensors   every model tensor, full (gathered under FSDP2; shared/tied tensors stored once)
+  optimizer.pt        optimizer.state_dict(), full (single-process layout, whatever the world size)
   scheduler.pt        scheduler.state_dict()
-  rng.pt              python, numpy, torch (and CUDA) random states
-  trainer_state.json  {"step": ..., **extra}; written last
+  rng.pt              python, numpy, torch (and CUDA) random states; rng_rank{r}.pt per rank when several
+  trainer_state.json  {"step": ..., **extra} (+ "world_size" when several); written last
+Under torch.distributed, saving and loading are collective: rank 0 writes, every rank restores its own RNG.
 Each checkpoint is written into a `.tmp-*` directory and renamed into place, so a
 `step-*` directory is either complete or absent, even if the process is killed.
 Everything is read back with torch.load(weights_only=True): no pickled code runs.
@@ -23,15 +24,25 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
+from safetensors.torch import load_file, save_file
 
-from .errors import LisaError
+from ..distributed import (drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict, gather_to_rank0,
+                           load_full_model_state_dict, load_full_optimizer_state_dict, on_rank0, rank, world)
+from ..engine import unwrap
+from ..errors import LisaError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 MODEL, OPTIMIZER, SCHEDULER, RNG, STATE = (
     "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+
+
+def rng_file(rank_: int, world_: int) -> str:
+    return RNG if world_ == 1 else f"rng_rank{rank_}.pt"
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
 
 
 # -- atomic directories (also used by models.save_model) ---------------------------------
@@ -126,91 +137,133 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer=None,
                     scheduler=None, extra: dict | None = None, keep_last: int | None = None) -> Path:
-    """Write `run_dir/checkpoints/step-XXXXXX` atomically, then keep only the newest `keep_last`
-    (None keeps all). `extra` (JSON-serializable: data position, metrics...) comes back from
-    load_checkpoint merged with {"step": step}."""
+    """Write `run_dir/checkpoints/step-XXXXXX` atomically, then keep only the newest `keep_last` (None keeps all).
+
+    `extra` (JSON-serializable: data position, metrics...) comes back from load_checkpoint merged with
+    {"step": step}. Collective under DDP/FSDP2: the full model and optimizer state and every rank's RNG state
+    are gathered, rank 0 writes, and every rank returns the same path once the checkpoint is complete.
+    """
     if keep_last is not None and keep_last < 1:
         raise LisaError(f"keep_last must be >= 1 or None (got {keep_last})")
-    state = {**(extra or {}), "step": int(step)}
+    n = world()
+    state = {**(extra or {}), "step": int(step), **({"world_size": n} if n > 1 else {})}
     try:
         state_json = json.dumps(state, indent=2)
     except (TypeError, ValueError) as e:
         raise LisaError(f"checkpoint extra is not JSON-serializable: {e}") from None
+    model = unwrap(model)
+    model_sd = full_model_state_dict(model)  # FSDP2: gathered, on rank 0 only
+    opt_sd = full_optimizer_state_dict(optimizer) if optimizer is not None else None
+    rngs = gather_to_rank0(rng_state())
 
-    root = Path(run_dir) / "checkpoints"
-    clean_tmp(root)
-    final = root / f"step-{int(step):06d}"
-    with atomic_dir(final) as tmp:
-        save_safetensors_model(getattr(model, "module", model), str(tmp / MODEL), metadata={"format": "pt"})
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        torch.save(rng_state(), tmp / RNG)
-        (tmp / STATE).write_text(state_json)  # last: its presence marks the checkpoint complete
+    def write() -> Path:
+        root = Path(run_dir) / "checkpoints"
+        clean_tmp(root)
+        final = root / f"step-{int(step):06d}"
+        with atomic_dir(final) as tmp:
+            save_file(drop_tied(model, model_sd), str(tmp / MODEL), metadata={"format": "pt"})
+            if opt_sd is not None:
+                torch.save(opt_sd, tmp / OPTIMIZER)
+            if scheduler is not None:
+                torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            for r, rng in enumerate(rngs):
+                torch.save(rng, tmp / rng_file(r, n))
+            (tmp / STATE).write_text(state_json)  # last: its presence marks the checkpoint complete
+        if keep_last is not None:
+            older = [d for _, d in checkpoint_dirs(run_dir) if d != final]
+            for d in older[:max(0, len(older) - (keep_last - 1))]:
+                # Renamed first, so a kill mid-delete never leaves a half-deleted step-* dir.
+                doomed = root / f"{TMP_PREFIX}del-{d.name}-{os.getpid()}"
+                os.rename(d, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        return final
 
-    if keep_last is not None:
-        older = [d for _, d in checkpoint_dirs(run_dir) if d != final]
-        for d in older[:max(0, len(older) - (keep_last - 1))]:
-            # Renamed first, so a kill mid-delete never leaves a half-deleted step-* dir.
-            doomed = root / f"{TMP_PREFIX}del-{d.name}-{os.getpid()}"
-            os.rename(d, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-    return final
+    return on_rank0(write)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
     """Restore model weights, optimizer, scheduler and RNG states in place; return the trainer state.
 
-    Every file is read and checked before anything is modified where possible, so a bad
-    checkpoint raises a LisaError instead of leaving a half-restored run.
+    Every file is read and checked before anything is modified, so a bad checkpoint raises a LisaError instead
+    of leaving a half-restored run. Collective under DDP/FSDP2, on the world size that wrote it.
     """
     path = Path(path)
     if not path.is_dir():
         raise LisaError(f"checkpoint '{path}' does not exist")
-    need = [STATE, MODEL, RNG] + ([OPTIMIZER] if optimizer is not None else []) + \
+    state = _read_state(path)
+    written_by = state.get("world_size", 1)
+    if written_by != world():
+        raise LisaError(f"checkpoint '{path}' was written by {_processes(written_by)}, this run has "
+                        f"{_processes(world())}: resume with {written_by} (the global batch is train.batch_size "
+                        "× processes)")
+    rng_name = rng_file(rank(), world())
+    need = [STATE, MODEL, rng_name] + ([OPTIMIZER] if optimizer is not None else []) + \
         ([SCHEDULER] if scheduler is not None else [])
     missing = [f for f in need if not (path / f).is_file()]
     if missing:
         raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
-
+    opt_sd = read_torch(path, OPTIMIZER) if optimizer is not None else None
+    sched_sd = read_torch(path, SCHEDULER) if scheduler is not None else None
+    rng = read_torch(path, rng_name)
+    model = unwrap(model)
     try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
-        raise LisaError(f"checkpoint '{path}': {STATE} is unreadable ({e})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise LisaError(f"checkpoint '{path}': {STATE} has no integer 'step'")
-    opt_sd = _torch_load(path, OPTIMIZER) if optimizer is not None else None
-    sched_sd = _torch_load(path, SCHEDULER) if scheduler is not None else None
-    rng = _torch_load(path, RNG)
-
-    target = getattr(model, "module", model)
-    device = next(iter(target.parameters()), torch.empty(0)).device
-    try:  # reads and checks the whole file before copying into the model
-        load_safetensors_model(target, path / MODEL, strict=True, device=str(device))
+        model_sd = fill_tied(model, load_file(str(path / MODEL)))
+        _check_fits(model, model_sd)
     except Exception as e:
         raise LisaError(f"checkpoint '{path}': {MODEL} is corrupt or does not fit this model "
-                        f"({_first_line(e)})") from None
-    for obj, sd, name in ((optimizer, opt_sd, OPTIMIZER), (scheduler, sched_sd, SCHEDULER)):
+                        f"({first_line(e)})") from None
+    load_full_model_state_dict(model, model_sd)
+    for obj, sd, name, load in ((optimizer, opt_sd, OPTIMIZER, load_full_optimizer_state_dict),
+                                (scheduler, sched_sd, SCHEDULER, lambda o, s: o.load_state_dict(s))):
         if obj is None:
             continue
         try:
-            obj.load_state_dict(sd)
+            load(obj, sd)
         except Exception as e:
             raise LisaError(f"checkpoint '{path}': {name} does not fit this "
-                            f"{type(obj).__name__} ({_first_line(e)})") from None
-    set_rng_state(rng, where=f"checkpoint '{path}': {RNG}")
+                            f"{type(obj).__name__} ({first_line(e)})") from None
+    set_rng_state(rng, where=f"checkpoint '{path}': {rng_name}")
     return state
 
 
-def _torch_load(path: Path, name: str) -> Any:
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads((path / STATE).read_text())
+    except FileNotFoundError:
+        raise LisaError(f"checkpoint '{path}' is incomplete: missing {STATE}") from None
+    except (OSError, ValueError) as e:
+        raise LisaError(f"checkpoint '{path}': {STATE} is unreadable ({first_line(e)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
+        raise LisaError(f"checkpoint '{path}': {STATE} has no integer 'step'")
+    return state
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a complete checkpoint directory was written at."""
+    return _read_state(path)["step"]
+
+
+def _check_fits(model: torch.nn.Module, sd: dict) -> None:
+    """Names and shapes of a full state dict against the model's own, before anything is copied."""
+    mine = {k: v for k, v in model.state_dict().items()}
+    missing, extra = sorted(set(mine) - set(sd)), sorted(set(sd) - set(mine))
+    if missing or extra:
+        raise ValueError(f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in sd.items():
+        want = tuple(mine[k].shape)  # a DTensor reports its full shape
+        if tuple(v.shape) != want:
+            raise ValueError(f"{k} has shape {tuple(v.shape)}, the model's is {want}")
+
+
+def read_torch(path: Path, name: str) -> Any:
+    """torch.load with weights_only=True (no pickled code runs); a bad file is one LisaError line."""
     try:
         return torch.load(path / name, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LisaError(f"checkpoint '{path}': {name} is corrupt or unsafe ({_first_line(e)})") from None
+        raise LisaError(f"checkpoint '{path}': {name} is corrupt or unsafe ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -243,4 +296,4 @@ def set_rng_state(state: dict, where: str = "rng state") -> None:
         if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise LisaError(f"{where} is not a valid RNG state ({_first_line(e)})") from None
+        raise LisaError(f"{where} is not a valid RNG state ({first_line(e)})") from None

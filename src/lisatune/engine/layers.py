@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import LisaError
+from ..errors import LisaError
 
 Named = list[tuple[str, nn.Parameter]]
 
@@ -29,6 +29,21 @@ class LayerMap:
     @property
     def n_blocks(self) -> int:
         return len(self.blocks)
+
+    def units(self) -> dict[str, Named]:
+        """The model's parts by name, in model order: embedding, block0..N-1, head, norm (empty ones left out).
+
+        A tied head is the embedding's tensor, so it is listed under both names."""
+        parts = {"embedding": self.embedding, **{f"block{i}": b for i, b in enumerate(self.blocks)},
+                 "head": self.embedding if self.tied else self.head, "norm": self.norm}
+        return {k: v for k, v in parts.items() if v}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a wrapper that holds it as `.module` (DDP, LisaDDP, accelerate), else the model."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 def _module_path(model: nn.Module, target: nn.Module) -> str | None:

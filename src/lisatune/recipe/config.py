@@ -5,16 +5,15 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from .config import LisaConfig
-from .data import DataConfig
-from .errors import LisaError
-from .methods import METHODS, GaloreOptions, LoraOptions
+from ..data import DataConfig
+from ..distributed.launch import MODES
+from ..errors import LisaError
+from ..methods import METHODS
+from ..schema import format_error, parse_yaml, read_yaml
 from .models import ModelConfig
 
 
@@ -54,7 +53,8 @@ class TrainOptions(BaseModel):
     tensorboard: bool = True
 
 
-class TrainConfig(BaseModel):
+class RunConfig(BaseModel):
+    """The sections every run has; TrainConfig adds one options section per registered method."""
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = ModelConfig()
@@ -62,11 +62,7 @@ class TrainConfig(BaseModel):
     method: str = "lisa"
     # Several processes (torchrun / accelerate launch): "ddp" replicates the model, "fsdp" shards it
     # (FSDP2; lisa and full only). train.batch_size is then per process. See docs/distributed.md.
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
-    lisa: LisaConfig = LisaConfig()
-    lora: LoraOptions = LoraOptions()
-    galore: GaloreOptions = GaloreOptions()
-    train: TrainOptions = TrainOptions()
+    distributed: Literal[MODES] = "none"
 
     @field_validator("method")
     @classmethod
@@ -77,6 +73,13 @@ class TrainConfig(BaseModel):
 
     def method_options(self) -> BaseModel | None:
         return getattr(self, self.method, None)
+
+
+# One section per method with options (lisa, lora, galore), named after it, from the registry; train last.
+TrainConfig = create_model(
+    "TrainConfig", __base__=RunConfig, __doc__="One run: model, data, method, its options, the loop's settings.",
+    **{name: (cls.Options, cls.Options()) for name, cls in METHODS.items() if cls.Options.model_fields},
+    train=(TrainOptions, TrainOptions()))
 
 
 # The embedded default: SmolLM2-135M-Instruct fine-tuned with LISA on GSM-symbolic problems,
@@ -95,8 +98,8 @@ DEFAULT = {
 def parse_value(text: str):
     """A --set value as YAML scalar/list (so 3e-5, true, [1, 2] work); never evaluated as code."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return parse_yaml(text, "--set")
+    except LisaError:
         return text
 
 
@@ -123,42 +126,15 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     if path is None:
         data = {k: dict(v) if isinstance(v, dict) else v for k, v in DEFAULT.items()}
     else:
-        f = Path(path)
-        if not f.is_file():
-            raise LisaError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(f.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else path
-            raise LisaError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise LisaError(f"{path}: expected a mapping of sections (model, data, method, train, ...)")
+        data = read_yaml(path, "config file", expected="a mapping of sections (model, data, method, train, ...)")
     for o in overrides:
         apply_override(data, o)
+    return validate_config(data, path or "default config")
+
+
+def validate_config(data: dict, where: str) -> BaseModel:
+    """A TrainConfig from a mapping; any mistake is one LisaError line starting with `where`."""
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        raise LisaError(config_error(e, path or "default config")) from None
-
-
-def config_error(e: ValidationError, where: str) -> str:
-    err = e.errors()[0]
-    loc = [str(x) for x in err["loc"]]
-    if err["type"] == "extra_forbidden":
-        section = _section_model(loc[:-1])
-        valid = ", ".join(sorted(section.model_fields)) if section else ""
-        return f"{where}: unknown option '{'.'.join(loc)}' (valid: {valid})"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {'.'.join(loc)}: {msg} (got {err.get('input')!r})"
-
-
-def _section_model(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = TrainConfig
-    for part in loc:
-        field = model.model_fields.get(part)
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
+        raise LisaError(format_error(e, TrainConfig, where)) from None

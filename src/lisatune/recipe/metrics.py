@@ -33,3 +33,13 @@ class Metrics:
         self.file.close()
         if self.tb:
             self.tb.close()
+
+
+class NoMetrics:
+    """What ranks other than 0 write: nothing."""
+
+    def write(self, step: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,192 @@
+"""The meter every measurement and prediction shares: exact bytes of tensors held, activations saved for
+backward, and the process's resident memory. `bench memory`, `bench speed`, `norms` and the study runner count
+with these functions, so that no two of them can count differently.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..engine import find_layers
+
+MIB = 2**20
+
+
+# -- exact byte counts ----------------------------------------------------------------------------
+def _key(t: torch.Tensor) -> tuple:
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    s = t.untyped_storage()
+    return (t.device.type, s.data_ptr() or id(s))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.untyped_storage().nbytes()
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared tensors count once)."""
+    seen = set(exclude or ())
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        k = _key(t)
+        if k not in seen:
+            seen.add(k)
+            total += _nbytes(t)
+    return total
+
+
+def reachable_tensors(obj: Any, depth: int = 6, _seen: set | None = None) -> list[torch.Tensor]:
+    """Tensors inside dicts, lists, tuples and plain objects' attributes (e.g. GaLore's projectors)."""
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen or depth < 0:
+        return []
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for it in items for t in reachable_tensors(it, depth - 1, seen)]
+
+
+def _param_keys(model: nn.Module) -> set:
+    return {_key(p) for p in model.parameters()} | {_key(b) for b in model.buffers()}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return unique_bytes(model.parameters())
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Every tensor the optimizer's state holds, plus LisaAdamW's parked (keep/offload) states: on a CPU
+    machine an "offloaded" state still sits in the same RAM."""
+    parked = opt.parked_states() if hasattr(opt, "parked_states") else {}
+    roots = [opt.state, parked]
+    return unique_bytes(t for r in roots for t in reachable_tensors(r))
+
+
+class ActivationMeter:
+    """Unique storages saved for backward while active (parameters and buffers excluded).
+
+    >>> with ActivationMeter(model) as m:
+    ...     loss = model(input_ids=x, labels=x).loss
+    >>> m.bytes
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None):
+        self.model = model
+        self.blocks = blocks
+        self.bytes = 0
+        self.count = 0
+
+    def _add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        k = _key(t)
+        if k in self._seen:
+            return
+        self._seen.add(k)
+        self._held.append(t.untyped_storage())  # kept alive until exit: no address reuse while counting
+        self.bytes += _nbytes(t)
+        self.count += 1
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self._add(t)
+        return t
+
+    def _pre(self, _mod, args, kwargs):
+        for v in list(args) + list(kwargs.values()):
+            if torch.is_tensor(v):
+                self._add(v)
+            elif isinstance(v, tuple):  # e.g. position_embeddings (cos, sin)
+                for u in v:
+                    if torch.is_tensor(u):
+                        self._add(u)
+
+    def __enter__(self) -> "ActivationMeter":
+        self._seen = _param_keys(self.model)
+        self._held: list = []
+        self._handles = [b.register_forward_pre_hook(self._pre, with_kwargs=True) for b in self.blocks or []]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._held = []
+
+
+def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    lm = find_layers(model)
+    blocks = model.get_submodule(lm.blocks_path)
+    return [b for b in blocks if getattr(b, "gradient_checkpointing", False)]
+
+
+# -- resident memory ------------------------------------------------------------------------------
+def _status_kib(field_name: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    v = _status_kib("VmRSS")
+    return None if v is None else v * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    v = _status_kib("VmHWM")
+    return None if v is None else v * 1024
+
+
+def maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+
+
+def peak_rss_mib(reset: bool) -> float:
+    """The peak resident memory of this process in MiB: VmHWM since reset_peak_rss() if `reset` succeeded,
+    else ru_maxrss (the whole process's life)."""
+    peak = peak_rss_bytes() if reset else None
+    return (peak if peak is not None else maxrss_bytes()) / MIB
+
+
+def token_batches(vocab: int, batch: int, seq: int, n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]

@@ -1,0 +1,288 @@
+"""The fine-tuning recipe: one loop for every method, readable top to bottom.
+
+config -> run directory -> model -> data -> method (model, optimizer) -> loop -> checkpoints -> final model.
+The loop never asks which method it runs; the method object answers for it. Under torchrun or
+accelerate launch (config `distributed: ddp | fsdp`) the same loop runs on every rank: each takes its
+slice of one global batch, and the few places where ranks must agree go through lisatune.distributed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from ..data import collate, gsm_eval_items, load_splits
+from ..data.render import IGNORE
+from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
+                           wrap_model)
+from ..errors import LisaError
+from ..methods import Method, build_method
+from .allocator import release_freed_memory
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import eval_loss, gsm_accuracy
+from .loss import pick_loss, standard_loss
+from .metrics import Metrics, NoMetrics
+from .models import load_model, save_model
+from .run_dir import describe_eval, start, write_summary
+
+log = logging.getLogger("lisatune")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
+        self.step, self.path = step, path
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries (a second Ctrl-C aborts)."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
+    """Example indices of micro-batch `micro_step`: a pure function, so resume needs no data state."""
+    per_epoch = n_examples // batch_size
+    epoch, j = divmod(micro_step, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[j * batch_size:(j + 1) * batch_size].tolist()
+
+
+def lr_schedule(optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine or linear decay to 0 at `total`, or constant."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * done)), "linear": 1 - done, "constant": 1.0}[kind]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, set up once by `setup` and advanced by `train_step`."""
+    cfg: BaseModel
+    dir: Path
+    device: torch.device
+    world: int
+    rank: int
+    mode: str  # none | ddp | fsdp
+    model: torch.nn.Module  # evaluated, checkpointed and saved (sharded in place under FSDP2)
+    forward: torch.nn.Module  # what training calls: the model, or its DDP wrapper
+    tokenizer: Any
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_set: list[dict]
+    val_set: list[dict]
+    gsm_items: list[dict]
+    loss_fn: Callable
+    total: int  # optimizer steps
+    step: int = 0
+    first_eval: dict | None = None
+    metrics: Any = None
+    tokens_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.world  # train.batch_size is per process
+
+    def batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
+
+
+def train(cfg: BaseModel) -> dict:
+    """Run (or resume, or report the finished) training run `cfg`; returns its summary."""
+    # From the first line: a signal while the model loads or the first eval runs is a clean stop too.
+    with StopRequest() as stop:
+        run = setup(cfg)
+        if isinstance(run, dict):
+            return run  # that run is already complete
+        if run.first_eval is None:
+            run.first_eval = evaluate(run, 0)
+            log.info("before training: %s", describe_eval(run.first_eval))
+        if all_sum(stop.requested)[0]:  # stopped before the first step: keep the first eval
+            raise Interrupted(run.step, checkpoint(run))
+
+        run.model.train()
+        started = time.perf_counter()
+        bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0)
+        while run.step < run.total:
+            row, stopping = train_step(run, stop)
+            t = cfg.train
+            if run.step % t.log_every == 0 or run.step == run.total:
+                run.metrics.write(run.step, **row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            **({"active": row["active"]} if "active" in row else {}))
+            bar.update(1)
+            if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
+                evaluate(run, run.step)
+            if t.save_every and run.step % t.save_every == 0 and run.step < run.total:
+                checkpoint(run)
+            if stopping:
+                bar.close()
+                raise Interrupted(run.step, checkpoint(run))
+        bar.close()
+        return finish(run, elapsed=time.perf_counter() - started)
+
+
+# -- setup --------------------------------------------------------------------------------------------
+def setup(cfg: BaseModel) -> Run | dict:
+    """Processes, run directory, model, data, method, optimizer, schedule, loss, checkpoint: in that order."""
+    t = cfg.train
+    if t.release_memory:
+        release_freed_memory()
+    set_seed(t.seed)
+    # Under torchrun / accelerate launch this joins the process group (gloo on CPU, NCCL on GPUs).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if rank:
+        logging.getLogger("lisatune").setLevel(logging.WARNING)  # rank 0 reports
+    mode = launch_mode(cfg.distributed, world)  # none | ddp | fsdp; refuses several processes with "none"
+    resume_from, finished = on_rank0(lambda: start(cfg))  # only rank 0 touches the run directory
+    if finished is not None:
+        return finished
+
+    model, tokenizer = load_model(cfg.model)
+    train_set, val_set = load_splits(cfg.data, tokenizer)
+    if len(train_set) < t.batch_size * world:
+        raise LisaError(f"data: {len(train_set)} training examples, fewer than train.batch_size={t.batch_size}"
+                        + (f" × {world} processes" if world > 1 else ""))
+    gsm_items = gsm_eval_items(cfg.data)[: t.gsm_eval_samples] if cfg.data.format == "gsm" else []
+
+    method = build_method(cfg.method, cfg.method_options())
+    model = prepare_model(mode, method.prepare(model).to(accelerator.device))  # fsdp: sharded before the optimizer
+    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps)
+    forward = wrap_model(mode, model, optimizer)  # ddp: the wrapper (after LISA has frozen the model)
+    per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    run = Run(cfg, Path(t.output_dir), accelerator.device, world, rank, mode, model, forward, tokenizer, method,
+              optimizer, lr_schedule(optimizer, t.schedule, t.warmup_steps, total), train_set, val_set, gsm_items,
+              standard_loss, total)
+    run.loss_fn = choose_loss(run)
+
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler)
+        run.step, run.first_eval = state["step"], state.get("first_eval")
+        log.info("resumed from %s at step %d", resume_from, run.step)
+    run.metrics = Metrics(run.dir, t.tensorboard, resume_step=run.step if resume_from else None) if rank == 0 \
+        else NoMetrics()
+    return run
+
+
+def choose_loss(run: Run) -> Callable:
+    """Head + cross-entropy in chunks (no full logits) when the head is not sharded and the fused loss checks
+    out on a real batch; else the model's own. Every rank computes the same way."""
+    probe = run.batch([run.train_set[i] for i in range(min(2, len(run.train_set)))])
+    loss_fn = pick_loss(run.forward, probe, run.cfg.train.fused_loss and run.mode != "fsdp")
+    return standard_loss if all_sum(loss_fn is standard_loss)[0] else loss_fn
+
+
+# -- one optimizer step -------------------------------------------------------------------------------
+def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
+    """Accumulate gradients over the micro-batches, clip, step; (metrics row, whether to stop now)."""
+    t = run.cfg.train
+    tick, tokens, loss_sum = time.perf_counter(), 0, 0.0
+    for micro in range(t.grad_accum):
+        # Every rank draws the same global batch and takes its slice of it.
+        idx = batch_indices(len(run.train_set), run.global_batch, t.seed, run.step * t.grad_accum + micro)
+        batch = run.batch([run.train_set[i] for i in idx[run.rank::run.world]])
+        with no_sync(run.forward, skip=micro < t.grad_accum - 1):  # accumulate locally, reduce at the last
+            loss = run.loss_fn(run.forward, **batch)
+            n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
+            n_global, non_finite = all_sum(n_labels, not torch.isfinite(loss))  # all ranks agree
+            if non_finite:
+                non_finite_stop(run.dir, run.step + 1, "loss")
+            # This rank's share of the global batch's labelled tokens, × world because DDP/FSDP average
+            # the ranks' gradients: the gradient is the global batch's mean-loss gradient (× 1 in one process).
+            loss = loss * (run.world * n_labels / n_global) / t.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    trainable = [p for p in run.model.parameters() if p.requires_grad]  # LISA changes it at switches
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
+    if not math.isfinite(grad_norm):
+        non_finite_stop(run.dir, run.step + 1, "gradient norm")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    loss_sum, tokens, stopping = all_sum(loss_sum, tokens, stop.requested)  # a signal on any rank stops all
+    run.tokens_seen += tokens
+    dt = time.perf_counter() - tick
+    row = {"loss": loss_sum / run.world, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+           "tokens_per_s": tokens / dt, "step_s": dt, **run.method.status(run.optimizer)}
+    return row, bool(stopping)
+
+
+def non_finite_stop(run_dir: Path, step: int, what: str):
+    last = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+    raise LisaError(f"non-finite {what} at step {step}: stopped before updating the weights; {kept}")
+
+
+# -- evaluation, checkpoints, the end -------------------------------------------------------------------
+def evaluate(run: Run, at: int) -> dict:
+    """Held-out loss (and GSM exact match), written to the metrics. Every rank evaluates (FSDP2 needs all)."""
+    t = run.cfg.train
+    res = eval_loss(run.model, run.val_set, run.tokenizer.pad_token_id, t.eval_batch_size, run.loss_fn) \
+        if run.val_set else {}
+    if run.gsm_items:
+        acc = gsm_accuracy(run.model, run.tokenizer, run.gsm_items, t.gsm_max_new_tokens, t.eval_batch_size)
+        res |= {k: v for k, v in acc.items() if k != "samples"}
+        if run.rank == 0:
+            (run.dir / f"gsm_samples_step{at}.json").write_text(json.dumps(acc["samples"], indent=1))
+    run.metrics.write(at, **res)
+    return res
+
+
+def checkpoint(run: Run) -> Path:
+    """Collective under ddp/fsdp; rank 0 writes."""
+    extra = {"first_eval": run.first_eval, "micro_step": run.step * run.cfg.train.grad_accum}
+    return save_checkpoint(run.dir, run.step, run.model, run.optimizer, run.scheduler, extra,
+                           keep_last=run.cfg.train.keep_last)
+
+
+def finish(run: Run, elapsed: float) -> dict:
+    """The last evaluation and checkpoint, the final model and summary.json; returns the summary."""
+    cfg = run.cfg
+    last_eval = evaluate(run, run.step)
+    checkpoint(run)
+    full = full_model(run.model)  # collective under FSDP2: the gathered weights, on rank 0
+    final_dir = on_rank0(lambda: save_model(run.method.export(full, merge=cfg.train.merge_lora), run.tokenizer,
+                                            run.dir / "final"))
+    summary = {"method": cfg.method, "model": cfg.model.source, "steps": run.step, "distributed": run.mode,
+               "processes": run.world, "loss": "model" if run.loss_fn is standard_loss else "fused",
+               "train_seconds": round(elapsed, 1), "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
+               "before": run.first_eval, "after": last_eval, "final_model": str(final_dir),
+               "metrics": str(run.dir / "metrics.jsonl")}
+    summary = on_rank0(lambda: write_summary(run.dir, summary))  # every rank returns it: ranks leave together
+    run.metrics.close()
+    return summary

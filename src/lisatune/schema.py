@@ -1,0 +1,142 @@
+"""The base of every config section and the one way a bad setting is reported: a single line.
+
+Every YAML file lisatune reads goes through `read_yaml` (line numbers in errors, duplicate keys refused), and
+every pydantic validation error through `format_error`, so a run config, a study file, a method's options and
+the engine's LisaConfig all say what is wrong the same way.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, ClassVar, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import LisaError
+
+
+def _loc(parts) -> str:
+    return "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in parts).lstrip(".")
+
+
+def _model_in(ann) -> type[BaseModel] | None:
+    """The options model an annotation holds: X, list[X], X | None, dict[str, X]."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return next((m for m in map(_model_in, get_args(ann)) if m is not None), None)
+
+
+def section_of(model: type[BaseModel], parts) -> type[BaseModel]:
+    """The nested options model that the location `parts` (field names; list indices skipped) points into."""
+    for part in parts:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = _model_in(field.annotation) if field else None
+        if field is not None and inner is None:
+            return model
+        model = inner or model
+    return model
+
+
+def format_error(e: ValidationError, model: type[BaseModel], where: str, section: bool = False,
+                 noun: str = "option", hint: bool = False, sort: bool = True) -> str:
+    """One line for a pydantic error: "<where>: <field>: <message> (got <input>)".
+
+    section: `where` is the name of the section the model is (e.g. "lisa"), validated alone; fields then read
+    "lisa.interval: ...". An unknown key lists the valid ones (sorted, or in the model's order), and with `hint`
+    the closest one, for a typo.
+    """
+    errors = e.errors()
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo is the root cause
+    parts = [p for p in err["loc"] if p != "__root__"]
+    loc = _loc(parts)
+    if err["type"] == "extra_forbidden":
+        scope = section_of(model, parts[:-1])
+        names = sorted(scope.model_fields) if sort else list(scope.model_fields)
+        close = difflib.get_close_matches(str(parts[-1]), names, n=1) if hint and parts else []
+        tip = f"did you mean '{close[0]}'? " if close else ""
+        return f"{where}: unknown {noun} '{loc}' ({tip}valid: {', '.join(names)})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{where}: '{loc}' is required"
+    if not parts:  # a whole-section check: its message names the fields
+        return f"{where}: {msg}"
+    return f"{where}{'.' if section else ': '}{loc}: {msg} (got {err.get('input')!r})"
+
+
+class Options(BaseModel):
+    """A config section: unknown keys are errors, and build() reports one line."""
+    model_config = ConfigDict(extra="forbid")
+    section: ClassVar[str] = "options"  # how errors name this section, e.g. "lisa"
+
+    @classmethod
+    def build(cls, **options):
+        """Validate options, turning pydantic's report into one LisaError line."""
+        try:
+            return cls(**options)
+        except ValidationError as e:
+            raise LisaError(format_error(e, cls, cls.section, section=True)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not: the last one wins)."""
+
+
+def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Safe YAML (no tags that build objects), duplicate keys refused; errors are "<where>:<line>: ..."."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: never constructs objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{where}:{mark.line + 1}" if mark else where
+        raise LisaError(f"{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A text file's contents, or one LisaError line naming it (missing, a directory, unreadable, not UTF-8)."""
+    p = Path(path)
+    if p.is_dir():
+        raise LisaError(f"{what} '{path}' is a directory, not a file")
+    if not p.is_file():
+        raise LisaError(f"{what} '{path}' does not exist")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LisaError(f"{what} '{path}' is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise LisaError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+
+
+def read_yaml(path: str | Path, what: str, expected: str | None = None) -> Any:
+    """A YAML file (see parse_yaml); with `expected`, it must be a mapping (else: "expected <expected>")."""
+    data = parse_yaml(read_text(path, what), str(path))
+    if expected is not None:
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise LisaError(f"{path}: expected {expected}")
+    return data
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config sections as dotted keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
