@@ -9,6 +9,17 @@ travels in `state_dict()`, so any framework that checkpoints optimizers resumes 
 Groups are fixed (so LR schedulers and checkpoints see a stable layout):
   0: always-on, with weight decay   1: always-on, no decay (biases, norm weights)
   2: sampled,   with weight decay   3: sampled,   no decay
+and, only with activation_warmup > 0 (so without it the layout, checkpoints and steps are exactly as before):
+  4: sampled, activated at the last switch, with decay   5: the same, no decay
+
+Learning rates. `embed_head_lr` = m sets groups 0 and 1 to lr·m at construction, so a scheduler (which keeps
+each group's initial_lr) scales them like the rest: the always-on set always runs at m × the sampled lr.
+`activation_warmup` = N: with lr_t the lr the scheduler set for optimizer step t (0-based), a block activated
+at switch s (step sK; a block active at switch s-1 too is not activated, it keeps its moments and its lr)
+steps with
+    lr_{sK+j} · (j+1)/(N+1)   for j = 0 .. N-1,   then   lr_{sK+j}   for j = N .. K-1.
+Every block of the first active set counts as activated at switch 0. The factor is applied inside step() only
+and the group's lr restored after it, so schedulers and checkpoints never see a scaled value.
 """
 from __future__ import annotations
 
@@ -69,6 +80,10 @@ def decay_groups(params: list[nn.Parameter]) -> list[dict]:
     """Weight decay on matrices only: biases and norm weights (ndim < 2) are exempt, as usual for LMs."""
     return [{"params": [p for p in params if p.ndim >= 2]},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+# What a checkpoint written before an option existed means by its absence.
+META_DEFAULTS = {"embed_head_lr": None, "activation_warmup": 0}
 
 
 class LisaOptimizer(torch.optim.Optimizer):
@@ -132,6 +147,11 @@ class LisaOptimizer(torch.optim.Optimizer):
             kw["eps"] = eps
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0},
                   {"params": []}, {"params": [], "weight_decay": 0.0}]
+        if cfg.embed_head_lr is not None:
+            for g in groups[:2]:
+                g["lr"] = kw["lr"] * cfg.embed_head_lr
+        if cfg.activation_warmup:
+            groups += [{"params": []}, {"params": [], "weight_decay": 0.0}]
         try:
             self.inner = cls(groups, **kw)
         except TypeError as e:
@@ -149,7 +169,18 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     # -- the algorithm ---------------------------------------------------------------
     def step(self, closure: Callable | None = None):
-        loss = self.inner.step(closure)
+        j, n = self._step % self.config.interval, self.config.activation_warmup
+        if j < n:  # the blocks activated at the last switch (groups 4, 5) ramp up
+            saved = [g["lr"] for g in self.param_groups[4:]]
+            for g in self.param_groups[4:]:
+                g["lr"] = g["lr"] * ((j + 1) / (n + 1))
+            try:
+                loss = self.inner.step(closure)
+            finally:  # the scheduler's values, exactly
+                for g, lr in zip(self.param_groups[4:], saved):
+                    g["lr"] = lr
+        else:
+            loss = self.inner.step(closure)
         self._step += 1
         held = self.state_bytes()
         if held > self.history[-1]["state_bytes"]:
@@ -163,7 +194,7 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def _switch(self, switch: int) -> None:
         peak = self.history[-1]["state_bytes"] if self.history else 0
-        self._apply(self.sampler.active(switch))
+        self._apply(self.sampler.active(switch), self._active)
         entry = {"switch": switch, "step": self._step, "active": list(self._active),
                  "trainable_params": self.trainable_parameters(), "state_bytes": self.state_bytes()}
         self.history.append(entry)
@@ -190,7 +221,8 @@ class LisaOptimizer(torch.optim.Optimizer):
         cls._global_switch_hooks[handle.id] = hook
         return handle
 
-    def _apply(self, target: tuple[int, ...]) -> None:
+    def _apply(self, target: tuple[int, ...], before: tuple[int, ...]) -> None:
+        """Make `target` the active set; `before` is the previous switch's (which of target is newly activated)."""
         old, new = set(self._active), set(target)
         for u in sorted(old - new):
             for _, p in self._units[u]:
@@ -199,9 +231,13 @@ class LisaOptimizer(torch.optim.Optimizer):
             for _, p in self._units[u]:
                 self._unfreeze(p)
         self._active = tuple(target)
-        decay, no_decay = self._split([p for u in target for _, p in self._units[u]])
-        self.param_groups[2]["params"] = decay
-        self.param_groups[3]["params"] = no_decay
+        warm = len(self.param_groups) > 4
+        stay = [u for u in target if u in before] if warm else target
+        for g, units in ((2, stay), (4, [u for u in target if u not in before] if warm else ())):
+            if g < len(self.param_groups):
+                decay, no_decay = self._split([p for u in units for _, p in self._units[u]])
+                self.param_groups[g]["params"] = decay
+                self.param_groups[g + 1]["params"] = no_decay
 
     def _freeze(self, p: nn.Parameter) -> None:
         p.requires_grad_(False)
@@ -304,9 +340,11 @@ class LisaOptimizer(torch.optim.Optimizer):
     # -- checkpoints -----------------------------------------------------------------
     def _meta(self) -> dict:
         # "n_layers" stays the key of γ in checkpoints (and in the rank check): older checkpoints load.
+        # The lr options shape the groups and the steps, so ranks and checkpoints must agree on them too.
         c = self.config
         return {"seed": c.seed, "policy": c.policy, "n_layers": c.n_layers, "interval": c.interval,
-                "n_units": len(self._units), "probabilities": self.sampler.p.tolist() if self.sampler.p is not None else None}
+                "n_units": len(self._units), "probabilities": self.sampler.p.tolist() if self.sampler.p is not None else None,
+                "embed_head_lr": c.embed_head_lr, "activation_warmup": c.activation_warmup}
 
     def state_dict(self) -> dict:
         sd = self.inner.state_dict()
@@ -321,19 +359,23 @@ class LisaOptimizer(torch.optim.Optimizer):
         if lisa is None:
             raise LisaError("not a LisaAdamW state dict (it has no 'lisa' entry)")  # the name users know
         for key, mine in self._meta().items():
-            if key == "probabilities" and mine is not None and lisa[key] is not None:
-                same = len(mine) == len(lisa[key]) and all(abs(a - b) < 1e-12 for a, b in zip(mine, lisa[key]))
+            theirs = lisa.get(key, META_DEFAULTS.get(key))  # checkpoints from before an option existed
+            if key == "probabilities" and mine is not None and theirs is not None:
+                same = len(mine) == len(theirs) and all(abs(a - b) < 1e-12 for a, b in zip(mine, theirs))
+            elif key == "embed_head_lr":
+                same = (1.0 if theirs is None else theirs) == (1.0 if mine is None else mine)
             else:
-                same = lisa[key] == mine
+                same = theirs == mine
             if not same:
-                raise LisaError(f"checkpoint has LISA {key}={lisa[key]!r} but this optimizer has {mine!r}")
+                raise LisaError(f"checkpoint has LISA {key}={theirs!r} but this optimizer has {mine!r}")
         self._step = int(lisa["step"])
         target = self.sampler.active(self._step // self.config.interval)
         if list(target) != list(lisa["active"]):
             raise LisaError(f"checkpoint active set {lisa['active']} does not match the sampler's {list(target)}")
         self.inner.state.clear()
         self._parked.clear()
-        self._apply(target)
+        switch = self._step // self.config.interval
+        self._apply(target, self.sampler.active(switch - 1) if switch else ())
         self.inner.load_state_dict(sd)
         self._alias()
         offload = self.config.state_policy == "offload"

@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, StrictInt, field_validator
+from pydantic import AliasChoices, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from ..errors import LisaError
 from ..schema import Options, parse_yaml, read_text
@@ -34,6 +35,10 @@ class LisaConfig(Options):
     train_other: bool = False  # parameters outside the language model (e.g. a vision tower)
     state_policy: Literal["drop", "offload", "keep"] = "drop"
     blocks_path: str | None = None  # dotted path to the block list, walked through registered submodules
+    # A multiplier of the run's lr for the always-on set (groups 0 and 1); None or 1.0: the same lr.
+    embed_head_lr: float | None = None
+    # Optimizer steps over which a block activated at a switch ramps its lr up (0: none); at most interval.
+    activation_warmup: StrictInt = 0
 
     @field_validator("interval")
     @classmethod
@@ -47,6 +52,33 @@ class LisaConfig(Options):
     def _n_layers(cls, v: int) -> int:
         if v < 1:  # also under bernoulli, where γ/N_L is each block's default probability
             raise ValueError(f"n_layers (γ) = {v} must be between 1 and the number of blocks")
+        return v
+
+    @field_validator("embed_head_lr", mode="before")
+    @classmethod
+    def _embed_head_lr_type(cls, v):
+        if isinstance(v, bool):  # a YAML `true` is not the multiplier 1.0
+            raise ValueError("must be a number (a multiplier of the lr), not a boolean")
+        return v
+
+    @field_validator("embed_head_lr")
+    @classmethod
+    def _embed_head_lr(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a finite multiplier of the lr > 0 (to freeze the embedding or head, "
+                             "set train_embedding / train_head to false)")
+        return v
+
+    @field_validator("activation_warmup")
+    @classmethod
+    def _activation_warmup(cls, v: int, info: ValidationInfo) -> int:
+        # A field validator (interval is declared, so validated, before it) rather than a model validator, so
+        # the error is located at lisa.activation_warmup.
+        if v < 0:
+            raise ValueError("must be >= 0 (optimizer steps of lr ramp after a block activates)")
+        k = info.data.get("interval")
+        if k is not None and v > k:
+            raise ValueError(f"must be <= interval (K) = {k}: a block ramps up within the interval it is active")
         return v
 
     def probability_list(self) -> list[float] | None:
