@@ -201,7 +201,7 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     # -- the algorithm ---------------------------------------------------------------
     def step(self, closure: Callable | None = None):
-        if self._masters:
+        if self.master_weights:
             loss = None
             if closure is not None:  # the grads must exist before they are cast into the masters
                 with torch.enable_grad():
