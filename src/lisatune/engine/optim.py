@@ -393,7 +393,8 @@ class LisaOptimizer(torch.optim.Optimizer):
         return sum(m.numel() * m.element_size() for m in self._masters.values())
 
     def masters(self) -> dict[str, torch.Tensor]:
-        """The fp32 master weights of the parameters trained now, by parameter name (empty without master_weights)."""
+        """The fp32 master weights of the parameters trained now, by parameter name (empty without
+        master_weights)."""
         return self._masters
 
     def offloaded_bytes(self) -> int:
