@@ -87,6 +87,36 @@ def test_ddp_rewrap_matches_single_process(tmp_path, lisa, atol):
 
 
 @pytest.mark.timeout(240)
+def test_ddp_with_bf16_master_weights_keeps_the_ranks_identical(tmp_path):
+    lisa = dict(ADAMW, master_weights=True)
+    ranks = run_ranks(tmp_path, "ddp", lisa)
+    r0, r1 = ranks
+    for a, b in zip(r0["snaps"], r1["snaps"]):  # every rank rounds the same masters into the same weights
+        assert all(a[n].dtype == torch.bfloat16 and torch.equal(a[n], b[n]) for n in a)
+    ref, ref_opt = single_run(lisa)
+    sets = lambda h: [(e["switch"], e["step"], e["active"], e["master_bytes"]) for e in h]  # noqa: E731
+    assert sets(r0["history"]) == sets(r1["history"]) == sets(ref_opt.history)
+    for s, (start, end) in enumerate(zip(r0["snaps"], r0["snaps"][1:])):
+        active = set(r0["history"][s]["active"])
+        for n in start:
+            if block_index(n) is not None and block_index(n) not in active:
+                assert torch.equal(start[n], end[n]), f"{n} moved in interval {s} though frozen"
+    # bf16 gradients are all-reduced: 2 bytes per trainable parameter, never a frozen block's
+    assert all(2 * sent == trainable for sent, trainable in r0["comm"])
+    # bf16 gradients of half batches differ from the whole batch's by rounding, so the reference is one
+    # process accumulating the two halves (each scaled by 1/2, exact in bf16), which DDP matches bitwise.
+    model, _, opt = build("single", 0, lisa)
+    for x in batches(STEPS, seed=1, batch=BATCH):
+        for half in x.chunk(2):
+            (model(input_ids=half, labels=half).loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    final, want = r0["snaps"][-1], snapshot(model)
+    assert all(torch.equal(final[n], want[n]) for n in want)
+    assert any(not torch.equal(final[n], ref[-1][n]) for n in want)  # (the whole-batch run rounds otherwise)
+
+
+@pytest.mark.timeout(240)
 def test_fsdp2_matches_single_process_and_shards_optimizer_state(tmp_path):
     ranks = run_ranks(tmp_path, "fsdp", ADAMW)
     ref_opt = check_against_single(ranks, ADAMW, 1e-4)

@@ -56,7 +56,7 @@ def build(mode: str, seed: int, lisa: dict, ddp_kwargs: dict | None = None, arch
     from conftest import tiny_model
     from lisatune import LisaAdamW
     from lisatune.distributed import LisaDDP, shard_model
-    model = tiny_model(n_layers=arch_layers)
+    model = tiny_model(n_layers=arch_layers, dtype=torch.bfloat16 if lisa.get("master_weights") else torch.float32)
     if mode == "fsdp":
         shard_model(model)
     opt = LisaAdamW(model, seed=seed, **lisa)

@@ -20,6 +20,18 @@ steps with
     lr_{sK+j} · (j+1)/(N+1)   for j = 0 .. N-1,   then   lr_{sK+j}   for j = N .. K-1.
 Every block of the first active set counts as activated at switch 0. The factor is applied inside step() only
 and the group's lr restored after it, so schedulers and checkpoints never see a scaled value.
+
+Mixed precision (`master_weights=True`, for a bf16 model): fp32 master copies, and so fp32 optimizer state,
+exist only for the parameters trained now (the always-on set and the active blocks). A block's masters are
+made from its bf16 weights when it activates (exactly: bf16 is a subset of fp32) and freed when it freezes; in
+step() the bf16 .grad of each trained weight is cast into its master's .grad, the inner optimizer steps on the
+masters, and each master is rounded (to nearest even) back into its weight. So between steps a weight always
+holds its master rounded: a freezing block's master is just freed, and a weight written from outside (loaded
+after the optimizer was built, say) replaces its master at the next step. The inner optimizer's groups and
+state hold the masters, not the model's parameters; parked (offload/keep) states are keyed by parameter name
+as always and restored onto the fresh master. The masters of the active set travel in state_dict(), so a
+resume continues bitwise; a block that activates again starts from its bf16 weight (the fp32 low bits of an
+earlier interval are gone, by design: that is the memory saved).
 """
 from __future__ import annotations
 
@@ -83,7 +95,22 @@ def decay_groups(params: list[nn.Parameter]) -> list[dict]:
 
 
 # What a checkpoint written before an option existed means by its absence.
-META_DEFAULTS = {"embed_head_lr": None, "activation_warmup": 0}
+META_DEFAULTS = {"embed_head_lr": None, "activation_warmup": 0, "master_weights": False}
+MASTER_DTYPES = (torch.bfloat16,)  # fp16 would also need loss scaling, which this optimizer does not do
+
+
+def check_master_weights(master_weights: Any, named: Iterable[tuple[str, nn.Parameter]]) -> None:
+    """master_weights is a bool, and with it every parameter LISA may train is bf16 (a plain tensor)."""
+    if not isinstance(master_weights, bool):
+        raise LisaError(f"master_weights must be true or false (got {master_weights!r})")
+    if not master_weights:
+        return
+    for name, p in named:
+        if p.dtype not in MASTER_DTYPES:
+            raise LisaError(f"master_weights needs bfloat16 weights, but {name} is {p.dtype} (an fp32 model "
+                            "already steps in fp32: drop master_weights, or load the model in bfloat16)")
+        if hasattr(p, "to_local"):
+            raise LisaError(f"master_weights does not support sharded (FSDP2 DTensor) parameters ({name})")
 
 
 class LisaOptimizer(torch.optim.Optimizer):
@@ -100,7 +127,8 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, config: LisaConfig | None = None, *, lr: float = 1e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] | None = None, eps: float | None = None,
-                 optimizer_cls: str | type = "adamw", optimizer_kwargs: dict | None = None, **options: Any):
+                 optimizer_cls: str | type = "adamw", optimizer_kwargs: dict | None = None,
+                 master_weights: bool = False, **options: Any):
         if config is None:
             config = LisaConfig.build(**options)
         elif options:
@@ -129,6 +157,11 @@ class LisaOptimizer(torch.optim.Optimizer):
                 f"{lm.blocks_path}" + (" (+1 embed_head unit)" if cfg.sample_embed_head else "")
             )
         self.sampler = Sampler(n_units, cfg.n_layers, cfg.policy, cfg.probability_list(), cfg.seed)
+        check_master_weights(master_weights, always + [np for u in self._units for np in u])
+        self.master_weights = master_weights
+        self._masters: dict[str, torch.Tensor] = {}  # master_weights: parameter name -> fp32 master
+        self._synced: dict[str, int] = {}  # the weight's version counter when it last matched its master
+        self._parked: dict[str, dict[str, torch.Tensor]] = {}  # offload/keep: states of frozen params
 
         self._order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
         self._name = {id(p): n for n, p in model.named_parameters()}
@@ -137,7 +170,7 @@ class LisaOptimizer(torch.optim.Optimizer):
             p.requires_grad_(False)
             p.grad = None
         for _, p in always:
-            p.requires_grad_(True)
+            self._unfreeze(p)  # (no parked state yet: only requires_grad and, with master_weights, a master)
         decay, no_decay = self._split([p for _, p in always])  # groups 0 and 1
         cls = optimizer_class(optimizer_cls)
         kw = {"lr": lr, "weight_decay": weight_decay, **(optimizer_kwargs or {})}
@@ -162,25 +195,22 @@ class LisaOptimizer(torch.optim.Optimizer):
 
         self._step = 0
         self._active: tuple[int, ...] = ()
-        self._parked: dict[str, dict[str, torch.Tensor]] = {}  # offload/keep: states of frozen params
         self.history: list[dict] = []
         self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, for handles
         self._switch(0)
 
     # -- the algorithm ---------------------------------------------------------------
     def step(self, closure: Callable | None = None):
-        j, n = self._step % self.config.interval, self.config.activation_warmup
-        if j < n:  # the blocks activated at the last switch (groups 4, 5) ramp up
-            saved = [g["lr"] for g in self.param_groups[4:]]
-            for g in self.param_groups[4:]:
-                g["lr"] = g["lr"] * ((j + 1) / (n + 1))
-            try:
-                loss = self.inner.step(closure)
-            finally:  # the scheduler's values, exactly
-                for g, lr in zip(self.param_groups[4:], saved):
-                    g["lr"] = lr
+        if self.master_weights:
+            loss = None
+            if closure is not None:  # the grads must exist before they are cast into the masters
+                with torch.enable_grad():
+                    loss = closure()
+            self._grads_to_masters()
+            self._inner_step(None)
+            self._masters_to_weights()
         else:
-            loss = self.inner.step(closure)
+            loss = self._inner_step(closure)
         self._step += 1
         held = self.state_bytes()
         if held > self.history[-1]["state_bytes"]:
@@ -189,14 +219,56 @@ class LisaOptimizer(torch.optim.Optimizer):
             self._switch(self._step // self.config.interval)
         return loss
 
+    def _inner_step(self, closure: Callable | None):
+        j, n = self._step % self.config.interval, self.config.activation_warmup
+        if j >= n:
+            return self.inner.step(closure)
+        saved = [g["lr"] for g in self.param_groups[4:]]  # the blocks activated at the last switch ramp up
+        for g in self.param_groups[4:]:
+            g["lr"] = g["lr"] * ((j + 1) / (n + 1))
+        try:
+            return self.inner.step(closure)
+        finally:  # the scheduler's values, exactly
+            for g, lr in zip(self.param_groups[4:], saved):
+                g["lr"] = lr
+
+    @torch.no_grad()
+    def _grads_to_masters(self) -> None:
+        for name, m in self._masters.items():
+            p = self._param[name]
+            # A weight written outside the optimizer since its last sync (loaded into the model after this
+            # optimizer was built, say) wins over a master it no longer rounds to; the version counter makes
+            # the check free when nothing wrote to it.
+            if p._version != self._synced[name] and not torch.equal(p, m.to(p.dtype)):
+                m.copy_(p)
+            m.grad = None if p.grad is None else p.grad.detach().to(torch.float32)
+
+    @torch.no_grad()
+    def _masters_to_weights(self) -> None:
+        for name, m in self._masters.items():
+            p = self._param[name]
+            p.copy_(m)  # round to nearest even
+            self._synced[name] = p._version
+            m.grad = None  # the fp32 grads live only during the step
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
+        for name in self._masters:  # the inner optimizer holds the masters; the grads are on the weights
+            p = self._param[name]
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
 
     def _switch(self, switch: int) -> None:
         peak = self.history[-1]["state_bytes"] if self.history else 0
         self._apply(self.sampler.active(switch), self._active)
         entry = {"switch": switch, "step": self._step, "active": list(self._active),
                  "trainable_params": self.trainable_parameters(), "state_bytes": self.state_bytes()}
+        if self.master_weights:
+            entry["master_bytes"] = self.master_bytes()  # constant over the interval: made at the switch
         self.history.append(entry)
         log.info("LISA switch %d at step %d: active %s, %s trainable params (optimizer state peaked at "
                  "%.1f MiB in the previous interval)", switch, self._step, ", ".join(self.active_names),
@@ -239,20 +311,33 @@ class LisaOptimizer(torch.optim.Optimizer):
                 self.param_groups[g]["params"] = decay
                 self.param_groups[g + 1]["params"] = no_decay
 
+    def _stepped(self, p: nn.Parameter) -> torch.Tensor:
+        """The tensor the inner optimizer steps for the model's parameter p: its master, or p itself."""
+        return self._masters[self._name[id(p)]] if self.master_weights else p
+
     def _freeze(self, p: nn.Parameter) -> None:
         p.requires_grad_(False)
         p.grad = None
-        st = self.inner.state.pop(p, None)
+        name = self._name[id(p)]
+        st = self.inner.state.pop(self._stepped(p), None)
+        if self.master_weights:
+            # The weight already holds the master rounded (every step ends so), and a weight loaded since
+            # must not be overwritten: the master is only freed.
+            del self._masters[name], self._synced[name]
         if st and self.config.state_policy != "drop":
             offload = self.config.state_policy == "offload"
-            self._parked[self._name[id(p)]] = {k: v.to("cpu") if offload and torch.is_tensor(v) else v
-                                               for k, v in st.items()}
+            self._parked[name] = {k: v.to("cpu") if offload and torch.is_tensor(v) else v for k, v in st.items()}
 
     def _unfreeze(self, p: nn.Parameter) -> None:
         p.requires_grad_(True)
-        st = self._parked.pop(self._name[id(p)], None)
+        name = self._name[id(p)]
+        if self.master_weights:
+            self._masters[name] = p.detach().to(torch.float32)  # exact: every bf16 value is an fp32 value
+            self._synced[name] = p._version
+        st = self._parked.pop(name, None)
         if st:
-            self.inner.state[p] = {k: self._to_param(p, k, v) for k, v in st.items()}
+            t = self._stepped(p)
+            self.inner.state[t] = {k: self._to_param(t, k, v) for k, v in st.items()}
 
     @staticmethod
     def _to_param(p: torch.Tensor, key: str, v: Any) -> Any:
@@ -262,8 +347,9 @@ class LisaOptimizer(torch.optim.Optimizer):
         return v.to(device=p.device)
 
     def _split(self, params: list[nn.Parameter]) -> tuple[list, list]:
+        """The tensors to step for `params` (masters or the params), in model order, with decay / without."""
         decay, no_decay = decay_groups(sorted(params, key=lambda p: self._order[id(p)]))
-        return decay["params"], no_decay["params"]
+        return [self._stepped(p) for p in decay["params"]], [self._stepped(p) for p in no_decay["params"]]
 
     def _alias(self) -> None:
         self.param_groups = self.inner.param_groups
@@ -301,6 +387,15 @@ class LisaOptimizer(torch.optim.Optimizer):
         """Bytes of optimizer state held beside the parameters (kept states count; offloaded do not)."""
         kept = tensor_bytes(self._parked.values()) if self.config.state_policy == "keep" else 0
         return tensor_bytes(self.inner.state.values()) + kept
+
+    def master_bytes(self) -> int:
+        """Bytes of fp32 master weights held (master_weights: exactly 4 per trained parameter; else 0)."""
+        return sum(m.numel() * m.element_size() for m in self._masters.values())
+
+    def masters(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights of the parameters trained now, by parameter name (empty without
+        master_weights)."""
+        return self._masters
 
     def offloaded_bytes(self) -> int:
         return tensor_bytes(self._parked.values()) if self.config.state_policy == "offload" else 0
@@ -344,13 +439,16 @@ class LisaOptimizer(torch.optim.Optimizer):
         c = self.config
         return {"seed": c.seed, "policy": c.policy, "n_layers": c.n_layers, "interval": c.interval,
                 "n_units": len(self._units), "probabilities": self.sampler.p.tolist() if self.sampler.p is not None else None,
-                "embed_head_lr": c.embed_head_lr, "activation_warmup": c.activation_warmup}
+                "embed_head_lr": c.embed_head_lr, "activation_warmup": c.activation_warmup,
+                "master_weights": self.master_weights}
 
     def state_dict(self) -> dict:
         sd = self.inner.state_dict()
         sd["lisa"] = {**self._meta(), "step": self._step, "active": list(self._active),
                       "history": [dict(h) for h in self.history],
                       "parked": {n: dict(st) for n, st in self._parked.items()}}
+        if self.master_weights:  # not re-made from the rounded weights on resume: that would differ
+            sd["lisa"]["masters"] = dict(self._masters)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -378,6 +476,16 @@ class LisaOptimizer(torch.optim.Optimizer):
         self._apply(target, self.sampler.active(switch - 1) if switch else ())
         self.inner.load_state_dict(sd)
         self._alias()
+        if self.master_weights:
+            saved = lisa.get("masters", {})
+            if set(saved) != set(self._masters):
+                raise LisaError(f"checkpoint holds master weights for {len(saved)} parameters but the active set "
+                                f"has {len(self._masters)}")
+            with torch.no_grad():
+                for name, m in self._masters.items():
+                    m.copy_(saved[name])
+                    self._param[name].copy_(m)  # the weight is its master rounded, whatever was loaded into it
+                    self._synced[name] = self._param[name]._version
         offload = self.config.state_policy == "offload"
         for name, st in lisa["parked"].items():
             p = self._param[name]

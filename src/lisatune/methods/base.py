@@ -34,6 +34,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    mixed_precision: ClassVar[bool] = False  # implements master_optimizer (train.precision: bf16-mixed)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -64,13 +65,25 @@ class Method(ABC):
         return model
 
     def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
-                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        """The optimizer of the prepared model, with the run's AdamW hyperparameters."""
-        return self.make_optimizer(model, {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps})
+                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  master_weights: bool = False) -> torch.optim.Optimizer:
+        """The optimizer of the prepared model, with the run's AdamW hyperparameters; with master_weights, over
+        fp32 master copies of the (bf16) weights it trains."""
+        hyper = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        if master_weights:
+            if not self.mixed_precision:
+                raise LisaError(f"train.precision: bf16-mixed is not built for method '{self.name}' (methods: "
+                                f"{', '.join(n for n, c in METHODS.items() if c.mixed_precision)})")
+            return self.master_optimizer(model, hyper)
+        return self.make_optimizer(model, hyper)
 
     @abstractmethod
     def make_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:
         """Build the optimizer; `hyper` holds lr, weight_decay, betas and eps as torch optimizers take them."""
+
+    def master_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+        """make_optimizer with fp32 master weights of a bf16 model (for methods with mixed_precision)."""
+        raise NotImplementedError
 
     def status(self, optimizer: torch.optim.Optimizer) -> dict:
         """A few values for the progress bar and metrics; most methods have nothing to say."""

@@ -8,6 +8,7 @@ from .base import Method
 class Lisa(Method):
     name = "lisa"
     Options = LisaConfig
+    mixed_precision = True
 
     def prepare(self, model):
         # LisaAdamW freezes and unfreezes blocks itself; here only refuse a PEFT model early, before any
@@ -18,6 +19,10 @@ class Lisa(Method):
     def make_optimizer(self, model, hyper):
         return LisaOptimizer(model, self.options, **hyper)
 
+    def master_optimizer(self, model, hyper):
+        # fp32 masters and state for the active set only: the engine makes and frees them at the switches
+        return LisaOptimizer(model, self.options, master_weights=True, **hyper)
+
     def status(self, optimizer):
         opt = optimizer
         while not isinstance(opt, LisaOptimizer) and hasattr(opt, "optimizer"):
@@ -25,4 +30,7 @@ class Lisa(Method):
         if not isinstance(opt, LisaOptimizer):
             return {}
         active = ",".join(n.removeprefix("block") for n in opt.active_units)  # "3,17" or "3,embed_head"
-        return {"active": active, "state_mib": round(opt.state_bytes() / 2**20, 2)}
+        row = {"active": active, "state_mib": round(opt.state_bytes() / 2**20, 2)}
+        if opt.master_weights:  # train.precision: bf16-mixed
+            row["master_mib"] = round(opt.master_bytes() / 2**20, 3)
+        return row

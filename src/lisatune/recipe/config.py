@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..data import DataConfig
 from ..distributed.launch import MODES
@@ -33,6 +33,9 @@ class TrainOptions(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = 1.0  # None: no clipping
+    # bf16-mixed: bf16 weights (model.dtype is then bf16), fp32 master weights and fp32 optimizer state for
+    # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
     # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process or DDP, not FSDP;
     # checked against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
     fused_loss: bool = True
@@ -70,6 +73,22 @@ class RunConfig(BaseModel):
         if v not in METHODS:
             raise ValueError(f"'{v}' is not one of {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _precision(self):
+        train = getattr(self, "train", None)  # TrainConfig's section (RunConfig alone has none)
+        if train is None or train.precision == "fp32":
+            return self
+        if not METHODS[self.method].mixed_precision:
+            ok = ", ".join(n for n, c in METHODS.items() if c.mixed_precision)
+            raise ValueError(f"train.precision: bf16-mixed is built for methods {ok}, not '{self.method}' "
+                             "(model.dtype: bf16 trains the weights in bf16 without masters)")
+        if "dtype" in self.model.model_fields_set and self.model.dtype != "bf16":
+            raise ValueError(f"train.precision: bf16-mixed keeps the weights in bf16, but model.dtype is "
+                             f"{self.model.dtype} (set model.dtype: bf16 or leave it out)")
+        if self.distributed == "fsdp":
+            raise ValueError("train.precision: bf16-mixed does not support distributed: fsdp yet (none or ddp)")
+        return self
 
     def method_options(self) -> BaseModel | None:
         return getattr(self, self.method, None)

@@ -169,7 +169,8 @@ def setup(cfg: BaseModel) -> Run | dict:
     if finished is not None:
         return finished
 
-    model, tokenizer = load_model(cfg.model)
+    mixed = t.precision == "bf16-mixed"
+    model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "bf16"}) if mixed else cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer)
     if len(train_set) < t.batch_size * world:
         raise LisaError(f"data: {len(train_set)} training examples, fewer than train.batch_size={t.batch_size}"
@@ -178,7 +179,7 @@ def setup(cfg: BaseModel) -> Run | dict:
 
     method = build_method(cfg.method, cfg.method_options())
     model = prepare_model(mode, method.prepare(model).to(accelerator.device))  # fsdp: sharded before the optimizer
-    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps)
+    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed)
     forward = wrap_model(mode, model, optimizer)  # ddp: the wrapper (after LISA has frozen the model)
     per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
