@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, StrictInt, field_validator
+from pydantic import AliasChoices, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from ..errors import LisaError
 from ..schema import Options, parse_yaml, read_text
@@ -34,6 +34,19 @@ class LisaConfig(Options):
     train_other: bool = False  # parameters outside the language model (e.g. a vision tower)
     state_policy: Literal["drop", "offload", "keep"] = "drop"
     blocks_path: str | None = None  # dotted path to the block list, walked through registered submodules
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_each(cls, data):
+        """n_layers and gamma (or interval and K) are one setting: given under two names, one would be dropped."""
+        if isinstance(data, dict):
+            for field in ("n_layers", "interval"):
+                names = cls.model_fields[field].validation_alias.choices
+                given = [n for n in names if n in data]
+                if len(given) > 1:
+                    alias = " or ".join(given[1:])
+                    raise ValueError(f"give {given[0]} or its alias {alias}, not both")
+        return data
 
     @field_validator("interval")
     @classmethod
