@@ -136,23 +136,23 @@ def train(cfg: BaseModel) -> dict:
 
         run.model.train()
         started = time.perf_counter()
-        bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0)
-        while run.step < run.total:
-            row, stopping = train_step(run, stop)
-            t = cfg.train
-            if run.step % t.log_every == 0 or run.step == run.total:
-                run.metrics.write(run.step, **row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            **({"active": row["active"]} if "active" in row else {}))
-            bar.update(1)
-            if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
-                evaluate(run, run.step)
-            if t.save_every and run.step % t.save_every == 0 and run.step < run.total:
-                checkpoint(run)
-            if stopping:
-                bar.close()
-                raise Interrupted(run.step, checkpoint(run))
-        bar.close()
+        # Closed on any way out, so an error is printed on a line of its own, not after the bar.
+        with tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0) as bar:
+            while run.step < run.total:
+                row, stopping = train_step(run, stop)
+                t = cfg.train
+                if run.step % t.log_every == 0 or run.step == run.total:
+                    run.metrics.write(run.step, **row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                                tok_s=f"{row['tokens_per_s']:.0f}", **({"active": row["active"]} if "active" in row else {}))
+                bar.update(1)
+                if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
+                    evaluate(run, run.step)
+                if t.save_every and run.step % t.save_every == 0 and run.step < run.total:
+                    checkpoint(run)
+                if stopping:
+                    bar.close()
+                    raise Interrupted(run.step, checkpoint(run))
         return finish(run, elapsed=time.perf_counter() - started)
 
 
