@@ -300,6 +300,20 @@ def test_a_run_directory_carries_the_marker_and_overwrite_replaces_it(tmp_path, 
     assert cli(capsys, "train", cfg, "--overwrite", "--set", "train.seed=1")[0] == 0
 
 
+@pytest.mark.parametrize("override,message", [
+    ("lisa.n_layers=9", "n_layers (γ) = 9 exceeds the 4 transformer blocks"),  # found once the model is loaded
+    ("model.source=/nope", "model.source '/nope' does not exist"),
+])
+def test_a_run_that_fails_to_start_creates_and_deletes_nothing(tmp_path, assets, capsys, override, message):
+    cfg = write_config(tmp_path, assets, name="new")
+    assert_one_line(*cli(capsys, "train", cfg, "--set", override)[::2], message)
+    assert not (tmp_path / "new").exists()  # no half-made run directory to --overwrite next time
+    cfg, run = finished_run(tmp_path, assets)
+    before = snapshot(run)
+    assert_one_line(*cli(capsys, "train", cfg, "--overwrite", "--set", override)[::2], message)
+    assert snapshot(run) == before  # --overwrite deletes the previous run only once the new one is set up
+
+
 @pytest.mark.parametrize("edit,message", [
     ({"step": 999, "rename": "step-000999"}, "claims step 999, beyond this run's 4 steps"),
     ({"step": 3}, "trainer_state.json says step 3, its directory name says step 4"),

@@ -35,7 +35,7 @@ from .evaluate import eval_loss, gsm_accuracy
 from .loss import pick_loss, standard_loss
 from .metrics import Metrics, NoMetrics
 from .models import load_model, save_model
-from .run_dir import describe_eval, start, write_summary
+from .run_dir import create_run_dir, describe_eval, start, write_summary
 
 log = logging.getLogger("lisatune")
 
@@ -204,6 +204,8 @@ def setup(cfg: BaseModel) -> Run | dict:
         if run.step == total:  # killed after the final checkpoint: its evaluation is done and in the metrics
             run.last_eval = state.get("last_eval")
         log.info("resumed from %s at step %d", resume_from, run.step)
+    else:  # set up: only now is a new run's directory made (and a previous run it replaces deleted)
+        on_rank0(lambda: create_run_dir(cfg))
     run.metrics = Metrics(run.dir, t.tensorboard, resume_step=run.step if resume_from else None) if rank == 0 \
         else NoMetrics()
     return run

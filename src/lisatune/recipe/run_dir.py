@@ -53,17 +53,20 @@ def check_output_dir(out: Path) -> None:
 
 
 def prepare_run_dir(cfg: BaseModel, fingerprint: dict | None = None) -> Path | None:
-    """Create the run directory, or find the checkpoint to resume; refuse to clobber another run, and never
-    delete a directory that is not a lisatune run directory (one carrying MARKER)."""
+    """The checkpoint to resume, or None for a new run; refuse to clobber another run, and never delete a
+    directory that is not a lisatune run directory (one carrying MARKER).
+
+    Nothing is created or deleted here: create_run_dir does that once the run is set up, so a run that fails to
+    start (a model that does not load, γ above its blocks...) leaves output_dir as it was, even with --overwrite.
+    """
     t = cfg.train
     out = Path(t.output_dir)
     check_output_dir(out)
-    saved = out / "config.yaml"
     if out.is_dir() and _io(f"read output_dir '{out}'", lambda: any(out.iterdir())):
         clean_tmp(out)  # `.tmp-final-*` of a process killed while it saved the final model
         ckpt = latest_checkpoint(out)
         if t.resume and ckpt is not None:
-            check_same_run(cfg, saved)
+            check_same_run(cfg, out / "config.yaml")
             check_same_data(ckpt, fingerprint, t.data_may_change)
             if not is_run_dir(out):  # made by a lisatune without the marker: it is one
                 _io(f"write to output_dir '{out}'", (out / MARKER).write_text, "a lisatune run directory\n")
@@ -79,13 +82,28 @@ def prepare_run_dir(cfg: BaseModel, fingerprint: dict | None = None) -> Path | N
         if not t.overwrite:
             raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it "
                             "or --resume to continue it")
-        _io(f"delete the previous run in output_dir '{out}'", shutil.rmtree, out)
     elif t.resume is True:
         raise LisaError(f"--resume: output_dir '{out}' has no run to resume")
+    writable = next((d for d in [out, *out.parents] if d.exists()), None)
+    if writable is not None and not os.access(writable, os.W_OK | os.X_OK):  # found now, not after the model loads
+        raise LisaError(f"cannot create output_dir '{out}' ('{writable}' is not writable: Permission denied)")
+    return None
+
+
+def create_run_dir(cfg: BaseModel) -> Path:
+    """A new run's directory (replacing the previous run there, which prepare_run_dir allowed): the marker and
+    config.yaml."""
+    out = Path(cfg.train.output_dir)
+    check_output_dir(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not (is_run_dir(out) and cfg.train.overwrite):  # prepare_run_dir said so; never delete anything else
+            raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it")
+        _io(f"delete the previous run in output_dir '{out}'", shutil.rmtree, out)
     _io(f"create output_dir '{out}'", lambda: out.mkdir(parents=True, exist_ok=True))
     _io(f"write to output_dir '{out}'", (out / MARKER).write_text, "a lisatune run directory\n")
+    saved = out / "config.yaml"
     _io(f"write {saved}", saved.write_text, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return None
+    return out
 
 
 def check_same_run(cfg: BaseModel, saved: Path) -> None:
