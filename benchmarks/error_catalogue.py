@@ -13,6 +13,8 @@ import errno
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -31,6 +33,11 @@ from lisatune.cli import main  # noqa: E402
 from lisatune.recipe import checkpoint as ckpt_mod  # noqa: E402
 from lisatune.recipe.checkpoint import save_checkpoint  # noqa: E402
 from lisatune.analysis.tiny import tiny_model  # noqa: E402
+
+
+def quote(arg: str) -> str:
+    """As typed in a shell (<tmp> left as it is, for reading)."""
+    return arg if re.fullmatch(r"[\w@%+=:,./<>-]+", arg) else shlex.quote(arg)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
@@ -81,7 +88,7 @@ class Catalogue:
         lines = [ln for ln in err.splitlines() if ": error: " in ln]
         if rc != 2 or len(lines) != 1 or "Traceback" in err:
             raise SystemExit(f"case '{what}' did not give exit 2 and one error line (rc {rc}):\n{err}")
-        shown = " ".join(self.show(a) for a in ["lisatune", *argv])
+        shown = " ".join(quote(self.show(a)) for a in ["lisatune", *argv])
         line = lines[0]
         self.rows.append((group, what, shown, self.show(line[line.index("lisatune"):])))
         print(f"{len(self.rows):3d} {what}: {self.show(line)[:140]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, get_args
 
@@ -16,6 +17,10 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError
 
 from .errors import LisaError
+
+
+# pydantic names the member of a union in an error's location ("resume.bool", "p.list[float][0]"): not a field
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|bytes|literal\[.*\]|[\w-]+\[.*\])")
 
 
 def _loc(parts) -> str:
@@ -50,7 +55,7 @@ def format_error(e: ValidationError, model: type[BaseModel], where: str, section
     """
     errors = e.errors()
     err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo is the root cause
-    parts = [p for p in err["loc"] if p != "__root__"]
+    parts = [p for p in err["loc"] if p != "__root__" and not _UNION_TAG.fullmatch(str(p))]
     loc = _loc(parts)
     if err["type"] == "extra_forbidden":
         scope = section_of(model, parts[:-1])

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import AliasChoices, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from ..errors import LisaError
-from ..schema import Options, parse_yaml, read_text
+from ..schema import Number, Options, parse_yaml, read_text
 
 
 class LisaConfig(Options):
@@ -25,7 +25,7 @@ class LisaConfig(Options):
     interval: StrictInt = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
     policy: Literal["uniform", "bernoulli", "weighted", "cyclic"] = "uniform"
     # Per-layer probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file.
-    probabilities: list[float] | str | None = None
+    probabilities: list[Number] | str | None = None  # each finite, not a boolean; ranges: the sampler
     seed: StrictInt = Field(0, ge=0)
     train_embedding: bool = True
     train_head: bool = True
@@ -89,6 +89,8 @@ def load_probabilities(path: str) -> list[float]:
     out = []
     for i, v in enumerate(values):
         try:
+            if isinstance(v, bool):  # float(True) is 1.0: a YAML `true` in the list is a mistake
+                raise TypeError
             out.append(float(v))
         except (TypeError, ValueError):
             raise LisaError(f"{path}: entry {i + 1} ({v!r}) is not a number") from None
