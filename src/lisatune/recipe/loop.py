@@ -143,8 +143,8 @@ def train(cfg: BaseModel) -> dict:
                 t = cfg.train
                 if run.step % t.log_every == 0 or run.step == run.total:
                     run.metrics.write(run.step, **row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
-                                tok_s=f"{row['tokens_per_s']:.0f}", **({"active": row["active"]} if "active" in row else {}))
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"active": row["active"]} if "active" in row else {}))
                 bar.update(1)
                 if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
                     evaluate(run, run.step)
