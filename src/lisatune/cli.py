@@ -15,6 +15,7 @@ from .recipe.evaluate import eval_loss, gsm_accuracy
 from .recipe.loop import Interrupted, train
 from .recipe.models import ModelConfig, load_model
 from .recipe.run_dir import describe_eval
+from .schema import OneLineParser, cli_int, os_reason, read_text
 from .study import register as register_study
 
 
@@ -49,13 +50,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     data = {"format": args.format, "max_length": args.max_length}
     if args.format != "gsm":
         if not args.data:
             raise LisaError(f"--data FILE is needed for format '{args.format}'")
         data["path"] = args.data
+    elif args.data:
+        raise LisaError("--data is for formats alpaca, chat and text; format 'gsm' generates its problems")
     dcfg = DataConfig.build(**data)
+    if dcfg.path is not None:  # before the model loads: a missing or binary file is found in no time
+        read_text(dcfg.path, "--data")
+    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     train, val = load_splits(dcfg, tok)
     res = eval_loss(model, val if args.format == "gsm" else train + val, tok.pad_token_id, args.batch_size)
     if args.format == "gsm" and args.gsm_samples:
@@ -66,7 +71,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lisatune", description="LISA fine-tuning (Layerwise Importance Sampled AdamW)")
+    p = OneLineParser(prog="lisatune", description="LISA fine-tuning (Layerwise Importance Sampled AdamW)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a model from a YAML config (none: the embedded SmolLM2 default)")
@@ -81,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
     e.add_argument("--format", default="gsm", choices=["gsm", "alpaca", "chat", "text"])
     e.add_argument("--data", help="data file (alpaca/chat/text)")
-    e.add_argument("--max-length", type=int, default=384)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--gsm-samples", type=int, default=16, help="held-out GSM problems to answer (0: loss only)")
+    e.add_argument("--max-length", type=cli_int(8), default=384, help="tokens; longer examples are dropped (>= 8)")
+    e.add_argument("--batch-size", type=cli_int(1), default=8)
+    e.add_argument("--gsm-samples", type=cli_int(0), default=16, help="held-out GSM problems to answer (0: loss only)")
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -106,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # what no layer below turned into a LisaError: still one line, naming the file
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"lisatune: error: {os_reason(e)}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,14 +6,21 @@ the engine's LisaConfig all say what is wrong the same way.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
+import math
+import re
 from pathlib import Path
-from typing import Any, ClassVar, get_args
+from typing import Annotated, Any, Callable, ClassVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError
 
 from .errors import LisaError
+
+
+# pydantic names the member of a union in an error's location ("resume.bool", "p.list[float][0]"): not a field
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|bytes|literal\[.*\]|[\w-]+\[.*\])")
 
 
 def _loc(parts) -> str:
@@ -48,7 +55,7 @@ def format_error(e: ValidationError, model: type[BaseModel], where: str, section
     """
     errors = e.errors()
     err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo is the root cause
-    parts = [p for p in err["loc"] if p != "__root__"]
+    parts = [p for p in err["loc"] if p != "__root__" and not _UNION_TAG.fullmatch(str(p))]
     loc = _loc(parts)
     if err["type"] == "extra_forbidden":
         scope = section_of(model, parts[:-1])
@@ -59,9 +66,21 @@ def format_error(e: ValidationError, model: type[BaseModel], where: str, section
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return f"{where}: '{loc}' is required"
-    if not parts:  # a whole-section check: its message names the fields
-        return f"{where}: {msg}"
+    if not parts or (err["type"] == "value_error" and section_of(model, parts) is not section_of(model, parts[:-1])):
+        # a whole-section check (its message names the fields): the section's contents are not the point
+        return f"{where}: {loc + ': ' if parts else ''}{msg}"
     return f"{where}{'.' if section else ': '}{loc}: {msg} (got {err.get('input')!r})"
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):  # pydantic's float accepts true as 1.0: a YAML `lr: true` is a mistake, not 1
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
+# A float option: finite (no NaN, no inf), and not a boolean. Ranges go on the field: Field(gt=0) etc.
+# Integer options are StrictInt (a boolean, a float or a string is an error, not converted).
+Number = Annotated[FiniteFloat, BeforeValidator(_not_bool)]
 
 
 class Options(BaseModel):
@@ -78,8 +97,27 @@ class Options(BaseModel):
             raise LisaError(format_error(e, cls, cls.section, section=True)) from None
 
 
+class _TagRefused(yaml.MarkedYAMLError):
+    def __init__(self, tag: str, mark):
+        super().__init__(problem=f"YAML tag '{tag}' is not allowed (lisatune reads plain values only)",
+                         problem_mark=mark)
+        self.tag = tag
+
+
+class YamlTagError(LisaError):
+    """A YAML file or --set value with an explicit tag (!!python/object, !!binary, !custom ...): refused."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (not: the last one wins)."""
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not: the last one wins), and
+    that an explicit tag (`!!python/object:...`, `!!str`, `!foo`) is refused: values are what they look like."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!"):
+            raise _TagRefused(tag.replace("tag:yaml.org,2002:", "!!"), event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -100,25 +138,46 @@ def parse_yaml(text: str, where: str) -> Any:
     """Safe YAML (no tags that build objects), duplicate keys refused; errors are "<where>:<line>: ..."."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: never constructs objects
+    except _TagRefused as e:
+        raise YamlTagError(f"{where}:{e.problem_mark.line + 1}: {e.problem}") from None
+    except RecursionError:
+        raise LisaError(f"{where}: not valid YAML (an alias refers to itself)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"{where}:{mark.line + 1}" if mark else where
         raise LisaError(f"{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+def os_reason(e: OSError) -> str:
+    """An OSError as a short phrase: "No space left on device", "Permission denied", ..."""
+    return e.strerror or str(e) or type(e).__name__
+
+
 def read_text(path: str | Path, what: str) -> str:
-    """A text file's contents, or one LisaError line naming it (missing, a directory, unreadable, not UTF-8)."""
+    """A text file's contents, or one LisaError line naming it (missing, a directory, unreadable, binary,
+    not UTF-8)."""
     p = Path(path)
     if p.is_dir():
         raise LisaError(f"{what} '{path}' is a directory, not a file")
     if not p.is_file():
         raise LisaError(f"{what} '{path}' does not exist")
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LisaError(f"{what} '{path}' is not UTF-8 text (byte {e.start})") from None
+        raw = p.read_bytes()
     except OSError as e:
-        raise LisaError(f"{what} '{path}' cannot be read ({e.strerror})") from None
+        raise LisaError(f"{what} '{path}' cannot be read ({os_reason(e)})") from None
+    return decode_text(raw, f"{what} '{path}'")
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    """UTF-8 text, or a LisaError "<name> is a binary file" / "is not UTF-8 text (byte N)"."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise LisaError(f"{name} is a binary file, not text (a NUL byte at byte {nul})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LisaError(f"{name} is not UTF-8 text (byte {e.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() reads text
 
 
 def read_yaml(path: str | Path, what: str, expected: str | None = None) -> Any:
@@ -140,3 +199,36 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# -- command-line numbers: argparse `type=` functions whose error is one line naming the option -------------
+def cli_int(minimum: int) -> Callable[[str], int]:
+    """An integer >= minimum (argparse adds the option's name: "argument --batch-size: must be >= 1 (got 0)")."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {v})")
+        return v
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def cli_positive_float(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (got {text!r})") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return v
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line ("lisatune eval: error: ... (see --help)"), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from ..errors import LisaError
 from ..recipe.models import SMOLLM2, smollm2_path
+from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
 from .meter import token_batches
 from .norms import run_norms
@@ -23,15 +24,15 @@ from .speed import bench_speed
 def _common(p: argparse.ArgumentParser, steps: int, methods: list[str] | None, out: str) -> None:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (default), a Hugging Face model dir or .gguf, or 'tiny[:N_LAYERS]' (random tiny llama)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch", type=cli_int(1), default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=cli_int(2), default=256, help="tokens per sequence (default 256)")
     if methods is not None:
         p.add_argument("--methods", nargs="+", default=methods, metavar="SPEC",
                        help="methods to compare: presets full, lora (r=8), galore (rank=128), lisa (γ=2, K=5, drop), "
                             "lisa-keep, lisa-offload, lisa-frozen (embedding and head frozen), each refinable as "
                             "NAME:key=value,key=value, e.g. lisa:n_layers=4,interval=10 "
                             f"(default: {' '.join(methods)})")
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--steps", type=cli_int(1), default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
 
 
@@ -62,9 +63,12 @@ def cmd_bench_speed(args) -> int:
 
 
 def cmd_norms(args) -> int:
+    text = read_text(args.data, "--data") if args.data else None  # before the model loads
+    if text is not None and (args.model == "tiny" or args.model.startswith("tiny:")):
+        raise LisaError("--data needs a model with a tokenizer (not 'tiny')")
     model, vocab = load_bench_model(args.model)
     if args.data:
-        batches = text_batches(args.model, args.data, args.batch, args.seq, args.n_batches)
+        batches = text_batches(args.model, args.data, args.batch, args.seq, args.n_batches, text)
     else:
         batches = token_batches(vocab, args.batch, args.seq, n=args.n_batches)
     title = (f"{args.model}: mean layer norms over {args.steps} steps, batch {args.batch} x {args.seq}, "
@@ -78,8 +82,8 @@ def cmd_norms(args) -> int:
     return 0
 
 
-def text_batches(model: str, path: str, batch: int, seq: int, n: int):
-    """Token batches cut from a plain text file with the model's tokenizer."""
+def text_batches(model: str, path: str, batch: int, seq: int, n: int, text: str | None = None):
+    """Token batches cut from a plain text file (or its `text`, already read) with the model's tokenizer."""
     if model == "tiny" or model.startswith("tiny:"):
         raise LisaError("--data needs a model with a tokenizer (not 'tiny')")
     if model == SMOLLM2:
@@ -87,7 +91,7 @@ def text_batches(model: str, path: str, batch: int, seq: int, n: int):
         tok = AutoTokenizer.from_pretrained(f.parent, gguf_file=f.name)
     else:
         tok = AutoTokenizer.from_pretrained(model)
-    ids = tok(Path(path).read_text(), return_tensors="pt").input_ids[0]
+    ids = tok(read_text(path, "--data") if text is None else text, return_tensors="pt").input_ids[0]
     need = batch * seq
     if len(ids) < need:
         raise LisaError(f"--data {path}: {len(ids)} tokens, fewer than one batch ({batch} x {seq})")
@@ -103,7 +107,7 @@ def register(subparsers) -> None:
     m = bs.add_parser("memory", help="weights/grads/optimizer state/activations (exact) and peak RSS per method")
     _common(m, 3, ["full", "lora", "galore", "lisa", "lisa-keep"], "bench-out")
     m.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off")
-    m.add_argument("--switches", type=int, default=10, help="LISA runs at least this many switches (default 10)")
+    m.add_argument("--switches", type=cli_int(1), default=10, help="LISA runs at least this many switches (default 10)")
     m.add_argument("--loss", choices=["fused", "standard"], default="fused",
                    help="fused: head + cross-entropy in chunks, as `lisatune train` does (default); "
                         "standard: the model's own logits and loss")
@@ -114,17 +118,17 @@ def register(subparsers) -> None:
 
     s = bs.add_parser("speed", help="median forward/backward/optimizer time per method, interleaved round-robin")
     _common(s, 20, ["full", "lora", "galore", "lisa", "lisa-frozen"], "bench-out")
-    s.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    s.add_argument("--warmup", type=cli_int(0), default=2, help="untimed rounds first (default 2)")
     s.add_argument("--gradient-checkpointing", choices=["off", "on"], default="off")
     _release_memory(s)
     s.set_defaults(func=cmd_bench_speed)
 
     n = subparsers.add_parser("norms", help="layerwise weight norms of LoRA vs full FT -> LISA probabilities")
     _common(n, 20, None, "norms-out")
-    n.add_argument("--gamma", type=int, default=2, help="expected active blocks: Σ p_l (default 2)")
+    n.add_argument("--gamma", type=cli_int(1), default=2, help="expected active blocks: Σ p_l (default 2)")
     n.add_argument("--data", help="plain text file to train on (default: random tokens)")
-    n.add_argument("--n-batches", type=int, default=8, help="distinct batches, cycled (default 8)")
-    n.add_argument("--lr-full", type=float, default=1e-5)
-    n.add_argument("--lr-lora", type=float, default=1e-4)
-    n.add_argument("--lora-r", type=int, default=8)
+    n.add_argument("--n-batches", type=cli_int(1), default=8, help="distinct batches, cycled (default 8)")
+    n.add_argument("--lr-full", type=cli_positive_float, default=1e-5)
+    n.add_argument("--lr-lora", type=cli_positive_float, default=1e-4)
+    n.add_argument("--lora-r", type=cli_int(1), default=8)
     n.set_defaults(func=cmd_norms)

@@ -65,7 +65,10 @@ DEFAULT_METHODS = ["full", "lora", "galore", "lisa", "lisa-keep"]
 def load_bench_model(name: str = "smollm2", gradient_checkpointing: bool = False) -> tuple[nn.Module, int]:
     """(model in train mode, vocab size) for "smollm2", "tiny" / "tiny:N_LAYERS", or a HF model dir / .gguf."""
     if name == "tiny" or name.startswith("tiny:"):
-        model = tiny_model("llama", int(name.partition(":")[2] or 4), max_positions=1024)
+        n = name.partition(":")[2] or "4"
+        if not n.isdigit() or int(n) < 1:
+            raise LisaError(f"--model '{name}': expected tiny or tiny:N_LAYERS with N_LAYERS >= 1")
+        model = tiny_model("llama", int(n), max_positions=1024)
         if gradient_checkpointing:
             enable_checkpointing(model)
     else:

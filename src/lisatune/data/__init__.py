@@ -5,8 +5,11 @@ collate pads a batch of them into tensors.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
+from pathlib import Path
 
 import torch
 
@@ -18,8 +21,8 @@ from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
 from .render import IGNORE, encode_prompt, render_prompt
 from .text import load_text
 
-__all__ = ["DataConfig", "collate", "encode_prompt", "extract_answer", "gsm_eval_items", "load_splits",
-           "render_prompt"]
+__all__ = ["DataConfig", "collate", "data_fingerprint", "encode_prompt", "extract_answer", "gsm_eval_items",
+           "load_splits", "render_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,30 @@ def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
         elif cfg.val_fraction:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
     return train, val[: cfg.val_max_examples]
+
+
+def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
+    """sha256 of what the run trains and validates on, by source: the bytes of data.path (and data.val_path),
+    or the generated GSM problems (train and held-out). Stored in every checkpoint; resume compares it."""
+    if cfg.format == "gsm":
+        items = {"train": gsm_train_items(cfg), "eval": gsm_eval_items(cfg)}
+        return {"gsm": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()}
+    out = {}
+    for option, path in (("data.path", cfg.path), ("data.val_path", cfg.val_path)):
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_file():
+            raise LisaError(f"{option} '{path}' " + ("is not a file" if p.exists() else "does not exist"))
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+        except OSError as e:
+            raise LisaError(f"{option} '{path}' cannot be read ({e.strerror or e})") from None
+        out[option] = h.hexdigest()
+    return out
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

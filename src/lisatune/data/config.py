@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, StrictInt, field_validator, model_validator
 
-from ..schema import Options
+from ..schema import Number, Options
 
 
 class DataConfig(Options):
@@ -15,15 +15,15 @@ class DataConfig(Options):
     # alpaca: JSON array or JSONL; chat: JSONL with `messages`; text: .txt (blank-line separated) or JSONL `text`.
     path: str | None = None
     val_path: str | None = None  # same format as `path`
-    val_fraction: float = 0.0  # held out from `path` by a seeded shuffle
-    val_max_examples: int | None = None  # cap on the validation set, so evaluation stays cheap
-    max_length: int = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
-    seed: int = 0
+    val_fraction: Number = 0.0  # held out from `path` by a seeded shuffle
+    val_max_examples: StrictInt | None = None  # cap on the validation set, so evaluation stays cheap
+    max_length: StrictInt = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
+    seed: StrictInt = Field(0, ge=0)
     # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
-    gsm_variants: int = 8  # numeric variants per training template
-    gsm_eval_templates: int = 20
-    gsm_eval_variants: int = 2
-    gsm_templates: int | None = None  # use only the first N templates (small, fast data)
+    gsm_variants: StrictInt = 8  # numeric variants per training template
+    gsm_eval_templates: StrictInt = 20
+    gsm_eval_variants: StrictInt = 2
+    gsm_templates: StrictInt | None = None  # use only the first N templates (small, fast data)
     gsm_language: str = "eng"
 
     @field_validator("val_fraction")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LisaError
+from ..schema import os_reason
 
 
 def read_text(path: str, option: str) -> str:
@@ -15,9 +16,17 @@ def read_text(path: str, option: str) -> str:
     if not p.is_file():
         raise LisaError(f"{option} '{path}' is not a file")
     try:
-        return p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise LisaError(f"{option} '{path}' cannot be read ({os_reason(e)})") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise LisaError(f"{option} '{path}' is a binary file, not text (a NUL byte at byte {nul})")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise LisaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_records(path: str, option: str) -> list[tuple[str, Any]]:

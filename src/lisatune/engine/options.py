@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import AliasChoices, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from ..errors import LisaError
-from ..schema import Options, parse_yaml, read_text
+from ..schema import Number, Options, parse_yaml, read_text
 
 
 class LisaConfig(Options):
@@ -26,7 +26,7 @@ class LisaConfig(Options):
     interval: StrictInt = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
     policy: Literal["uniform", "bernoulli", "weighted", "cyclic"] = "uniform"
     # Per-layer probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file.
-    probabilities: list[float] | str | None = None
+    probabilities: list[Number] | str | None = None  # each finite, not a boolean; ranges: the sampler
     seed: StrictInt = Field(0, ge=0)
     train_embedding: bool = True
     train_head: bool = True
@@ -39,6 +39,19 @@ class LisaConfig(Options):
     embed_head_lr: float | None = None
     # Optimizer steps over which a block activated at a switch ramps its lr up (0: none); at most interval.
     activation_warmup: StrictInt = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_each(cls, data):
+        """n_layers and gamma (or interval and K) are one setting: given under two names, one would be dropped."""
+        if isinstance(data, dict):
+            for field in ("n_layers", "interval"):
+                names = cls.model_fields[field].validation_alias.choices
+                given = [n for n in names if n in data]
+                if len(given) > 1:
+                    alias = " or ".join(given[1:])
+                    raise ValueError(f"give {given[0]} or its alias {alias}, not both")
+        return data
 
     @field_validator("interval")
     @classmethod
@@ -108,6 +121,8 @@ def load_probabilities(path: str) -> list[float]:
     out = []
     for i, v in enumerate(values):
         try:
+            if isinstance(v, bool):  # float(True) is 1.0: a YAML `true` in the list is a mistake
+                raise TypeError
             out.append(float(v))
         except (TypeError, ValueError):
             raise LisaError(f"{path}: entry {i + 1} ({v!r}) is not a number") from None

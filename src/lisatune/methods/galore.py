@@ -14,9 +14,10 @@ from typing import Literal
 
 import torch
 import torch.serialization
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ..engine import decay_groups
+from ..schema import Number
 from .base import Method, block_linears, trainable
 
 log = logging.getLogger("lisatune")
@@ -25,9 +26,9 @@ log = logging.getLogger("lisatune")
 class GaloreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rank: int = Field(128, ge=1)
-    update_proj_gap: int = Field(200, ge=1)  # optimizer steps between SVDs of the gradient
-    scale: float = 0.25
+    rank: StrictInt = Field(128, ge=1)
+    update_proj_gap: StrictInt = Field(200, ge=1)  # optimizer steps between SVDs of the gradient
+    scale: Number = Field(0.25, gt=0)
     proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
 
 

@@ -5,14 +5,17 @@ One format for one process, DDP and FSDP2. A run directory holds `checkpoints/st
   optimizer.pt        optimizer.state_dict(), full (single-process layout, whatever the world size)
   scheduler.pt        scheduler.state_dict()
   rng.pt              python, numpy, torch (and CUDA) random states; rng_rank{r}.pt per rank when several
-  trainer_state.json  {"step": ..., **extra} (+ "world_size" when several); written last
+  trainer_state.json  {"step": ..., **extra} (+ "world_size" when several), and "sha256": the checksum of every
+                      other file (the manifest); written last
 Under torch.distributed, saving and loading are collective: rank 0 writes, every rank restores its own RNG.
 Each checkpoint is written into a `.tmp-*` directory and renamed into place, so a
-`step-*` directory is either complete or absent, even if the process is killed.
+`step-*` directory is either complete or absent, even if the process is killed; a file changed on disk since
+(a flipped bit, a truncation) no longer matches the manifest and is refused on load, naming it.
 Everything is read back with torch.load(weights_only=True): no pickled code runs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -24,17 +27,28 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..distributed import (drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict, gather_to_rank0,
                            load_full_model_state_dict, load_full_optimizer_state_dict, on_rank0, rank, world)
 from ..engine import unwrap
 from ..errors import LisaError
+from ..schema import os_reason
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 MODEL, OPTIMIZER, SCHEDULER, RNG, STATE = (
     "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+MANIFEST = "sha256"  # the key of trainer_state.json holding {file name: sha256 hex digest}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def rng_file(rank_: int, world_: int) -> str:
@@ -80,7 +94,10 @@ def clean_tmp(parent: Path, prefix: str = TMP_PREFIX) -> None:
             continue
         pid = d.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -147,8 +164,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         raise LisaError(f"keep_last must be >= 1 or None (got {keep_last})")
     n = world()
     state = {**(extra or {}), "step": int(step), **({"world_size": n} if n > 1 else {})}
+    if MANIFEST in state:
+        raise LisaError(f"checkpoint extra may not use the key '{MANIFEST}' (it holds the files' checksums)")
     try:
-        state_json = json.dumps(state, indent=2)
+        json.dumps(state)
     except (TypeError, ValueError) as e:
         raise LisaError(f"checkpoint extra is not JSON-serializable: {e}") from None
     model = unwrap(model)
@@ -168,7 +187,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                 torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             for r, rng in enumerate(rngs):
                 torch.save(rng, tmp / rng_file(r, n))
-            (tmp / STATE).write_text(state_json)  # last: its presence marks the checkpoint complete
+            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+            # Last: its presence marks the checkpoint complete, and it carries the manifest of the rest.
+            (tmp / STATE).write_text(json.dumps({**state, MANIFEST: sums}, indent=2))
         if keep_last is not None:
             older = [d for _, d in checkpoint_dirs(run_dir) if d != final]
             for d in older[:max(0, len(older) - (keep_last - 1))]:
@@ -178,7 +199,21 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                 shutil.rmtree(doomed, ignore_errors=True)
         return final
 
-    return on_rank0(write)
+    def write_or_explain() -> Path:
+        # A full disk or a read-only directory: one line. atomic_dir has removed the partial `.tmp-*`
+        # directory, so nothing incomplete is ever taken for a checkpoint.
+        try:
+            return write()
+        except OSError as e:
+            raise LisaError(f"cannot write checkpoint step-{int(step):06d} in {Path(run_dir) / 'checkpoints'} "
+                            f"({os_reason(e)}); the earlier checkpoints are intact") from None
+        except Exception as e:  # safetensors reports a failed write as its own error type
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise LisaError(f"cannot write checkpoint step-{int(step):06d} in {Path(run_dir) / 'checkpoints'} "
+                            f"({first_line(e)}); the earlier checkpoints are intact") from None
+
+    return on_rank0(write_or_explain)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
@@ -190,7 +225,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
     path = Path(path)
     if not path.is_dir():
         raise LisaError(f"checkpoint '{path}' does not exist")
-    state = _read_state(path)
+    state = read_state(path)
+    sums = state.pop(MANIFEST, None)  # absent in checkpoints written before the manifest: not verified
     written_by = state.get("world_size", 1)
     if written_by != world():
         raise LisaError(f"checkpoint '{path}' was written by {_processes(written_by)}, this run has "
@@ -202,6 +238,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
     missing = [f for f in need if not (path / f).is_file()]
     if missing:
         raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
+    if sums is not None:
+        verify(path, sums, need[1:])
     opt_sd = read_torch(path, OPTIMIZER) if optimizer is not None else None
     sched_sd = read_torch(path, SCHEDULER) if scheduler is not None else None
     rng = read_torch(path, rng_name)
@@ -226,21 +264,64 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
     return state
 
 
-def _read_state(path: Path) -> dict:
+def verify(path: Path, sums: Any, names: list[str]) -> None:
+    """Each of `names` must match the sha256 recorded in trainer_state.json when it was written."""
+    if not isinstance(sums, dict):
+        raise LisaError(f"checkpoint '{path}': {STATE} is corrupt (its '{MANIFEST}' manifest is not a mapping)")
+    for name in names:
+        want = sums.get(name)
+        if want is None:
+            raise LisaError(f"checkpoint '{path}': {name} is not in the manifest of {STATE} (added afterwards?)")
+        try:
+            got = sha256_file(path / name)
+        except OSError as e:
+            raise LisaError(f"checkpoint '{path}': {name} cannot be read ({os_reason(e)})") from None
+        if got != want:
+            raise LisaError(f"checkpoint '{path}': {name} is corrupt (its sha256 does not match the one recorded "
+                            "when it was written)")
+
+
+def read_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint directory; its step must be an integer >= 0 and, for a step-N
+    directory, N. Corrupt or inconsistent: one LisaError line."""
+    remedy = " (delete that directory to resume from the checkpoint before it)"
     try:
-        state = json.loads((path / STATE).read_text())
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LisaError(f"checkpoint '{path}' is incomplete: missing {STATE}") from None
     except (OSError, ValueError) as e:
-        raise LisaError(f"checkpoint '{path}': {STATE} is unreadable ({first_line(e)})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
-        raise LisaError(f"checkpoint '{path}': {STATE} has no integer 'step'")
+        raise LisaError(f"checkpoint '{path}': {STATE} is unreadable ({first_line(e)}){remedy}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise LisaError(f"checkpoint '{path}': {STATE} has no integer 'step' >= 0{remedy}")
+    m = STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise LisaError(f"checkpoint '{path}': {STATE} says step {step}, its directory name says step "
+                        f"{int(m.group(1))}{remedy}")
     return state
 
 
 def checkpoint_step(path: Path) -> int:
     """The step a complete checkpoint directory was written at."""
-    return _read_state(path)["step"]
+    return read_state(path)["step"]
+
+
+def has_finite_weights(path: Path) -> bool:
+    """Whether a checkpoint's model.safetensors is readable and every floating-point tensor in it finite."""
+    try:
+        with safe_open(str(path / MODEL), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return False
+    except Exception:  # unreadable or truncated: not a good checkpoint either
+        return False
+    return True
+
+
+def last_good_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose weights are all finite (None if there is none)."""
+    return next((d for _, d in reversed(checkpoint_dirs(run_dir)) if has_finite_weights(d)), None)
 
 
 def _check_fits(model: torch.nn.Module, sd: dict) -> None:

@@ -5,55 +5,87 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from ..data import DataConfig
 from ..distributed.launch import MODES
 from ..errors import LisaError
 from ..methods import METHODS
-from ..schema import format_error, parse_yaml, read_yaml
+from ..schema import Number, YamlTagError, format_error, parse_yaml, read_yaml
 from .models import ModelConfig
 
 
+Beta = Annotated[Number, Field(ge=0, lt=1)]
+Steps = Annotated[StrictInt, Field(ge=1)]
+
+
 class TrainOptions(BaseModel):
+    """The loop's settings. Every number is checked: finite, in range, and an integer where one is meant (a
+    YAML `true` is not 1, `4.0` is not 4); a bad value is one line naming it."""
     model_config = ConfigDict(extra="forbid")
 
     output_dir: str = "runs/default"
-    seed: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
-    epochs: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    seed: StrictInt = Field(0, ge=0)
+    lr: Number = Field(1e-4, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: Number = Field(1e-8, gt=0)
+    batch_size: StrictInt = Field(4, ge=1)
+    grad_accum: StrictInt = Field(1, ge=1)
+    max_steps: Steps | None = None  # optimizer steps; overrides epochs
+    epochs: Number = Field(1.0, gt=0)
+    warmup_steps: StrictInt = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float | None = 1.0  # None: no clipping
+    max_grad_norm: Number | None = 1.0  # clip the gradient's global norm to this; null (None): no clipping
     # bf16-mixed: bf16 weights (model.dtype is then bf16), fp32 master weights and fp32 optimizer state for
     # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
     precision: Literal["fp32", "bf16-mixed"] = "fp32"
     # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process or DDP, not FSDP;
     # checked against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
-    fused_loss: bool = True
+    fused_loss: StrictBool = True
     # Linux/glibc: serve large allocations with mmap at a fixed threshold, so freed tensors leave the process
     # at once instead of staying resident in the heap. On SmolLM2 (CPU): peak RSS -0.5 GB, steps ~35 % slower
     # (docs/benchmarks.md): for when memory, not time, is what runs out.
-    release_memory: bool = False
-    eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
-    eval_batch_size: int = Field(8, ge=1)
-    gsm_eval_samples: int = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
-    gsm_max_new_tokens: int = Field(200, ge=1)
-    save_every: int = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
-    keep_last: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    release_memory: StrictBool = False
+    eval_every: StrictInt = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_batch_size: StrictInt = Field(8, ge=1)
+    gsm_eval_samples: StrictInt = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
+    gsm_max_new_tokens: StrictInt = Field(200, ge=1)
+    save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
+    keep_last: StrictInt = Field(2, ge=1)
+    log_every: StrictInt = Field(1, ge=1)
     resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
-    overwrite: bool = False
-    merge_lora: bool = True  # save LoRA merged into a plain model (else the adapter)
-    tensorboard: bool = True
+    overwrite: StrictBool = False  # replace output_dir, if it is a lisatune run directory (never anything else)
+    # Resume although the training data's content changed since the checkpoint was written (its fingerprint
+    # is stored in every checkpoint); normally that is refused, since the resumed run would not be the same run.
+    # Also accepted under the name allow_data_change.
+    data_may_change: StrictBool = Field(False, validation_alias=AliasChoices("data_may_change", "allow_data_change"))
+    merge_lora: StrictBool = True  # save LoRA merged into a plain model (else the adapter)
+    tensorboard: StrictBool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data):
+        if isinstance(data, dict) and {"data_may_change", "allow_data_change"} <= set(data):
+            raise ValueError("give data_may_change or its alias allow_data_change, not both")
+        return data
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, v):
+        if not (isinstance(v, bool) or v == "auto"):  # not 1, "yes" or "true": those are for YAML to parse
+            raise ValueError("must be true, false or 'auto'")
+        return v
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:  # 0 used to mean "no clipping" and a negative one trained uphill
+            raise ValueError("must be > 0 (or null for no clipping)")
+        return v
 
 
 class RunConfig(BaseModel):
@@ -118,6 +150,8 @@ def parse_value(text: str):
     """A --set value as YAML scalar/list (so 3e-5, true, [1, 2] work); never evaluated as code."""
     try:
         return parse_yaml(text, "--set")
+    except YamlTagError:
+        raise
     except LisaError:
         return text
 
@@ -127,7 +161,9 @@ def set_dotted(data: dict, key: str, value, where: str) -> None:
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`train:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise LisaError(f"{where}: '{part}' is not a section")
     node[parts[-1]] = value
@@ -137,7 +173,11 @@ def apply_override(data: dict, assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise LisaError(f"--set '{assignment}': expected key=value, e.g. train.lr=3e-5")
-    set_dotted(data, key, parse_value(value), f"--set '{assignment}'")
+    try:
+        parsed = parse_value(value)
+    except YamlTagError:
+        raise LisaError(f"--set '{assignment}': YAML tags (!!...) are not allowed; give a plain value") from None
+    set_dotted(data, key, parsed, f"--set '{assignment}'")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:

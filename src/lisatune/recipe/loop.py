@@ -22,19 +22,20 @@ from accelerate.utils import set_seed
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from ..data import collate, gsm_eval_items, load_splits
+from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
 from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
                            wrap_model)
 from ..errors import LisaError
 from ..methods import Method, build_method
+from ..schema import os_reason
 from .allocator import release_freed_memory
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loss, gsm_accuracy
 from .loss import pick_loss, standard_loss
 from .metrics import Metrics, NoMetrics
 from .models import load_model, save_model
-from .run_dir import describe_eval, start, write_summary
+from .run_dir import create_run_dir, describe_eval, start, write_summary
 
 log = logging.getLogger("lisatune")
 
@@ -104,7 +105,10 @@ class Run:
     loss_fn: Callable
     total: int  # optimizer steps
     step: int = 0
+    start_step: int = 0  # the step this process started (or resumed) at: before it, no update of ours
     first_eval: dict | None = None
+    last_eval: dict | None = None  # the final evaluation, once done (kept in the final checkpoint)
+    fingerprint: dict | None = None  # data_fingerprint of the training data, stored in every checkpoint
     metrics: Any = None
     tokens_seen: int = 0
     extra: dict = field(default_factory=dict)
@@ -132,23 +136,23 @@ def train(cfg: BaseModel) -> dict:
 
         run.model.train()
         started = time.perf_counter()
-        bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0)
-        while run.step < run.total:
-            row, stopping = train_step(run, stop)
-            t = cfg.train
-            if run.step % t.log_every == 0 or run.step == run.total:
-                run.metrics.write(run.step, **row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            **({"active": row["active"]} if "active" in row else {}))
-            bar.update(1)
-            if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
-                evaluate(run, run.step)
-            if t.save_every and run.step % t.save_every == 0 and run.step < run.total:
-                checkpoint(run)
-            if stopping:
-                bar.close()
-                raise Interrupted(run.step, checkpoint(run))
-        bar.close()
+        # Closed on any way out, so an error is printed on a line of its own, not after the bar.
+        with tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0) as bar:
+            while run.step < run.total:
+                row, stopping = train_step(run, stop)
+                t = cfg.train
+                if run.step % t.log_every == 0 or run.step == run.total:
+                    run.metrics.write(run.step, **row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"active": row["active"]} if "active" in row else {}))
+                bar.update(1)
+                if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
+                    evaluate(run, run.step)
+                if t.save_every and run.step % t.save_every == 0 and run.step < run.total:
+                    checkpoint(run)
+                if stopping:
+                    bar.close()
+                    raise Interrupted(run.step, checkpoint(run))
         return finish(run, elapsed=time.perf_counter() - started)
 
 
@@ -165,7 +169,8 @@ def setup(cfg: BaseModel) -> Run | dict:
     if rank:
         logging.getLogger("lisatune").setLevel(logging.WARNING)  # rank 0 reports
     mode = launch_mode(cfg.distributed, world)  # none | ddp | fsdp; refuses several processes with "none"
-    resume_from, finished = on_rank0(lambda: start(cfg))  # only rank 0 touches the run directory
+    fingerprint = data_fingerprint(cfg.data)  # the content trained on: a resume must train on the same
+    resume_from, finished = on_rank0(lambda: start(cfg, fingerprint))  # only rank 0 touches the run directory
     if finished is not None:
         return finished
 
@@ -187,11 +192,21 @@ def setup(cfg: BaseModel) -> Run | dict:
               optimizer, lr_schedule(optimizer, t.schedule, t.warmup_steps, total), train_set, val_set, gsm_items,
               standard_loss, total)
     run.loss_fn = choose_loss(run)
+    run.fingerprint = fingerprint
 
     if resume_from is not None:
+        claimed = on_rank0(lambda: checkpoint_step(resume_from))
+        if claimed > total:
+            raise LisaError(f"checkpoint '{resume_from}' claims step {claimed}, beyond this run's {total} steps: "
+                            "it is not a checkpoint of this run")
         state = load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler)
         run.step, run.first_eval = state["step"], state.get("first_eval")
+        run.start_step = run.step
+        if run.step == total:  # killed after the final checkpoint: its evaluation is done and in the metrics
+            run.last_eval = state.get("last_eval")
         log.info("resumed from %s at step %d", resume_from, run.step)
+    else:  # set up: only now is a new run's directory made (and a previous run it replaces deleted)
+        on_rank0(lambda: create_run_dir(cfg))
     run.metrics = Metrics(run.dir, t.tensorboard, resume_step=run.step if resume_from else None) if rank == 0 \
         else NoMetrics()
     return run
@@ -219,7 +234,7 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
             n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
             n_global, non_finite = all_sum(n_labels, not torch.isfinite(loss))  # all ranks agree
             if non_finite:
-                non_finite_stop(run.dir, run.step + 1, "loss")
+                non_finite_stop(run, "loss")
             # This rank's share of the global batch's labelled tokens, × world because DDP/FSDP average
             # the ranks' gradients: the gradient is the global batch's mean-loss gradient (× 1 in one process).
             loss = loss * (run.world * n_labels / n_global) / t.grad_accum
@@ -227,10 +242,11 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
         loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum())
     trainable = [p for p in run.model.parameters() if p.requires_grad]  # LISA changes it at switches
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm or float("inf"))
+    clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")  # None: no clipping (only)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
     grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
     if not math.isfinite(grad_norm):
-        non_finite_stop(run.dir, run.step + 1, "gradient norm")
+        non_finite_stop(run, "gradient norm")
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -243,10 +259,32 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     return row, bool(stopping)
 
 
-def non_finite_stop(run_dir: Path, step: int, what: str):
-    last = latest_checkpoint(run_dir)
-    kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
-    raise LisaError(f"non-finite {what} at step {step}: stopped before updating the weights; {kept}")
+def lr_cause(run: Run) -> str:
+    """Why a value went non-finite. Before this process's first update the weights are the loaded (finite)
+    ones, so the lr cannot be the cause; after it, the updates (whose size the lr sets) are."""
+    if run.step == run.start_step:
+        return "before any update of this run, so not the lr: the model's weights or the data give it"
+    t = run.cfg.train
+    now = run.scheduler.get_last_lr()[0]
+    clip = "" if t.max_grad_norm is not None else " or clip with train.max_grad_norm"
+    return f"the updates diverged at train.lr={t.lr:g} (now {now:.3g}): lower train.lr{clip}"
+
+
+def kept_checkpoint(run: Run) -> str:
+    last = on_rank0(lambda: last_good_checkpoint(run.dir))  # good: complete, and every weight in it finite
+    return f"the last good checkpoint {last} is intact" if last else "no good checkpoint was written"
+
+
+def non_finite_stop(run: Run, what: str):
+    raise LisaError(f"non-finite {what} at step {run.step + 1}: {lr_cause(run)}; stopped before updating the "
+                    f"weights; {kept_checkpoint(run)}")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Every trainable parameter finite, on every rank (each checks its own shards under FSDP2)."""
+    bad = any(not bool(torch.isfinite(p.to_local() if is_dtensor(p) else p).all())
+              for p in model.parameters() if p.requires_grad)
+    return all_sum(bad)[0] == 0
 
 
 # -- evaluation, checkpoints, the end -------------------------------------------------------------------
@@ -259,14 +297,22 @@ def evaluate(run: Run, at: int) -> dict:
         acc = gsm_accuracy(run.model, run.tokenizer, run.gsm_items, t.gsm_max_new_tokens, t.eval_batch_size)
         res |= {k: v for k, v in acc.items() if k != "samples"}
         if run.rank == 0:
-            (run.dir / f"gsm_samples_step{at}.json").write_text(json.dumps(acc["samples"], indent=1))
+            f = run.dir / f"gsm_samples_step{at}.json"
+            try:
+                f.write_text(json.dumps(acc["samples"], indent=1))
+            except OSError as e:
+                raise LisaError(f"cannot write {f} ({os_reason(e)})") from None
     run.metrics.write(at, **res)
     return res
 
 
 def checkpoint(run: Run) -> Path:
-    """Collective under ddp/fsdp; rank 0 writes."""
-    extra = {"first_eval": run.first_eval, "micro_step": run.step * run.cfg.train.grad_accum}
+    """Collective under ddp/fsdp; rank 0 writes. Never from non-finite weights: a checkpoint is a good one."""
+    if not weights_finite(run.model):
+        raise LisaError(f"non-finite weights at step {run.step}: not checkpointed; {lr_cause(run)}; "
+                        f"{kept_checkpoint(run)}")
+    extra = {"first_eval": run.first_eval, "micro_step": run.step * run.cfg.train.grad_accum,
+             "data_fingerprint": run.fingerprint, **({"last_eval": run.last_eval} if run.last_eval else {})}
     return save_checkpoint(run.dir, run.step, run.model, run.optimizer, run.scheduler, extra,
                            keep_last=run.cfg.train.keep_last)
 
@@ -274,11 +320,20 @@ def checkpoint(run: Run) -> Path:
 def finish(run: Run, elapsed: float) -> dict:
     """The last evaluation and checkpoint, the final model and summary.json; returns the summary."""
     cfg = run.cfg
-    last_eval = evaluate(run, run.step)
-    checkpoint(run)
+    if run.last_eval is None:  # else: resumed from the final checkpoint, whose evaluation is in the metrics
+        run.last_eval = evaluate(run, run.step)
+        checkpoint(run)
+    last_eval = run.last_eval
     full = full_model(run.model)  # collective under FSDP2: the gathered weights, on rank 0
-    final_dir = on_rank0(lambda: save_model(run.method.export(full, merge=cfg.train.merge_lora), run.tokenizer,
-                                            run.dir / "final"))
+
+    def save_final() -> Path:
+        try:
+            return save_model(run.method.export(full, merge=cfg.train.merge_lora), run.tokenizer, run.dir / "final")
+        except OSError as e:
+            raise LisaError(f"cannot save the final model to {run.dir / 'final'} ({os_reason(e)}); the final "
+                            "checkpoint is intact: run again with --resume to save it") from None
+
+    final_dir = on_rank0(save_final)
     summary = {"method": cfg.method, "model": cfg.model.source, "steps": run.step, "distributed": run.mode,
                "processes": run.world, "loss": "model" if run.loss_fn is standard_loss else "fused",
                "train_seconds": round(elapsed, 1), "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),

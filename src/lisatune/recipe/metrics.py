@@ -4,15 +4,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import LisaError
+from ..schema import os_reason
+
+
+def _rows(text: str) -> list[dict]:
+    """The complete rows of a metrics file; a line cut short by a kill mid-write is dropped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
 
 class Metrics:
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            # Lines written after the checkpoint we resume from would be repeated: drop them.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.file = self.path.open("a")
+        try:
+            if resume_step is not None and self.path.exists():
+                # Lines written after the checkpoint we resume from would be repeated: drop them.
+                keep = [r for r in _rows(self.path.read_text()) if r.get("step", 0) <= resume_step]
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            self.file = self.path.open("a")
+        except OSError as e:
+            raise LisaError(f"cannot write {self.path} ({os_reason(e)})") from None
         self.tb = None
         if tensorboard:
             try:
@@ -22,8 +41,11 @@ class Metrics:
                 self.tb = None
 
     def write(self, step: int, **values) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise LisaError(f"cannot write {self.path} ({os_reason(e)})") from None
         if self.tb:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -16,11 +17,12 @@ from typing import Literal
 
 import torch
 from accelerate import init_empty_weights
+from pydantic import StrictBool
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..engine import unwrap
 from ..errors import LisaError
-from ..schema import Options
+from ..schema import Options, decode_text, os_reason
 from .checkpoint import atomic_dir
 
 log = logging.getLogger("lisatune")
@@ -36,8 +38,8 @@ class ModelConfig(Options):
 
     source: str = SMOLLM2  # "smollm2", a model directory or a .gguf file
     dtype: Literal["fp32", "bf16"] = "fp32"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    gradient_checkpointing: StrictBool = False
+    trust_remote_code: StrictBool = False
 
 
 def load_model(cfg: ModelConfig | None = None):
@@ -103,16 +105,83 @@ def smollm2_path() -> Path:
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
 def _load_dir(path: Path, cfg: ModelConfig):
+    where = f"model.source '{cfg.source}'"
+    check_model_dir(path, where)
     kw = {"trust_remote_code": cfg.trust_remote_code}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], use_safetensors=True if any(path.glob("*.safetensors")) else None, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], use_safetensors=True, **kw)
         tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise LisaError(f"model.source '{cfg.source}' is not a loadable model directory "
-                        f"({str(e).strip().splitlines()[0]})") from None
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, RuntimeError, ...): one line
+        raise LisaError(f"{where} is not a loadable model directory "
+                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     return model, tok
+
+
+def check_model_dir(path: Path, where: str) -> dict:
+    """Refuse what from_pretrained would load wrongly, noisily or unsafely, each with one line: no config.json
+    (an empty directory, a training checkpoint), a config that is not UTF-8 JSON, no tokenizer, pickled weights
+    only, weights that are truncated or whose shapes do not match config.json."""
+    if not (path / "config.json").is_file():
+        hint = (" (it is a lisatune training checkpoint: the model of a run is in its final/ directory)"
+                if (path / "trainer_state.json").is_file() else "")
+        raise LisaError(f"{where} is not a loadable model directory (it has no config.json: not a model "
+                        f"directory){hint}")
+    try:
+        config = json.loads(decode_text((path / "config.json").read_bytes(), "config.json"))
+    except json.JSONDecodeError as e:
+        raise LisaError(f"{where}: config.json is not valid JSON (line {e.lineno}: {e.msg})") from None
+    except LisaError as e:
+        raise LisaError(f"{where}: {e}") from None
+    except OSError as e:
+        raise LisaError(f"{where}: config.json cannot be read ({os_reason(e)})") from None
+    if not isinstance(config, dict):
+        raise LisaError(f"{where}: config.json is not a JSON object")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise LisaError(f"{where} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}): save the "
+                        "tokenizer into the model directory (tokenizer.save_pretrained)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickles:
+            raise LisaError(f"{where} holds {pickles[0]}, a pickle (loading it can run code), and no .safetensors "
+                            "weights: convert it (model.save_pretrained(dir, safe_serialization=True))")
+        raise LisaError(f"{where} has no model weights (*.safetensors)")
+    _check_weights(path, weights, config, where)
+    return config
+
+
+def _check_weights(path: Path, files: list[Path], config: dict, where: str) -> None:
+    """Every safetensors file readable to its end, and its tensors' shapes those of the model config.json
+    describes (built on the meta device: no memory, no weights read)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    shapes = {}
+    for f in files:
+        try:
+            size = f.stat().st_size
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    shapes[key] = tuple(st.get_slice(key).get_shape())
+        except Exception as e:  # SafetensorError: a truncated or corrupt file
+            raise LisaError(f"{where}: {f.name} is corrupt or truncated ({size} bytes; "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    except Exception:  # an architecture only trust_remote_code can build, and the like: from_pretrained decides
+        return
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in sorted(shapes.items()):
+        want = mine.get(key)
+        if want is not None and want != shape:
+            raise LisaError(f"{where}: the weights do not match config.json ({key} has shape {shape}, "
+                            f"config.json makes it {want})")
 
 
 def _load_gguf(path: Path):

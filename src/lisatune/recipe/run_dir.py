@@ -1,5 +1,6 @@
 """A run directory: created, or found to resume, or recognised as finished; never clobbering another run.
 
+    output_dir/.lisatune-run the marker: only a directory carrying it is ever deleted (--overwrite)
     output_dir/config.yaml   the resolved config (the same-run check on resume reads it)
     output_dir/metrics.jsonl, tb/, checkpoints/step-N/, final/, summary.json
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -14,38 +16,94 @@ import yaml
 from pydantic import BaseModel
 
 from ..errors import LisaError
-from ..schema import flatten, read_yaml
-from .checkpoint import checkpoint_step, latest_checkpoint
+from ..schema import flatten, os_reason, read_yaml
+from .checkpoint import checkpoint_step, clean_tmp, latest_checkpoint, read_state
 from .config import TrainConfig
 
 log = logging.getLogger("lisatune")
 
-# Changing these does not change what a resumed run computes.
+# Changing these does not change what a resumed run computes (output_dir: a run directory can be moved).
 RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last",
-               "release_memory"}
+               "release_memory", "output_dir", "data_may_change"}
+# Written into every run directory lisatune creates: --overwrite deletes a directory only if it carries this.
+MARKER = ".lisatune-run"
 
 
-def prepare_run_dir(cfg: BaseModel) -> Path | None:
-    """Create the run directory, or find the checkpoint to resume; refuse to clobber another run."""
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _io(what: str, fn, *args):
+    """fn(*args), with an OSError (no permission, disk full, read-only file system...) as one LisaError line."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise LisaError(f"cannot {what} ({os_reason(e)})") from None
+
+
+def check_output_dir(out: Path) -> None:
+    """output_dir must be a directory or not exist yet, and not lie under a file."""
+    if out.exists() and not out.is_dir():
+        raise LisaError(f"output_dir '{out}' is a file, not a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LisaError(f"output_dir '{out}' lies under '{parent}', which is a file, not a directory")
+            break
+
+
+def prepare_run_dir(cfg: BaseModel, fingerprint: dict | None = None) -> Path | None:
+    """The checkpoint to resume, or None for a new run; refuse to clobber another run, and never delete a
+    directory that is not a lisatune run directory (one carrying MARKER).
+
+    Nothing is created or deleted here: create_run_dir does that once the run is set up, so a run that fails to
+    start (a model that does not load, γ above its blocks...) leaves output_dir as it was, even with --overwrite.
+    """
     t = cfg.train
     out = Path(t.output_dir)
-    saved = out / "config.yaml"
-    if out.exists() and any(out.iterdir()):
+    check_output_dir(out)
+    if out.is_dir() and _io(f"read output_dir '{out}'", lambda: any(out.iterdir())):
+        clean_tmp(out)  # `.tmp-final-*` of a process killed while it saved the final model
         ckpt = latest_checkpoint(out)
         if t.resume and ckpt is not None:
-            check_same_run(cfg, saved)
+            check_same_run(cfg, out / "config.yaml")
+            check_same_data(ckpt, fingerprint, t.data_may_change)
+            if not is_run_dir(out):  # made by a lisatune without the marker: it is one
+                _io(f"write to output_dir '{out}'", (out / MARKER).write_text, "a lisatune run directory\n")
             return ckpt
         if t.resume is True:
             raise LisaError(f"--resume: output_dir '{out}' has no complete checkpoint to resume from")
+        if not is_run_dir(out):
+            if t.overwrite:
+                raise LisaError(f"--overwrite: output_dir '{out}' is not a lisatune run directory (no {MARKER}); "
+                                "refusing to delete it")
+            raise LisaError(f"output_dir '{out}' is not empty and is not a lisatune run directory; "
+                            "choose another output_dir")
         if not t.overwrite:
             raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it "
                             "or --resume to continue it")
-        shutil.rmtree(out)
     elif t.resume is True:
         raise LisaError(f"--resume: output_dir '{out}' has no run to resume")
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    writable = next((d for d in [out, *out.parents] if d.exists()), None)
+    if writable is not None and not os.access(writable, os.W_OK | os.X_OK):  # found now, not after the model loads
+        raise LisaError(f"cannot create output_dir '{out}' ('{writable}' is not writable: Permission denied)")
     return None
+
+
+def create_run_dir(cfg: BaseModel) -> Path:
+    """A new run's directory (replacing the previous run there, which prepare_run_dir allowed): the marker and
+    config.yaml."""
+    out = Path(cfg.train.output_dir)
+    check_output_dir(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not (is_run_dir(out) and cfg.train.overwrite):  # prepare_run_dir said so; never delete anything else
+            raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it")
+        _io(f"delete the previous run in output_dir '{out}'", shutil.rmtree, out)
+    _io(f"create output_dir '{out}'", lambda: out.mkdir(parents=True, exist_ok=True))
+    _io(f"write to output_dir '{out}'", (out / MARKER).write_text, "a lisatune run directory\n")
+    saved = out / "config.yaml"
+    _io(f"write {saved}", saved.write_text, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return out
 
 
 def check_same_run(cfg: BaseModel, saved: Path) -> None:
@@ -62,15 +120,42 @@ def check_same_run(cfg: BaseModel, saved: Path) -> None:
                             "(use a new output_dir for a different run)")
 
 
-def start(cfg: BaseModel) -> tuple[Path | None, dict | None]:
+def check_same_data(ckpt: Path, fingerprint: dict | None, allow: bool) -> None:
+    """The training data must be the data the checkpoint was trained on (its content, not its path)."""
+    old = read_state(ckpt).get("data_fingerprint")
+    if not isinstance(old, dict) or fingerprint is None or old == fingerprint:
+        return  # a checkpoint from before fingerprints: nothing to compare
+    changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
+    what = ", ".join(f"{k} {str(old.get(k))[:12]}… -> {str(fingerprint.get(k))[:12]}…" for k in changed)
+    if allow:
+        log.warning("resuming %s although the training data changed (%s): train.data_may_change is set",
+                    ckpt, what)
+        return
+    raise LisaError(f"cannot resume {ckpt.parent.parent}: the training data changed ({what}, sha256 of the "
+                    "content); set train.data_may_change=true to resume anyway, or use a new output_dir")
+
+
+def read_summary(run: Path) -> dict | None:
+    """summary.json of a finished run, or None (absent, or cut short by a kill: the run then finishes again)."""
+    f = run / "summary.json"
+    if not f.is_file():
+        return None
+    try:
+        summary = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s): finishing the run again", f, e)
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def start(cfg: BaseModel, fingerprint: dict | None = None) -> tuple[Path | None, dict | None]:
     """Rank 0: prepare the run directory; (checkpoint to resume, the summary if that run already finished)."""
     run = Path(cfg.train.output_dir)
-    resume_from = prepare_run_dir(cfg)
-    if resume_from is not None and (run / "summary.json").is_file():
-        summary = json.loads((run / "summary.json").read_text())
-        if summary.get("steps") == checkpoint_step(resume_from):
-            log.info("run in %s is already complete; nothing to do", run)
-            return resume_from, {**summary, "already_complete": True}
+    resume_from = prepare_run_dir(cfg, fingerprint)
+    summary = read_summary(run) if resume_from is not None else None
+    if summary is not None and summary.get("steps") == checkpoint_step(resume_from):
+        log.info("run in %s is already complete; nothing to do", run)
+        return resume_from, {**summary, "already_complete": True}
     return resume_from, None
 
 
@@ -79,7 +164,9 @@ def write_summary(run: Path, summary: dict) -> dict:
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     summary = {**summary, "train_loss_first": sum(losses[:5]) / max(1, len(losses[:5])),
                "train_loss_last": sum(losses[-5:]) / max(1, len(losses[-5:]))}
-    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    tmp = run / f".tmp-summary.json-{os.getpid()}"
+    _io(f"write {run / 'summary.json'}", tmp.write_text, json.dumps(summary, indent=1))
+    os.replace(tmp, run / "summary.json")  # atomic: a kill leaves the old file or the new one
     return summary
 
 
