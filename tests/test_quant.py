@@ -8,6 +8,7 @@ import torch
 import transformers as T
 
 from conftest import batches
+import lisatune.quant  # noqa: F401  (installs lisa.frozen_weights)
 from lisatune import LisaAdamW, LisaError
 from lisatune.analysis.tiny import tiny_config
 
@@ -184,3 +185,123 @@ def test_the_library_missing_is_one_line(monkeypatch):
     with pytest.raises(LisaError, match=r"^lisa.embed_head_state: 8bit needs bitsandbytes \(pip install "
                                         r"bitsandbytes\)$"):
         LisaAdamW(wide_model(), n_layers=2, interval=2, embed_head_state="8bit")
+
+
+# -- lisa.frozen_weights: int8 | nf4 (#15) -------------------------------------------------------------------
+from conftest import tiny_model  # noqa: E402
+
+QUANT = {"int8": "Int8Params", "nf4": "Params4bit"}
+
+
+def linears(model, i):
+    return {n: m for n, m in model.model.layers[i].named_modules() if n.endswith("_proj")}
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_frozen_blocks_are_quantized_active_ones_not(kind):
+    model = tiny_model(n_layers=4)
+    opt = LisaAdamW(model, n_layers=2, interval=3, lr=1e-2, frozen_weights=kind, seed=1)
+    for step, x in enumerate(batches(9)):
+        for i in range(4):
+            for n, m in linears(model, i).items():
+                if i in opt.active_blocks:
+                    assert type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
+                    assert m.weight.requires_grad and m.weight.dtype == torch.float32
+                else:
+                    assert type(m.weight).__name__ == QUANT[kind] and not m.weight.requires_grad
+                    assert m.weight.dtype == (torch.int8 if kind == "int8" else torch.uint8)
+        assert opt.frozen_weights.quantized_blocks() == [i for i in range(4) if i not in opt.active_blocks]
+        train(model, opt, [x])
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_after_a_switch_the_host_copy_holds_exactly_the_trained_weights_and_the_saved_model_is_full(kind):
+    model = tiny_model(n_layers=4)
+    opt = LisaAdamW(model, n_layers=2, interval=3, lr=1e-2, frozen_weights=kind, seed=1)
+    first = list(opt.active_blocks)
+    names = [f"model.layers.{i}.{n}.weight" for i in first for n in linears(model, i)]
+    before = {n: model.get_parameter(n).detach().clone() for n in names}
+    stepped = {}  # the weights the inner optimizer wrote at the last step, before the switch froze them
+    opt.inner.register_step_post_hook(
+        lambda *_: stepped.update({n: model.get_parameter(n).detach().clone() for n in names if n in opt.masters()
+                                   or model.get_parameter(n).requires_grad}))
+    train(model, opt, batches(3))
+    gone = [i for i in first if i not in opt.active_blocks]
+    assert gone and opt.frozen_weights.quantized_blocks() == [i for i in range(4) if i not in opt.active_blocks]
+    host = opt.frozen_weights.host
+    for i in gone:
+        for n in linears(model, i):
+            name = f"model.layers.{i}.{n}.weight"
+            assert torch.equal(host[name], stepped[name]) and not torch.equal(host[name], before[name])
+    sd = model.state_dict()  # the saved model: every block in full precision, the frozen ones their host copy
+    assert set(sd) == set(tiny_model(n_layers=4).state_dict())
+    assert all(t.dtype == torch.float32 for t in sd.values())
+    for i in range(4):
+        for n, m in linears(model, i).items():
+            name = f"model.layers.{i}.{n}.weight"
+            assert torch.equal(sd[name], host[name] if i not in opt.active_blocks else m.weight)
+
+
+def test_save_pretrained_writes_the_full_precision_weights(tmp_path):
+    model = tiny_model(n_layers=4)
+    opt = LisaAdamW(model, n_layers=2, interval=2, lr=1e-2, frozen_weights="int8", seed=1)
+    train(model, opt, batches(5))
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path)
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, full[k]), k
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_resume_is_bitwise(kind):
+    data = batches(10)
+
+    def setup():
+        model = tiny_model(n_layers=4)
+        return model, LisaAdamW(model, n_layers=2, interval=3, lr=1e-2, frozen_weights=kind, seed=2,
+                                state_policy="offload")
+
+    model, opt = setup()
+    train(model, opt, data)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    model, opt = setup()
+    train(model, opt, data[:4])
+    ckpt = save({"model": model.state_dict(), "opt": opt.state_dict()})
+    model, opt = setup()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train(model, opt, data[4:])
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+def test_full_is_bitwise_todays_and_state_bytes_are_unchanged_by_quantization():
+    data = batches(8)
+    runs = {}
+    for kind in ["full", "int8", None]:
+        model = tiny_model(n_layers=4)
+        kw = {} if kind is None else {"frozen_weights": kind}
+        opt = LisaAdamW(model, n_layers=2, interval=3, lr=1e-2, seed=1, **kw)
+        bytes_ = []
+        for x in data:
+            train(model, opt, [x])
+            bytes_.append(opt.state_bytes())
+        runs[kind] = (params(model), bytes_, opt.frozen_weights)
+    assert runs["full"][2] is None
+    assert all(torch.equal(p, runs[None][0][n]) for n, p in runs["full"][0].items())
+    assert runs["int8"][1] == runs[None][1]
+
+
+def test_fsdp_is_refused_with_one_line():
+    model = tiny_model(n_layers=4)
+    model.model.layers[0].mlp.up_proj.weight.to_local = lambda: None  # what a DTensor parameter looks like
+    with pytest.raises(LisaError, match=r"^lisa.frozen_weights: nf4 does not support FSDP2 \(sharded\) parameters "
+                                        r"\(model.layers.0.mlp.up_proj.weight\)$"):
+        LisaAdamW(model, n_layers=2, interval=2, frozen_weights="nf4")
+
+
+def test_frozen_weights_library_missing_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(LisaError, match=r"^lisa.frozen_weights: int8 needs bitsandbytes \(pip install "
+                                        r"bitsandbytes\)$"):
+        LisaAdamW(tiny_model(n_layers=4), n_layers=2, interval=2, frozen_weights="int8")

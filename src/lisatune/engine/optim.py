@@ -169,6 +169,8 @@ class LisaOptimizer(torch.optim.Optimizer):
             config = LisaConfig.build(**{**config.model_dump(), **options})
         model = unwrap(model)
         reject_peft(model)
+        self.module = model  # the model trained (for layers above that act at switches, e.g. lisatune.quant)
+        self.frozen_weights = None  # lisatune.quant's FrozenWeights, attached by its global switch hook
         self.config = cfg = config
         self.layers = lm = find_layers(model, cfg.blocks_path)
 
@@ -237,6 +239,9 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.history: list[dict] = []
         self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, for handles
         self._switch(0)
+        if cfg.frozen_weights != "full" and self.frozen_weights is None:  # the engine itself holds weights as given
+            raise LisaError(f"lisa.frozen_weights: {cfg.frozen_weights} is implemented by lisatune.quant: "
+                            "import lisatune.quant before building the optimizer")
 
     # -- the algorithm ---------------------------------------------------------------
     def step(self, closure: Callable | None = None):
