@@ -303,7 +303,7 @@ def test_lr_scheduler_drives_all_groups():
     (dict(interval=0), r"lisa.interval: .*must be >= 1"),
     (dict(policy="bernoulli", probabilities=[0.5, 0.5, 2, 0.5, 0.5, 0.5]), r"probabilities\[2\] = 2.0 is outside \[0, 1\]"),
     (dict(blocks_path="model.blocks"), "blocks_path 'model.blocks' not found"),
-    (dict(lisa_layers=2), r"unknown option 'lisa_layers' \(valid: activation_warmup, blocks_path, embed_head_lr, interval, n_layers"),
+    (dict(lisa_layers=2), r"unknown option 'lisa_layers' \(valid: activation_warmup, blocks_path, embed_head_lr, embed_head_state, frozen_weights, interval, n_layers"),
     (dict(optimizer_cls="nope"), "optimizer 'nope' not found"),
 ])
 def test_bad_settings_are_rejected(kw, msg):

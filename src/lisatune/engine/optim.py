@@ -32,6 +32,12 @@ state hold the masters, not the model's parameters; parked (offload/keep) states
 as always and restored onto the fresh master. The masters of the active set travel in state_dict(), so a
 resume continues bitwise; a block that activates again starts from its bf16 weight (the fp32 low bits of an
 earlier interval are gone, by design: that is the memory saved).
+
+8-bit always-on state (`embed_head_state="8bit"`): groups 0 and 1 are stepped by a second inner optimizer,
+bitsandbytes' AdamW8bit (blockwise 8-bit moments, 256 values per fp32 scale; tensors under 4096 elements keep
+fp32 moments, as the library does), `embed_head_optimizer`; the blocks keep the inner optimizer's fp32 AdamW.
+`param_groups` is then [its two groups, the inner's groups 2..], so schedulers see the same layout; its state
+travels in state_dict()["lisa"]["embed_head"] and counts in state_bytes().
 """
 from __future__ import annotations
 
@@ -88,6 +94,12 @@ def tensor_bytes(states: Iterable[dict]) -> int:
     return sum(_local(v).numel() * v.element_size() for st in states for v in st.values() if torch.is_tensor(v))
 
 
+def held_bytes(states: Iterable[dict]) -> int:
+    """tensor_bytes counting a tensor shared between states once (bitsandbytes shares its quantization maps)."""
+    seen = {(v.data_ptr(), v.numel() * v.element_size()) for st in states for v in st.values() if torch.is_tensor(v)}
+    return sum(n for _, n in seen)
+
+
 def decay_groups(params: list[nn.Parameter]) -> list[dict]:
     """Weight decay on matrices only: biases and norm weights (ndim < 2) are exempt, as usual for LMs."""
     return [{"params": [p for p in params if p.ndim >= 2]},
@@ -95,7 +107,7 @@ def decay_groups(params: list[nn.Parameter]) -> list[dict]:
 
 
 # What a checkpoint written before an option existed means by its absence.
-META_DEFAULTS = {"embed_head_lr": None, "activation_warmup": 0, "master_weights": False}
+META_DEFAULTS = {"embed_head_lr": None, "activation_warmup": 0, "master_weights": False, "embed_head_state": "fp32"}
 MASTER_DTYPES = (torch.bfloat16,)  # fp16 would also need loss scaling, which this optimizer does not do
 
 
@@ -111,6 +123,28 @@ def check_master_weights(master_weights: Any, named: Iterable[tuple[str, nn.Para
                             "already steps in fp32: drop master_weights, or load the model in bfloat16)")
         if hasattr(p, "to_local"):
             raise LisaError(f"master_weights does not support sharded (FSDP2 DTensor) parameters ({name})")
+
+
+def embed_head_8bit(cfg: LisaConfig, optimizer_cls: str | type, groups: list[dict], defaults: dict,
+                    named: Iterable[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit over the always-on groups, with the inner AdamW's hyperparameters."""
+    if cfg.sample_embed_head:
+        raise LisaError("embed_head_state: 8bit is for the always-on embedding/head, but sample_embed_head is true")
+    if (optimizer_cls.lower() if isinstance(optimizer_cls, str) else optimizer_cls) not in (
+            "adamw", "adamw8bit", torch.optim.AdamW):
+        raise LisaError(f"embed_head_state: 8bit steps the always-on set with AdamW8bit, so it needs "
+                        f"optimizer_cls adamw (got {getattr(optimizer_cls, '__name__', optimizer_cls)})")
+    if defaults.get("amsgrad") or defaults.get("maximize"):
+        raise LisaError("embed_head_state: 8bit does not support amsgrad or maximize")
+    sharded = next((n for n, p in named if hasattr(p, "to_local")), None)
+    if sharded:
+        raise LisaError(f"embed_head_state: 8bit does not support sharded (FSDP2 DTensor) parameters ({sharded})")
+    try:
+        import bitsandbytes  # deferred: optional, slow to import, and only this option needs it
+    except ImportError:
+        raise LisaError("lisa.embed_head_state: 8bit needs bitsandbytes (pip install bitsandbytes)") from None
+    return bitsandbytes.optim.AdamW8bit(groups, lr=defaults["lr"], betas=tuple(defaults["betas"]),
+                                        eps=defaults["eps"], weight_decay=defaults["weight_decay"])
 
 
 class LisaOptimizer(torch.optim.Optimizer):
@@ -135,6 +169,8 @@ class LisaOptimizer(torch.optim.Optimizer):
             config = LisaConfig.build(**{**config.model_dump(), **options})
         model = unwrap(model)
         reject_peft(model)
+        self.module = model  # the model trained (for layers above that act at switches, e.g. lisatune.quant)
+        self.frozen_weights = None  # lisatune.quant's FrozenWeights, attached by its global switch hook
         self.config = cfg = config
         self.layers = lm = find_layers(model, cfg.blocks_path)
 
@@ -178,17 +214,22 @@ class LisaOptimizer(torch.optim.Optimizer):
             kw["betas"] = tuple(betas)
         if eps is not None:
             kw["eps"] = eps
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0},
-                  {"params": []}, {"params": [], "weight_decay": 0.0}]
+        eight = cfg.embed_head_state == "8bit"
+        always_groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         if cfg.embed_head_lr is not None:
-            for g in groups[:2]:
+            for g in always_groups:
                 g["lr"] = kw["lr"] * cfg.embed_head_lr
+        # With 8-bit always-on state the inner optimizer's groups 0 and 1 stay empty: the second one steps them.
+        groups = ([{"params": []}, {"params": [], "weight_decay": 0.0}] if eight else always_groups) + [
+            {"params": []}, {"params": [], "weight_decay": 0.0}]
         if cfg.activation_warmup:
             groups += [{"params": []}, {"params": [], "weight_decay": 0.0}]
         try:
             self.inner = cls(groups, **kw)
         except TypeError as e:
             raise LisaError(f"{cls.__name__} does not accept these options: {e}") from None
+        self.embed_head_optimizer = (embed_head_8bit(cfg, optimizer_cls, always_groups, self.inner.defaults, always)
+                                     if eight else None)
         super().__init__(self.inner.param_groups, self.inner.defaults)
         self._alias()
         self._sealed = True
@@ -198,17 +239,22 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.history: list[dict] = []
         self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, for handles
         self._switch(0)
+        if cfg.frozen_weights != "full" and self.frozen_weights is None:  # the engine itself holds weights as given
+            raise LisaError(f"lisa.frozen_weights: {cfg.frozen_weights} is implemented by lisatune.quant: "
+                            "import lisatune.quant before building the optimizer")
 
     # -- the algorithm ---------------------------------------------------------------
     def step(self, closure: Callable | None = None):
-        if self.master_weights:
+        if self.master_weights or self.embed_head_optimizer is not None:
             loss = None
             if closure is not None:  # the grads must exist before they are cast into the masters
                 with torch.enable_grad():
                     loss = closure()
-            self._grads_to_masters()
+            if self.master_weights:
+                self._grads_to_masters()
             self._inner_step(None)
-            self._masters_to_weights()
+            if self.master_weights:
+                self._masters_to_weights()
         else:
             loss = self._inner_step(closure)
         self._step += 1
@@ -222,15 +268,21 @@ class LisaOptimizer(torch.optim.Optimizer):
     def _inner_step(self, closure: Callable | None):
         j, n = self._step % self.config.interval, self.config.activation_warmup
         if j >= n:
-            return self.inner.step(closure)
+            return self._step_inner(closure)
         saved = [g["lr"] for g in self.param_groups[4:]]  # the blocks activated at the last switch ramp up
         for g in self.param_groups[4:]:
             g["lr"] = g["lr"] * ((j + 1) / (n + 1))
         try:
-            return self.inner.step(closure)
+            return self._step_inner(closure)
         finally:  # the scheduler's values, exactly
             for g, lr in zip(self.param_groups[4:], saved):
                 g["lr"] = lr
+
+    def _step_inner(self, closure: Callable | None):
+        loss = self.inner.step(closure)
+        if self.embed_head_optimizer is not None:
+            self.embed_head_optimizer.step()
+        return loss
 
     @torch.no_grad()
     def _grads_to_masters(self) -> None:
@@ -253,6 +305,8 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
+        if self.embed_head_optimizer is not None:
+            self.embed_head_optimizer.zero_grad(set_to_none=set_to_none)
         for name in self._masters:  # the inner optimizer holds the masters; the grads are on the weights
             p = self._param[name]
             if p.grad is not None:
@@ -353,6 +407,8 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def _alias(self) -> None:
         self.param_groups = self.inner.param_groups
+        if self.embed_head_optimizer is not None:  # groups 0, 1 are the 8-bit optimizer's (the inner's are empty)
+            self.param_groups = [*self.embed_head_optimizer.param_groups, *self.inner.param_groups[2:]]
         self.state = self.inner.state
 
     def add_param_group(self, param_group: dict) -> None:
@@ -386,7 +442,8 @@ class LisaOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state held beside the parameters (kept states count; offloaded do not)."""
         kept = tensor_bytes(self._parked.values()) if self.config.state_policy == "keep" else 0
-        return tensor_bytes(self.inner.state.values()) + kept
+        eight = held_bytes(self.embed_head_optimizer.state.values()) if self.embed_head_optimizer is not None else 0
+        return tensor_bytes(self.inner.state.values()) + kept + eight
 
     def master_bytes(self) -> int:
         """Bytes of fp32 master weights held (master_weights: exactly 4 per trained parameter; else 0)."""
@@ -440,7 +497,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         return {"seed": c.seed, "policy": c.policy, "n_layers": c.n_layers, "interval": c.interval,
                 "n_units": len(self._units), "probabilities": self.sampler.p.tolist() if self.sampler.p is not None else None,
                 "embed_head_lr": c.embed_head_lr, "activation_warmup": c.activation_warmup,
-                "master_weights": self.master_weights}
+                "master_weights": self.master_weights, "embed_head_state": c.embed_head_state}
 
     def state_dict(self) -> dict:
         sd = self.inner.state_dict()
@@ -449,6 +506,8 @@ class LisaOptimizer(torch.optim.Optimizer):
                       "parked": {n: dict(st) for n, st in self._parked.items()}}
         if self.master_weights:  # not re-made from the rounded weights on resume: that would differ
             sd["lisa"]["masters"] = dict(self._masters)
+        if self.embed_head_optimizer is not None:
+            sd["lisa"]["embed_head"] = self.embed_head_optimizer.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -475,6 +534,8 @@ class LisaOptimizer(torch.optim.Optimizer):
         switch = self._step // self.config.interval
         self._apply(target, self.sampler.active(switch - 1) if switch else ())
         self.inner.load_state_dict(sd)
+        if self.embed_head_optimizer is not None:
+            self.embed_head_optimizer.load_state_dict(lisa["embed_head"])
         self._alias()
         if self.master_weights:
             saved = lisa.get("masters", {})

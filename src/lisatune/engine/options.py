@@ -39,6 +39,10 @@ class LisaConfig(Options):
     embed_head_lr: float | None = None
     # Optimizer steps over which a block activated at a switch ramps its lr up (0: none); at most interval.
     activation_warmup: StrictInt = 0
+    # Optimizer state of the always-on set (groups 0, 1): fp32 AdamW, or 8-bit blockwise AdamW (bitsandbytes).
+    embed_head_state: Literal["fp32", "8bit"] = "fp32"
+    # How frozen blocks' nn.Linear weights are held: as they are, or quantized (lisatune.quant, bitsandbytes).
+    frozen_weights: Literal["full", "int8", "nf4"] = "full"
 
     @model_validator(mode="before")
     @classmethod

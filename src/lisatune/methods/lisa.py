@@ -1,6 +1,7 @@
 """LISA: the engine (LisaAdamW) behind the common method interface; options are a LisaConfig."""
 from __future__ import annotations
 
+from .. import quant  # noqa: F401  (installs lisa.frozen_weights: int8 | nf4, a switch hook)
 from ..engine import LisaConfig, LisaOptimizer, reject_peft, unwrap
 from .base import Method
 

@@ -1,0 +1,156 @@
+"""`lisa.frozen_weights: int8 | nf4`: frozen blocks' nn.Linear weights live quantized (bitsandbytes).
+
+A global switch hook of the engine (at construction, at each switch and after load_state_dict): every nn.Linear
+of a frozen block is replaced in its parent by a bitsandbytes Linear8bitLt (int8, threshold 0) or Linear4bit
+(nf4) built from its high-precision weight; an active block gets its original nn.Linear back, with the same
+Parameter objects the optimizer holds, so it trains exactly as with `full`. The high-precision copies live in
+host memory (`FrozenWeights.host`: parameter name -> CPU tensor): a frozen weight's data is its host copy, and
+an active one's is copied back to it when it freezes (on CPU the two are one tensor, so nothing is saved there;
+on an accelerator the device holds only the quantized frozen blocks). The quantized modules save and load their
+high-precision copy under the usual keys, so model.state_dict(), save_pretrained and every checkpoint carry the
+full-precision weights of every block, and loading a state dict re-quantizes from it. Optimizer state is not
+touched: state_bytes() is the same as with `full`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine import LisaOptimizer
+from ..errors import LisaError
+
+
+def _bitsandbytes(kind: str):
+    try:
+        import bitsandbytes  # deferred: optional and slow to import, and only this option needs it
+    except ImportError:
+        raise LisaError(f"lisa.frozen_weights: {kind} needs bitsandbytes (pip install bitsandbytes)") from None
+    return bitsandbytes
+
+
+class _FullStateDict:
+    """A frozen quantized linear whose state dict is its high-precision weight (the Parameter LISA trains)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        full = self.__dict__["lisa_full"]
+        destination[prefix + "weight"] = full if keep_vars else full.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for key, target in (("weight", self.__dict__["lisa_full"]), ("bias", self.bias)):
+            if target is None:
+                continue
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+                continue
+            value = state_dict[prefix + key]
+            if value.shape != target.shape:
+                error_msgs.append(f"size mismatch for {prefix + key}: copying a param with shape {tuple(value.shape)}"
+                                  f", the shape in current model is {tuple(target.shape)}.")
+                continue
+            with torch.no_grad():
+                target.copy_(value)  # into the host copy
+        self.weight = self.__dict__["lisa_quantize"](self.__dict__["lisa_full"])
+
+
+class FrozenWeights:
+    """The quantized frozen blocks of one LisaOptimizer (its `frozen_weights` attribute)."""
+
+    def __init__(self, opt: LisaOptimizer):
+        self.kind = kind = opt.config.frozen_weights
+        sharded = next((n for b in opt.layers.blocks for n, p in b if hasattr(p, "to_local")), None)
+        if sharded:
+            raise LisaError(f"lisa.frozen_weights: {kind} does not support FSDP2 (sharded) parameters ({sharded})")
+        self.bnb = _bitsandbytes(kind)
+        base = self.bnb.nn.Linear8bitLt if kind == "int8" else self.bnb.nn.Linear4bit
+        self._cls = type(f"Frozen{base.__name__}", (_FullStateDict, base), {})
+        self.host: dict[str, torch.Tensor] = {}  # parameter name -> high-precision weight, on the host
+        self._device: dict[str, torch.device] = {}  # where each weight computes
+        self._linears: list[list[tuple[nn.Module, str, nn.Linear, str]]] = []  # per block: parent, attr, linear
+        path = opt.layers.blocks_path
+        for i in range(opt.layers.n_blocks):
+            block, entries = opt.module.get_submodule(f"{path}.{i}"), []
+            for sub, m in block.named_modules():
+                if type(m) is nn.Linear:  # exactly: subclasses may compute differently
+                    parent, _, attr = sub.rpartition(".")
+                    name = f"{path}.{i}.{sub}.weight"
+                    entries.append((block.get_submodule(parent), attr, m, name))
+                    self._device[name] = m.weight.device
+                    self.host[name] = m.weight.detach().to("cpu")  # refreshed when the block freezes
+            self._linears.append(entries)
+        self._quantized: set[int] = set()
+
+    def quantized_blocks(self) -> list[int]:
+        return sorted(self._quantized)
+
+    def _quantize(self, name: str, w: torch.Tensor) -> nn.Parameter:
+        nn_ = self.bnb.nn
+        w = w.detach().clone()  # the library quantizes into new storage; never touch the host copy
+        if self.kind == "int8":
+            q = nn_.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            q = nn_.Params4bit(w, requires_grad=False, quant_type="nf4")
+        return q.to(self._device[name])
+
+    def _freeze(self, i: int) -> None:
+        for parent, attr, lin, name in self._linears[i]:
+            w = lin.weight
+            self.host[name] = host = w.detach().to("cpu")  # its trained weights (the same tensor on CPU)
+            w.data = host  # the device copy is freed
+            if self.kind == "int8":
+                q = self._cls(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
+                              threshold=0.0, device="meta")
+            else:
+                q = self._cls(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=w.dtype,
+                              quant_type="nf4", device="meta")
+            q.__dict__["lisa_full"] = w  # not registered: the model's parameters are the quantized ones
+            q.__dict__["lisa_quantize"] = lambda full, name=name: self._quantize(name, full)
+            q.weight = self._quantize(name, host)
+            if lin.bias is not None:
+                q.bias = lin.bias  # frozen too, kept as it is
+            q.train(lin.training)
+            setattr(parent, attr, q)
+        self._quantized.add(i)
+
+    def _activate(self, opt: LisaOptimizer, i: int) -> None:
+        for parent, attr, lin, name in self._linears[i]:
+            w = lin.weight
+            w.data = self.host[name].to(self._device[name])  # the same tensor on CPU
+            setattr(parent, attr, lin)
+            # The engine made the master / restored parked state before this hook, from the host copy: follow it.
+            m = opt.masters().get(name)
+            if m is not None and m.device != w.device:
+                m.data = m.data.to(w.device)
+            st = opt.state.get(m if m is not None else w)
+            if st:
+                for k, v in st.items():
+                    if torch.is_tensor(v) and k != "step" and v.device != w.device:
+                        st[k] = v.to(w.device)
+        self._quantized.discard(i)
+
+    def sync(self, opt: LisaOptimizer) -> None:
+        active = set(opt.active_blocks)
+        for i in range(len(self._linears)):
+            if i in active and i in self._quantized:
+                self._activate(opt, i)
+            elif i not in active and i not in self._quantized:
+                self._freeze(i)
+
+
+def _on_switch(opt: Any) -> None:
+    if opt.config.frozen_weights == "full":
+        return
+    if opt.frozen_weights is None:
+        opt.frozen_weights = FrozenWeights(opt)
+    opt.frozen_weights.sync(opt)
+
+
+# Int8 matmuls cast fp32/bf16 inputs to fp16 by design; bitsandbytes logs that on every call.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda r: not r.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
+_handle = LisaOptimizer.register_global_switch_hook(_on_switch)
