@@ -10,11 +10,12 @@ import transformers as T
 from lisatune import LisaAdamW
 from lisatune.analysis import commands
 from lisatune.analysis.memory import measure_method
-from lisatune.analysis.meter import (ActivationMeter, grad_bytes, optimizer_state_bytes, unique_bytes,
-                                      weight_bytes)
+from lisatune.analysis.meter import (ActivationMeter, AllocationMeter, grad_bytes, optimizer_state_bytes,
+                                      unique_bytes, weight_bytes)
 from lisatune.analysis.plan import GIB, Setting, parse_method, parse_size, plan_memory
 from lisatune.analysis.shapes import PARAMS, SHAPES, shape_config
 from lisatune.analysis.tiny import tiny_config
+from lisatune.engine import decay_groups
 from lisatune.cli import main
 from lisatune.errors import LisaError
 from lisatune.recipe.loss import fused_loss, held_hidden_grads
@@ -89,7 +90,7 @@ def test_lisa_with_the_embedding_and_head_frozen_plans_the_lowest_blocks():
     p = planned("llama", "lisa", embed_head=False)
     assert (p.weights, p.grads, p.state, p.activations) == (weight_bytes(model), grad_bytes(model),
                                                            optimizer_state_bytes(opt), meter.bytes)
-    assert p.label == "LISA 2L (E/H frozen)" and "blocks 0-1" in p.active
+    assert p.label == "LISA 2L (E/H frozen)" and p.active.startswith("blocks 0-1 (the lowest")
     # the highest blocks instead: backward stops earlier, so the lowest are the worst case the plan states
     top = real("llama")
     LisaAdamW(top, n_layers=2, interval=1, policy="weighted", probabilities=[0, 0, 1, 1], train_embedding=False,
@@ -138,6 +139,24 @@ def test_sdpa_plans_what_torch_s_fused_kernel_saves():
         p = planned(arch, "lisa", attention="sdpa")
         assert_same(p, m)
         assert p.activations < planned(arch, "lisa").activations  # no s x s weights saved
+
+
+def test_the_optimizer_step_temporary_is_one_moment_of_the_largest_group():
+    """torch's AdamW on CUDA runs foreach: sqrt(exp_avg_sq) of a whole group at once (forced here on CPU)."""
+    full = real("llama")
+    lisa = real("llama")
+    opts = [torch.optim.AdamW(decay_groups(list(full.parameters())), foreach=True),
+            LisaAdamW(lisa, n_layers=2, interval=5, optimizer_kwargs={"foreach": True})]
+    ids = torch.randint(0, 96, (B, S))
+    for model, opt, method in zip((full, lisa), opts, ("full", "lisa")):
+        for step in range(2):  # the second step: the state exists before the update
+            fused_loss(model, ids, None, ids).backward()
+            with AllocationMeter() as alloc:
+                opt.step()
+            opt.zero_grad()
+        p = planned("llama", method)
+        assert alloc.peak == p.step_temp > 0
+        assert p.step_peak == p.weights + p.grads + p.state + p.step_temp < p.peak  # tiny: activations dominate
 
 
 def test_the_loss_held_is_the_hidden_states_gradient():

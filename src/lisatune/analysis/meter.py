@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import resource
 import sys
+import weakref
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..engine import find_layers
 
@@ -156,6 +159,35 @@ class ActivationMeter:
         for h in self._handles:
             h.remove()
         self._held = []
+
+
+class AllocationMeter(TorchDispatchMode):
+    """Bytes of the storages that ops allocate while active, and their high-water mark `peak` (e.g. the
+    temporaries of an optimizer step). A storage counts from the op that made it until its tensor is freed.
+
+    >>> with AllocationMeter() as a:
+    ...     opt.step()
+    >>> a.peak
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _key(t) not in inputs:  # new storage, not an in-place result
+                n = _nbytes(t)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
 
 
 def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:

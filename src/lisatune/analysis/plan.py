@@ -21,9 +21,14 @@ on tiny models):
 * recompute (checkpointing on): what one block saves when backward recomputes it, counted on a
   forward without checkpointing (the largest block).
 
-Predicted peak = the sum: an upper bound of the tensor bytes of a step (backward frees activations while it
-makes gradients, so no instant holds all of both). Not included: the CUDA context, the allocator's cache
-and fragmentation (see --reserve), kernels' workspaces.
+* optimizer step (estimated): torch's AdamW on CUDA (foreach) forms sqrt(exp_avg_sq) for a whole parameter
+  group at once: one moment of the largest group, held with every gradient after the activations are gone.
+
+Predicted peak = the larger of forward/backward = weights + grads + masters + state + activations + loss +
+recompute (everything at once: an upper bound, since backward frees activations while it makes gradients)
+and the optimizer step = weights + grads + masters + state + its temporary. Not included: the CUDA context,
+the allocator's cache and fragmentation (see --reserve), kernels' workspaces, and fp32 copies of the
+gradients that some mixed-precision frameworks keep (4 more bytes per trainable parameter).
 
 Every position counts as labelled (the most loss memory); attention is a fused SDPA kernel by default (saves
 query, key, value, output and a fp32 logsumexp per query and head, as the CUDA flash kernels and torch's CPU
@@ -185,6 +190,7 @@ class Plan:
     loss_held: int  # counted: the fused loss' gradient of the hidden states
     loss_transient: int  # estimated from shapes: chunk logits, logits' gradient, fp32 head accumulator
     recompute: int  # checkpointing: one block's saved tensors while backward recomputes it
+    step_temp: int = 0  # estimated: AdamW's (foreach) temporary in the optimizer step, one moment of a group
     active: str = ""  # LISA: the active set planned
     notes: list[str] = field(default_factory=list)
 
@@ -198,11 +204,18 @@ class Plan:
         return self.weights + self.grads + self.masters + self.state + self.activations
 
     @property
+    def step_peak(self) -> int:
+        """The optimizer step: activations freed, every gradient and the step's temporary held."""
+        return self.weights + self.grads + self.masters + self.state + self.step_temp
+
+    @property
     def peak(self) -> int:
-        return self.counted + self.loss + self.recompute
+        """The larger of forward/backward (everything counted at once: an upper bound) and the step."""
+        return max(self.counted + self.loss + self.recompute, self.step_peak)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "loss": self.loss, "counted": self.counted, "peak": self.peak}
+        return {**asdict(self), "loss": self.loss, "counted": self.counted, "step_peak": self.step_peak,
+                "peak": self.peak}
 
 
 def _build(config: PretrainedConfig, s: Setting) -> nn.Module:
@@ -218,8 +231,8 @@ def _build(config: PretrainedConfig, s: Setting) -> nn.Module:
     return model.train()  # HF checkpoints blocks only in train mode; dropout saves its masks as in training
 
 
-def _prepare(model: nn.Module, s: Setting) -> tuple[nn.Module, list[nn.Parameter], str]:
-    """The prepared model, its trainable parameters and (LISA) the active set planned."""
+def _prepare(model: nn.Module, s: Setting) -> tuple[nn.Module, list[list[nn.Parameter]], str]:
+    """The prepared model, its trainable parameters by optimizer group and (LISA) the active set planned."""
     active = ""
     if s.method == "lisa":
         n = find_layers(model).n_blocks
@@ -246,11 +259,13 @@ def _prepare(model: nn.Module, s: Setting) -> tuple[nn.Module, list[nn.Parameter
         if s.gamma == 0:  # E+H only: the engine needs γ >= 1, so its one block is frozen again here
             for _, p in lm.blocks[0]:
                 p.requires_grad_(False)
-        blocks = {0: "no block", 1: "block 0 (the lowest"}.get(s.gamma, f"blocks 0-{s.gamma - 1} (the lowest {s.gamma}")
-        active = (blocks + (": backward runs through every block)" if s.gamma else "")
-                  + (" + embedding + head" if s.embed_head else "") + (" + final norm" if lm.norm else ""))
-    trainable = list({id(p): p for g in opt.param_groups for p in g["params"] if p.requires_grad}.values())
-    return model, trainable, active
+        parts = (["embedding", "head"] if s.embed_head else []) + (["final norm"] if lm.norm else [])
+        if s.gamma:
+            blocks = "block 0" if s.gamma == 1 else f"blocks 0-{s.gamma - 1}"
+            parts.insert(0, f"{blocks} (the lowest: backward runs through every block)")
+        active = " + ".join(parts) + ("" if s.gamma else " (no block)")
+    groups = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
+    return model, [g for g in groups if g], active
 
 
 def _loss_transient(model: nn.Module, s: Setting, fused: bool, head_trains: bool) -> int:
@@ -286,7 +301,8 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     s = setting.check()
     _, config = load_config(model)
     m = _build(config, s)
-    m, trainable, active = _prepare(m, s)
+    m, groups, active = _prepare(m, s)
+    trainable = list({id(p): p for g in groups for p in g}.values())
     notes = []
     fused = s.loss == "fused" and head_of(m) is not None and decoder_of(m) is not None
     if s.loss == "fused" and not fused:
@@ -311,14 +327,17 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     value.backward()
     mixed = s.precision == "bf16-mixed"
     masters = sum(4 * p.numel() for p in trainable if mixed and p.dtype != torch.float32)
+    moment = {id(p): p.numel() * (4 if mixed else p.element_size()) for p in trainable}
     # AdamW: exp_avg and exp_avg_sq (on the fp32 masters under bf16-mixed) and a 4-byte step per tensor
-    state = sum(2 * p.numel() * (4 if mixed else p.element_size()) + 4 for p in trainable)
+    state = sum(2 * moment[id(p)] + 4 for p in trainable)
+    # torch's AdamW on CUDA (foreach) forms sqrt(exp_avg_sq) for a whole parameter group at once
+    step_temp = max(sum(moment[id(p)] for p in g) for g in groups)
     own = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
     return Plan(label=s.label, setting=asdict(s), params=own,
                 trainable=sum(p.numel() for p in trainable), weights=weight_bytes(m, meta=True),
                 grads=grad_bytes(m, meta=True), masters=masters, state=state, activations=meter.bytes,
                 loss_held=loss_held, loss_transient=_loss_transient(m, s, fused, head_trains),
-                recompute=recompute, active=active, notes=notes)
+                recompute=recompute, step_temp=step_temp, active=active, notes=notes)
 
 
 # -- fitting a GPU --------------------------------------------------------------------------------
@@ -326,12 +345,12 @@ _UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": MIB, "mb": MIB, "mib": 
           "tib": 2**40}
 
 
-def parse_size(text: str, what: str = "--gpu") -> int:
+def parse_size(text: str, what: str = "--gpu", zero: bool = False) -> int:
     """"24GB", "80GiB", "40960MiB", "24" (GiB) -> bytes. GPU memory is sized in binary units: a 24 GB card
     holds 24 GiB, so GB and GiB mean the same here."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m and _UNITS.get(m.group(2).lower())
-    if not unit or float(m.group(1)) <= 0:
+    if not unit or (float(m.group(1)) <= 0 and not zero):
         raise LisaError(f"{what} '{text}' is not a memory size (e.g. 24GB, 80GiB, 40960MiB)")
     return int(float(m.group(1)) * unit)
 
@@ -400,6 +419,10 @@ def _size(v: int, unit: int) -> str:
     return f"{v / unit:,.2f}" if unit == GIB else f"{v / unit:,.1f}"
 
 
+def _gib(v: int) -> str:
+    return f"{v / GIB:g} GiB" if v >= GIB or v == 0 else f"{v / MIB:g} MiB"
+
+
 def _setting_line(name: str, params: int, s: Setting) -> str:
     return (f"{name} ({params / 1e9:.2f}B params): batch {s.batch} x {s.seq} tokens, {s.precision}, "
             f"checkpointing {'on' if s.checkpointing else 'off'}, {s.loss} loss, {s.attention} attention")
@@ -412,29 +435,31 @@ def markdown(name: str, plans: list[Plan], budget: int | None = None, reserve: i
     u = "GiB" if unit == GIB else "MiB"
     base = Setting(**{k: v for k, v in plans[0].setting.items()})
     lines = [f"### {_setting_line(name, plans[0].params, base)}", ""]
-    fit = f" | fits {budget / GIB:g} GiB?" if budget else ""
+    fit = f" | fits {_gib(budget)}?" if budget else ""
     lines += [f"| method | trainable params | weights | grads | fp32 masters | optimizer state | activations | "
-              f"loss | recompute | **peak {u}**{fit} |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if budget else "")]
+              f"loss | recompute | fwd+bwd | step | **peak {u}**{fit} |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if budget else "")]
     for p in plans:
-        cells = [p.weights, p.grads, p.masters, p.state, p.activations, p.loss, p.recompute]
+        cells = [p.weights, p.grads, p.masters, p.state, p.activations, p.loss, p.recompute,
+                 p.counted + p.loss + p.recompute, p.step_peak]
         ok = ""
         if budget:
             ok = " | yes" if p.peak + reserve <= budget else " | **no**"
         lines.append(f"| {p.label} | {p.trainable / 1e6:,.1f}M | " + " | ".join(_size(c, unit) for c in cells)
                      + f" | **{_size(p.peak, unit)}**{ok} |")
-    notes = sorted({n for p in plans for n in p.notes} | {f"{p.label}: active {p.active}" for p in plans if p.active})
+    notes = list(dict.fromkeys([n for p in plans for n in p.notes] + [f"{p.label}: active {p.active}"
+                                                                        for p in plans if p.active]))
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     for label, found in (alts or {}).items():
         if found:
-            lines += ["", f"{label} does not fit {budget / GIB:g} GiB ({reserve / GIB:g} GiB reserved); it would with:"]
+            lines += ["", f"{label} does not fit {_gib(budget)} ({_gib(reserve)} reserved); it would with:"]
             lines += [f"- {d}: peak {p.peak / GIB:,.2f} GiB" for d, p in found]
         else:
             s = Setting(**next(p.setting for p in plans if p.label == label))
-            tried = ", ".join([d for d, _ in _levers(s)] + (["a smaller batch"] if s.batch > 1 else [])) or "none"
-            lines += ["", f"{label} does not fit {budget / GIB:g} GiB with any change the planner tries "
-                          f"({tried}, and their combinations)."]
+            tried = [d for d, _ in _levers(s)] + (["a smaller batch"] if s.batch > 1 else [])
+            lines += ["", f"{label} does not fit {_gib(budget)} with any change the planner tries (tried: "
+                          f"{', '.join(tried) or 'nothing to try'}{' and their combinations' if len(tried) > 1 else ''})."]
     return "\n".join(lines) + "\n"
 
 
@@ -442,7 +467,7 @@ def run_plan(model: str, specs: list[str], base: Setting, gpu: str | None = None
     """Plans for every method spec; with `gpu`, whether each fits and, if not, the alternatives that do."""
     name, config = load_config(model)
     budget = parse_size(gpu) if gpu else None
-    res = parse_size(reserve, "--reserve") if gpu else 0
+    res = parse_size(reserve, "--reserve", zero=True) if gpu else 0
     settings = [parse_method(spec, base) for spec in specs]
     plans = [plan_memory(config, s) for s in settings]
     alts = {}
