@@ -116,6 +116,9 @@ def test_bf16_matches_a_bf16_run_and_bf16_mixed_adds_fp32_masters_and_state():
         assert (mixed.weights, mixed.grads, mixed.activations) == (p.weights, p.grads, p.activations)
         assert mixed.masters == fp32.grads == 2 * p.grads  # a fp32 copy of every trainable tensor
         assert mixed.state == fp32.state  # AdamW on the fp32 masters
+    # torch's CPU LayerNorm keeps its per-token mean/rstd in bf16; CUDA's and the meta kernel keep fp32
+    m = measure(real("gpt2", torch.bfloat16), SPECS["lisa"][0])
+    assert_same(planned("gpt2", "lisa", precision="bf16"), m, exact_activations=False)
     lora = planned("llama", "lora", precision="bf16-mixed")
     assert lora.masters == 0 and lora.grads == planned("llama", "lora").grads  # peft keeps adapters in fp32
 

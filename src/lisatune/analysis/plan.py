@@ -370,6 +370,8 @@ def _levers(s: Setting) -> list[tuple[str, dict]]:
         out.append(("gamma 1", {"gamma": 1}))
     if s.precision == "fp32":
         out.append(("bf16-mixed", {"precision": "bf16-mixed"}))
+    elif s.precision == "bf16-mixed":
+        out.append(("bf16 (AdamW state in bf16, no fp32 masters)", {"precision": "bf16"}))
     return out
 
 
@@ -420,7 +422,8 @@ def _size(v: int, unit: int) -> str:
 
 
 def _gib(v: int) -> str:
-    return f"{v / GIB:g} GiB" if v >= GIB or v == 0 else f"{v / MIB:g} MiB"
+    unit, name = (GIB, "GiB") if v >= GIB or v == 0 else (MIB, "MiB")
+    return f"{v / unit:g} {name}" if v % unit == 0 else f"{v / unit:,.2f} {name}"
 
 
 def _setting_line(name: str, params: int, s: Setting) -> str:
@@ -456,7 +459,12 @@ def markdown(name: str, plans: list[Plan], budget: int | None = None, reserve: i
             lines += ["", f"{label} does not fit {_gib(budget)} ({_gib(reserve)} reserved); it would with:"]
             lines += [f"- {d}: peak {p.peak / GIB:,.2f} GiB" for d, p in found]
         else:
-            s = Setting(**next(p.setting for p in plans if p.label == label))
+            p = next(p for p in plans if p.label == label)
+            s = Setting(**p.setting)
+            if p.weights > budget:
+                lines += ["", f"{label} does not fit {_gib(budget)}: its weights alone take {_gib(p.weights)} "
+                              "(shard them, e.g. FSDP, or quantize)."]
+                continue
             tried = [d for d, _ in _levers(s)] + (["a smaller batch"] if s.batch > 1 else [])
             lines += ["", f"{label} does not fit {_gib(budget)} with any change the planner tries (tried: "
                           f"{', '.join(tried) or 'nothing to try'}{' and their combinations' if len(tried) > 1 else ''})."]
@@ -476,7 +484,9 @@ def run_plan(model: str, specs: list[str], base: Setting, gpu: str | None = None
             raise LisaError(f"--reserve {reserve} leaves nothing of --gpu {gpu}")
         for s, p in zip(settings, plans):
             if p.peak + res > budget:
-                alts[p.label] = alternatives(config, s, budget - res)
+                # only a lower precision shrinks the weights: no lever helps if they alone overflow
+                hopeless = p.weights > budget and s.precision != "fp32"
+                alts[p.label] = [] if hopeless else alternatives(config, s, budget - res)
     return {"model": name, "plans": plans, "budget": budget, "reserve": res, "alternatives": alts,
             "markdown": markdown(name, plans, budget, res, alts)}
 
