@@ -229,6 +229,8 @@ def test_bad_inputs_are_one_line_errors(capsys):
         assert "\n" not in str(e.value)
     assert parse_size("24GB") == parse_size("24GiB") == parse_size("24") == 24 * GIB
     assert parse_size("40960MiB") == 40 * GIB
+    with pytest.raises(LisaError, match="gamma 5 exceeds the model's 4 blocks"):
+        planned("llama", "lisa", gamma=5)
     with pytest.raises(LisaError, match="galore"):
         parse_method("galore", Setting())
     with pytest.raises(LisaError, match="gamma"):
