@@ -1,4 +1,4 @@
-"""`lisatune train | eval | bench | norms`: thin argparse front-ends over the library."""
+"""`lisatune train | eval | bench | norms | plan | study`: thin argparse front-ends over the library."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,8 @@
-"""`lisatune bench memory|speed` and `lisatune norms`: argparse front-ends over the analysis modules.
+"""`lisatune bench memory|speed`, `lisatune norms` and `lisatune plan`: argparse front-ends over the analysis
+modules.
 
     from lisatune.analysis.commands import register
-    register(subparsers)          # adds "bench" (with "memory" and "speed") and "norms"
+    register(subparsers)          # adds "bench" (with "memory" and "speed"), "norms" and "plan"
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
 from .meter import token_batches
 from .norms import run_norms
+from .plan import PRECISIONS, Setting, run_plan, to_json
+from .shapes import SHAPES
 from .speed import bench_speed
 
 
@@ -82,6 +85,15 @@ def cmd_norms(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    base = Setting(precision=args.precision, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing == "on",
+                   loss=args.loss, attention=args.attention, lora_r=args.lora_r, gamma=args.gamma,
+                   embed_head=not args.no_embed_head)
+    r = run_plan(args.model, args.method, base, args.gpu, args.reserve)
+    print(to_json(r) if args.json else r["markdown"], end="")
+    return 0
+
+
 def text_batches(model: str, path: str, batch: int, seq: int, n: int, text: str | None = None):
     """Token batches cut from a plain text file (or its `text`, already read) with the model's tokenizer."""
     if model == "tiny" or model.startswith("tiny:"):
@@ -100,7 +112,7 @@ def text_batches(model: str, path: str, batch: int, seq: int, n: int, text: str 
 
 
 def register(subparsers) -> None:
-    """Add `bench` (memory, speed) and `norms` to an argparse subparsers object."""
+    """Add `bench` (memory, speed), `norms` and `plan` to an argparse subparsers object."""
     b = subparsers.add_parser("bench", help="measure memory or speed of the fine-tuning methods")
     bs = b.add_subparsers(dest="bench", required=True)
 
@@ -132,3 +144,34 @@ def register(subparsers) -> None:
     n.add_argument("--lr-lora", type=cli_positive_float, default=1e-4)
     n.add_argument("--lora-r", type=cli_int(1), default=8)
     n.set_defaults(func=cmd_norms)
+
+    pl = subparsers.add_parser("plan", help="predict a training step's memory per method from the config alone "
+                                            "(meta device: no weights loaded)")
+    pl.add_argument("--model", default="SmolLM2-135M",
+                    help=f"a built-in shape ({', '.join(SHAPES)}), a model directory or a config.json "
+                         "(default SmolLM2-135M)")
+    pl.add_argument("--method", nargs="+", default=["full", "lora", "lisa"], metavar="SPEC",
+                    help="methods to plan: full, lora, lisa, each refinable as lora:r=128, lisa:gamma=4, "
+                         "lisa:gamma=0 (embedding + head only), lisa:embed_head=false (default: full lora lisa)")
+    pl.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    pl.add_argument("--gamma", type=int, default=2, help="LISA: active blocks γ (default 2)")
+    pl.add_argument("--no-embed-head", action="store_true", help="LISA: freeze the embedding and head (E/H)")
+    pl.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                    help="fp32 (default); bf16: weights, grads and AdamW state in bf16 (model.dtype: bf16); "
+                         "bf16-mixed: bf16 weights and grads, fp32 master weights and AdamW state for the "
+                         "trainable parameters")
+    pl.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    pl.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
+    pl.add_argument("--checkpointing", choices=["off", "on"], default="off", help="gradient checkpointing of every block")
+    pl.add_argument("--loss", choices=["fused", "standard"], default="fused",
+                    help="fused: lisatune's chunked head + cross-entropy, no full logits (default); "
+                         "standard: the model's own logits and loss")
+    pl.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                    help="sdpa: a fused kernel, no s x s weights saved (default); eager: the model's eager attention")
+    pl.add_argument("--gpu", metavar="SIZE", help="GPU memory, e.g. 24GB, 80GiB (GB read as GiB): says whether each "
+                                                  "method fits and, if not, what change would make it fit")
+    pl.add_argument("--reserve", default="1GiB", metavar="SIZE",
+                    help="held back from --gpu for the CUDA context, workspaces and the allocator (default 1GiB)")
+    pl.add_argument("--json", action="store_true", help="print JSON (every number in bytes) instead of the table")
+    pl.set_defaults(func=cmd_plan)
+

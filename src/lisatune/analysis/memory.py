@@ -40,10 +40,10 @@ from ..errors import LisaError
 from ..schema import parse_yaml
 from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
-from ..recipe.loss import pick_loss
+from ..recipe.loss import held_hidden_grads, pick_loss
 from ..recipe.models import ModelConfig, enable_checkpointing, load_model, save_model
 from .meter import (MIB, ActivationMeter, checkpointed_blocks, grad_bytes, maxrss_bytes, optimizer_state_bytes,
-                    peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, weight_bytes)
+                    peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, unique_bytes, weight_bytes)
 from .plots import pyplot, save_figure
 from .tiny import tiny_model
 
@@ -117,6 +117,7 @@ class MethodMemory:
     grads: int = 0  # the most held after any backward
     state: int = 0  # the most held during any step
     activations: int = 0  # the most saved by any forward
+    loss_held: int = 0  # fused loss: its gradient of the hidden states, held from forward to backward (not in sum)
     trainable: int = 0  # parameters updated in a step (the most in any step)
     state_per_step: list[int] = field(default_factory=list)
     switches: int = 0
@@ -181,6 +182,7 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
         with ActivationMeter(model, blocks) as meter:
             value = loss_fn(model, ids, None, ids)
         m.activations = max(m.activations, meter.bytes)
+        m.loss_held = max(m.loss_held, unique_bytes(held_hidden_grads(value)))  # no reference kept
         value.backward()
         del value
         m.grads = max(m.grads, grad_bytes(model))

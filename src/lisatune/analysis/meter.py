@@ -1,15 +1,22 @@
 """The meter every measurement and prediction shares: exact bytes of tensors held, activations saved for
-backward, and the process's resident memory. `bench memory`, `bench speed`, `norms` and the study runner count
-with these functions, so that no two of them can count differently.
+backward, and the process's resident memory. `bench memory`, `bench speed`, `norms`, the study runner and
+`lisatune plan` count with these functions, so that no two of them can count differently.
+
+`meta=True` counts tensors on the meta device too, at the bytes their storage would hold (shape x dtype):
+`lisatune plan` runs the real forward and backward of a model built on the meta device and counts what a
+run with real tensors would hold, through the same code.
 """
 from __future__ import annotations
 
 import resource
 import sys
+import weakref
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..engine import find_layers
 
@@ -30,12 +37,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def unique_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None) -> int:
-    """Bytes of the distinct storages behind `tensors` (views and shared tensors count once)."""
+def unique_bytes(tensors: Iterable[torch.Tensor], exclude: set | None = None, meta: bool = False) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared tensors count once); meta tensors
+    only if `meta`."""
     seen = set(exclude or ())
     total = 0
     for t in tensors:
-        if t is None or t.device.type == "meta":
+        if t is None or (t.device.type == "meta" and not meta):
             continue
         k = _key(t)
         if k not in seen:
@@ -67,12 +75,12 @@ def _param_keys(model: nn.Module) -> set:
     return {_key(p) for p in model.parameters()} | {_key(b) for b in model.buffers()}
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return unique_bytes(model.parameters())
+def weight_bytes(model: nn.Module, meta: bool = False) -> int:
+    return unique_bytes(model.parameters(), meta=meta)
 
 
-def grad_bytes(model: nn.Module) -> int:
-    return unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+def grad_bytes(model: nn.Module, meta: bool = False) -> int:
+    return unique_bytes((p.grad for p in model.parameters() if p.grad is not None), meta=meta)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -89,42 +97,59 @@ class ActivationMeter:
     >>> with ActivationMeter(model) as m:
     ...     loss = model(input_ids=x, labels=x).loss
     >>> m.bytes
+
+    blocks: checkpointed blocks, whose inputs are counted (what the checkpoint keeps for recomputation).
+    meta: count meta tensors (a model on the meta device: the bytes real tensors would take).
+    per_block: modules whose own saved bytes are also tallied in `by_block` (what each block saved while it
+    ran; without checkpointing: what recomputing it would save again).
     """
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None, meta: bool = False,
+                 per_block: list[nn.Module] | None = None):
         self.model = model
         self.blocks = blocks
+        self.meta = meta
+        self.per_block = per_block or []
         self.bytes = 0
         self.count = 0
+        self.by_block = [0] * len(self.per_block)
+        self._current: int | None = None
 
-    def _add(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
+    def add(self, t: torch.Tensor) -> None:
+        """Count `t` as saved for backward (once per storage): for what autograd keeps outside the hooks' view."""
+        if t.device.type == "meta" and not self.meta:
             return
         k = _key(t)
         if k in self._seen:
             return
         self._seen.add(k)
         self._held.append(t.untyped_storage())  # kept alive until exit: no address reuse while counting
-        self.bytes += _nbytes(t)
+        n = _nbytes(t)
+        self.bytes += n
         self.count += 1
+        if self._current is not None:
+            self.by_block[self._current] += n
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        self._add(t)
+        self.add(t)
         return t
 
     def _pre(self, _mod, args, kwargs):
         for v in list(args) + list(kwargs.values()):
             if torch.is_tensor(v):
-                self._add(v)
+                self.add(v)
             elif isinstance(v, tuple):  # e.g. position_embeddings (cos, sin)
                 for u in v:
                     if torch.is_tensor(u):
-                        self._add(u)
+                        self.add(u)
 
     def __enter__(self) -> "ActivationMeter":
         self._seen = _param_keys(self.model)
         self._held: list = []
         self._handles = [b.register_forward_pre_hook(self._pre, with_kwargs=True) for b in self.blocks or []]
+        for i, b in enumerate(self.per_block):
+            self._handles.append(b.register_forward_pre_hook(lambda *_, i=i: setattr(self, "_current", i)))
+            self._handles.append(b.register_forward_hook(lambda *_: setattr(self, "_current", None)))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
         return self
@@ -134,6 +159,35 @@ class ActivationMeter:
         for h in self._handles:
             h.remove()
         self._held = []
+
+
+class AllocationMeter(TorchDispatchMode):
+    """Bytes of the storages that ops allocate while active, and their high-water mark `peak` (e.g. the
+    temporaries of an optimizer step). A storage counts from the op that made it until its tensor is freed.
+
+    >>> with AllocationMeter() as a:
+    ...     opt.step()
+    >>> a.peak
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _key(t) not in inputs:  # new storage, not an in-place result
+                n = _nbytes(t)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
 
 
 def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:

@@ -66,6 +66,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def held_hidden_grads(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of the hidden states the fused loss formed during forward and holds (ctx.grads) until
+    backward: memory a step holds beside its saved activations (the head's gradient, held there too, becomes
+    its .grad). Empty for the model's own loss. Drop the list before backward, or autograd copies the head's
+    gradient instead of adopting it."""
+    out, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _LinearCrossEntropy._backward_cls) and node.grads and node.grads[0] is not None:
+            out.append(node.grads[0])
+        todo += [n for n, _ in node.next_functions]
+    return out
+
+
 def head_of(model: nn.Module) -> nn.Linear | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if type(head) is nn.Linear else None
@@ -83,8 +100,13 @@ def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: s
     """The model's causal-LM loss (mean, or sum, over labelled next tokens), computed chunk-wise."""
     hidden = _hidden_states(model, input_ids, attention_mask)
     targets = labels[:, 1:]
-    keep = targets != IGNORE
-    h, y = hidden[:, :-1][keep], targets[keep]
+    if hidden.device.type == "meta":
+        # `lisatune plan` (no values to select by): every position counts as labelled, the most memory; the
+        # boolean index of a real run saves its mask for backward, which the planner counts itself.
+        h, y = hidden[:, :-1].flatten(0, 1), targets.flatten()
+    else:
+        keep = targets != IGNORE
+        h, y = hidden[:, :-1][keep], targets[keep]
     head = head_of(unwrap(model))
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
     total = _LinearCrossEntropy.apply(h, head.weight, head.bias, y, rows, torch.is_grad_enabled())
