@@ -20,6 +20,12 @@ def batches(n: int, seed: int = 0, batch: int = 2, seq: int = 12, vocab: int = 9
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_model_cache(tmp_path_factory):
+    """GGUF conversions go to a fresh cache, never the user's ~/.cache/lisatune."""
+    os.environ["LISATUNE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+
+
 @pytest.fixture
 def model():
     return tiny_model()
