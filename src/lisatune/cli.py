@@ -49,6 +49,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.max_examples is not None and args.max_examples < 1:
+        raise LisaError(f"--max-examples must be >= 1 (got {args.max_examples})")
     model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     data = {"format": args.format, "max_length": args.max_length}
     if args.format != "gsm":
@@ -57,7 +59,8 @@ def cmd_eval(args) -> int:
         data["path"] = args.data
     dcfg = DataConfig.build(**data)
     train, val = load_splits(dcfg, tok)
-    res = eval_loss(model, val if args.format == "gsm" else train + val, tok.pad_token_id, args.batch_size)
+    examples = (val if args.format == "gsm" else train + val)[: args.max_examples]
+    res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)
     if args.format == "gsm" and args.gsm_samples:
         acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)
         res |= {k: v for k, v in acc.items() if k != "samples"}
@@ -81,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
     e.add_argument("--format", default="gsm", choices=["gsm", "alpaca", "chat", "text"])
     e.add_argument("--data", help="data file (alpaca/chat/text)")
-    e.add_argument("--max-length", type=int, default=384)
+    e.add_argument("--max-length", type=int, default=DataConfig.model_fields["max_length"].default,
+                   help="tokens; longer examples are dropped (default: training's, %(default)s)")
+    e.add_argument("--max-examples", type=int, metavar="N", help="evaluate the loss on the first N examples only")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--gsm-samples", type=int, default=16, help="held-out GSM problems to answer (0: loss only)")
     e.add_argument("--trust-remote-code", action="store_true")

@@ -41,10 +41,13 @@ class TrainOptions(BaseModel):
     # (docs/benchmarks.md): for when memory, not time, is what runs out.
     release_memory: bool = False
     eval_every: int = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_before: bool = True  # false: no evaluation before the first step (the summary's "before" is null)
     eval_batch_size: int = Field(8, ge=1)
     gsm_eval_samples: int = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
     gsm_max_new_tokens: int = Field(200, ge=1)
     save_every: int = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
+    # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
+    save_final_state: bool = True
     keep_last: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists

@@ -107,6 +107,7 @@ class Run:
     first_eval: dict | None = None
     metrics: Any = None
     tokens_seen: int = 0
+    eval_seconds: float = 0.0  # every evaluation of this process, kept out of train_seconds
     extra: dict = field(default_factory=dict)
 
     @property
@@ -124,14 +125,14 @@ def train(cfg: BaseModel) -> dict:
         run = setup(cfg)
         if isinstance(run, dict):
             return run  # that run is already complete
-        if run.first_eval is None:
+        if run.first_eval is None and cfg.train.eval_before:
             run.first_eval = evaluate(run, 0)
             log.info("before training: %s", describe_eval(run.first_eval))
         if all_sum(stop.requested)[0]:  # stopped before the first step: keep the first eval
             raise Interrupted(run.step, checkpoint(run))
 
         run.model.train()
-        started = time.perf_counter()
+        started, evals_before = time.perf_counter(), run.eval_seconds
         bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0)
         while run.step < run.total:
             row, stopping = train_step(run, stop)
@@ -149,7 +150,7 @@ def train(cfg: BaseModel) -> dict:
                 bar.close()
                 raise Interrupted(run.step, checkpoint(run))
         bar.close()
-        return finish(run, elapsed=time.perf_counter() - started)
+        return finish(run, elapsed=time.perf_counter() - started - (run.eval_seconds - evals_before))
 
 
 # -- setup --------------------------------------------------------------------------------------------
@@ -230,7 +231,13 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
     if not math.isfinite(grad_norm):
         non_finite_stop(run.dir, run.step + 1, "gradient norm")
-    run.optimizer.step()
+    trained = run.method.status(run.optimizer)  # LISA's active set of this step: a switch may follow it
+    if run.step + 1 == run.total:
+        log.addFilter(no_switch_log)  # the engine's switch after the last step trains nothing: not shown
+    try:
+        run.optimizer.step()
+    finally:
+        log.removeFilter(no_switch_log)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -238,8 +245,15 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     run.tokens_seen += tokens
     dt = time.perf_counter() - tick
     row = {"loss": loss_sum / run.world, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-           "tokens_per_s": tokens / dt, "step_s": dt, **run.method.status(run.optimizer)}
+           "tokens_per_s": tokens / dt, "step_s": dt, **run.method.status(run.optimizer),
+           **({"active": trained["active"]} if "active" in trained else {})}
     return row, bool(stopping)
+
+
+def no_switch_log(record: logging.LogRecord) -> bool:
+    """A log filter dropping LisaOptimizer's switch line. Its checkpoints pair step s with the active set
+    sampled for s // K, so it samples at every K-th step, the last one too; the recipe hides that one."""
+    return record.funcName != "_switch"
 
 
 def non_finite_stop(run_dir: Path, step: int, what: str):
@@ -252,6 +266,7 @@ def non_finite_stop(run_dir: Path, step: int, what: str):
 def evaluate(run: Run, at: int) -> dict:
     """Held-out loss (and GSM exact match), written to the metrics. Every rank evaluates (FSDP2 needs all)."""
     t = run.cfg.train
+    tick = time.perf_counter()
     res = eval_loss(run.model, run.val_set, run.tokenizer.pad_token_id, t.eval_batch_size, run.loss_fn) \
         if run.val_set else {}
     if run.gsm_items:
@@ -260,6 +275,7 @@ def evaluate(run: Run, at: int) -> dict:
         if run.rank == 0:
             (run.dir / f"gsm_samples_step{at}.json").write_text(json.dumps(acc["samples"], indent=1))
     run.metrics.write(at, **res)
+    run.eval_seconds += time.perf_counter() - tick
     return res
 
 
@@ -274,13 +290,15 @@ def finish(run: Run, elapsed: float) -> dict:
     """The last evaluation and checkpoint, the final model and summary.json; returns the summary."""
     cfg = run.cfg
     last_eval = evaluate(run, run.step)
-    checkpoint(run)
+    if cfg.train.save_final_state:  # false: only the model below; summary.json then marks the run complete
+        checkpoint(run)
     full = full_model(run.model)  # collective under FSDP2: the gathered weights, on rank 0
     final_dir = on_rank0(lambda: save_model(run.method.export(full, merge=cfg.train.merge_lora), run.tokenizer,
                                             run.dir / "final"))
     summary = {"method": cfg.method, "model": cfg.model.source, "steps": run.step, "distributed": run.mode,
                "processes": run.world, "loss": "model" if run.loss_fn is standard_loss else "fused",
-               "train_seconds": round(elapsed, 1), "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
+               "train_seconds": round(elapsed, 1), "eval_seconds": round(run.eval_seconds, 1),
+               "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
                "before": run.first_eval, "after": last_eval, "final_model": str(final_dir),
                "metrics": str(run.dir / "metrics.jsonl")}
     summary = on_rank0(lambda: write_summary(run.dir, summary))  # every rank returns it: ranks leave together

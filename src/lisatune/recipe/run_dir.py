@@ -22,7 +22,7 @@ log = logging.getLogger("lisatune")
 
 # Changing these does not change what a resumed run computes.
 RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last",
-               "release_memory"}
+               "release_memory", "save_final_state"}
 
 
 def prepare_run_dir(cfg: BaseModel) -> Path | None:
@@ -65,13 +65,26 @@ def check_same_run(cfg: BaseModel, saved: Path) -> None:
 def start(cfg: BaseModel) -> tuple[Path | None, dict | None]:
     """Rank 0: prepare the run directory; (checkpoint to resume, the summary if that run already finished)."""
     run = Path(cfg.train.output_dir)
-    resume_from = prepare_run_dir(cfg)
-    if resume_from is not None and (run / "summary.json").is_file():
+    finished = finished_summary(run)
+    if cfg.train.resume and finished is not None:
+        # Finished: summary.json is written last. With train.save_final_state false there is no checkpoint
+        # of the last step (maybe none at all), so the summary, not a checkpoint, says the run is complete.
+        check_same_run(cfg, run / "config.yaml")
+        log.info("run in %s is already complete; nothing to do", run)
+        return latest_checkpoint(run), {**finished, "already_complete": True}
+    return prepare_run_dir(cfg), None
+
+
+def finished_summary(run: Path) -> dict | None:
+    """summary.json of a run that finished: no checkpoint is newer than the step it reports."""
+    try:
         summary = json.loads((run / "summary.json").read_text())
-        if summary.get("steps") == checkpoint_step(resume_from):
-            log.info("run in %s is already complete; nothing to do", run)
-            return resume_from, {**summary, "already_complete": True}
-    return resume_from, None
+    except (OSError, ValueError):
+        return None
+    last = latest_checkpoint(run)
+    if not isinstance(summary, dict) or (last is not None and checkpoint_step(last) > summary.get("steps", -1)):
+        return None
+    return summary
 
 
 def write_summary(run: Path, summary: dict) -> dict:
@@ -83,8 +96,10 @@ def write_summary(run: Path, summary: dict) -> dict:
     return summary
 
 
-def describe_eval(res: dict) -> str:
+def describe_eval(res: dict | None) -> str:
     """An evaluation result as one short phrase, for logs and the CLI's summary."""
+    if res is None:
+        return "skipped (train.eval_before: false)"
     parts = []
     if "eval_loss" in res:
         parts.append(f"eval loss {res['eval_loss']:.4f}")
