@@ -1,6 +1,7 @@
 """`lisatune train` end to end on a tiny model: every method learns, resume is exact, bad input is refused."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,17 @@ def test_a_signal_during_the_first_eval_stops_cleanly_at_step_0_and_resume_match
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture
+def cli_main():
+    """lisatune.cli.main in this process; the logging levels it sets are put back afterwards."""
+    import logging
+    from lisatune.cli import main
+    lisatune = logging.getLogger("lisatune")
+    level = lisatune.level
+    yield main
+    lisatune.setLevel(level)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lisatune.cli", *args], capture_output=True, text=True, timeout=300, env=ENV)
 
@@ -201,9 +213,9 @@ def test_running_a_finished_run_again_with_resume_auto_reports_it(tmp_path, asse
     assert again["already_complete"] and again["after"] == first["after"]
 
 
-def test_no_eval_before_and_no_final_state_still_finish_and_report_complete(tmp_path, assets, capsys, monkeypatch):
+def test_no_eval_before_and_no_final_state_still_finish_and_report_complete(tmp_path, assets, capsys, monkeypatch,
+                                                                               cli_main):
     import lisatune.recipe.loop as recipe
-    from lisatune.cli import main
     real = recipe.eval_loss
     monkeypatch.setattr(recipe, "eval_loss", lambda *a, **k: time.sleep(0.5) or real(*a, **k))
     cfg = write_config(tmp_path, assets, max_steps=3, eval_before=False, save_final_state=False, resume="auto",
@@ -222,7 +234,7 @@ def test_no_eval_before_and_no_final_state_still_finish_and_report_complete(tmp_
 
     again = train(load_config(str(cfg), []))  # summary.json, not a checkpoint, marks it complete
     assert again["already_complete"] and again["after"] == s["after"]
-    assert main(["train", str(cfg), "--resume"]) == 0
+    assert cli_main(["train", str(cfg), "--resume"]) == 0
     out = capsys.readouterr().out
     assert "already complete" in out and "before: skipped" in out
 
@@ -243,8 +255,9 @@ def test_the_switch_after_the_last_step_is_not_reported(tmp_path, assets, caplog
     assert active[0] != active[3] or active[3] != active[6]
 
 
-def test_eval_command_caps_examples_and_defaults_to_the_training_max_length(assets, capsys):
-    from lisatune.cli import build_parser, main
+def test_eval_command_caps_examples_and_defaults_to_the_training_max_length(assets, capsys, cli_main):
+    from lisatune.cli import build_parser
+    main = cli_main
     from lisatune.data import DataConfig
     base = ["eval", str(assets / "model"), "--format", "alpaca", "--data", str(assets / "train.jsonl")]
     assert main(base) == 0
@@ -255,3 +268,16 @@ def test_eval_command_caps_examples_and_defaults_to_the_training_max_length(asse
     assert build_parser().parse_args(["eval", "m"]).max_length == DataConfig().max_length == 256
     assert main(base + ["--max-examples", "0"]) == 2
     assert "--max-examples must be >= 1" in capsys.readouterr().err
+
+
+def test_log_lines_print_above_the_progress_bar_and_quiet_hides_both(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, max_steps=9)  # K=3: switch lines while the bar is shown
+    r = run_cli("train", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "LISA switch 2 at step 6" in r.stderr and "it/s" in r.stderr
+    # Through tqdm.write the bar is cleared first; a plain handler would append the line to the bar's text.
+    assert not re.search(r"\S(LISA switch|before training)", r.stderr), r.stderr[-2000:]
+    q = run_cli("--quiet", "train", str(cfg), "--overwrite")
+    assert q.returncode == 0, q.stderr
+    assert "LISA switch" not in q.stderr and "it/s" not in q.stderr and "steps in" in q.stdout
+    assert run_cli("--quiet", "--log-level", "debug", "train").returncode == 2  # one or the other

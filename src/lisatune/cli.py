@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from transformers.utils import logging as hf_logging
+
 from .analysis.commands import register as register_analysis
 from .data import DataConfig, gsm_eval_items, load_splits
 from .errors import LisaError
@@ -16,6 +18,8 @@ from .recipe.loop import Interrupted, train
 from .recipe.models import ModelConfig, load_model
 from .recipe.run_dir import describe_eval
 from .study import register as register_study
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def cmd_train(args) -> int:
@@ -70,6 +74,11 @@ def cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisatune", description="LISA fine-tuning (Layerwise Importance Sampled AdamW)")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                           help="lisatune's own messages (default: info)")
+    verbosity.add_argument("--quiet", "-q", action="store_true",
+                           help="warnings and errors only, no progress bars (results are still printed)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a model from a YAML config (none: the embedded SmolLM2 default)")
@@ -97,12 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def configure_logging(level: str, quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Our own progress at `level`; libraries stay at warnings.
+    logging.getLogger("lisatune").setLevel(logging.WARNING if quiet else level.upper())
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its 4-bit CPU kernel notice on import (unused here)
+    if quiet:
+        hf_logging.disable_progress_bar()  # transformers' and huggingface_hub's loading/saving bars
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("lisatune").setLevel(logging.INFO)  # our own progress; libraries stay at warnings
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its 4-bit CPU kernel notice on import (unused here)
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.quiet)
     try:
         return args.func(args)
     except LisaError as e:

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from pydantic import BaseModel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import collate, gsm_eval_items, load_splits
 from ..data.render import IGNORE
@@ -121,7 +122,8 @@ class Run:
 def train(cfg: BaseModel) -> dict:
     """Run (or resume, or report the finished) training run `cfg`; returns its summary."""
     # From the first line: a signal while the model loads or the first eval runs is a clean stop too.
-    with StopRequest() as stop:
+    # Console log lines go through tqdm.write, so they print above the progress bar instead of through it.
+    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
         run = setup(cfg)
         if isinstance(run, dict):
             return run  # that run is already complete
@@ -133,7 +135,8 @@ def train(cfg: BaseModel) -> dict:
 
         run.model.train()
         started, evals_before = time.perf_counter(), run.eval_seconds
-        bar = tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0)
+        bar = tqdm(total=run.total, initial=run.step, desc=cfg.method,  # INFO-level output: --quiet hides it
+                   disable=run.rank != 0 or not log.isEnabledFor(logging.INFO))
         while run.step < run.total:
             row, stopping = train_step(run, stop)
             t = cfg.train
