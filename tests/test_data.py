@@ -3,6 +3,7 @@ import importlib.util
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +97,63 @@ def test_chat_labels_exactly_the_assistant_turns(tmp_path, tok):
                      "<|im_start|>assistant\n"
     # The token stream is the whole conversation as the template renders it, ended by EOS.
     assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(CONVERSATION, tokenize=False).rstrip() + EOS
+
+
+def oracle(tok, messages):
+    """Expected (input_ids, labels), computed independently of encode_chat: the rendered conversation tokenized
+    in one go; a token is labelled iff its characters lie in an assistant turn's content + <|im_end|>; EOS last."""
+    text = tok.apply_chat_template(messages, tokenize=False).rstrip()
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, pos = [], 0
+    for m in messages:
+        if m["role"] == "assistant":
+            head = "<|im_start|>assistant\n"
+            start = text.index(head + m["content"] + "<|im_end|>", pos) + len(head)
+            pos = start + len(m["content"]) + len("<|im_end|>")
+            spans.append((start, pos))
+    labels = [i if any(a <= s and e <= b for a, b in spans) else -100
+              for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return enc["input_ids"] + [tok.eos_token_id], labels + [tok.eos_token_id]
+
+
+THREE_TURNS = CONVERSATION + [{"role": "user", "content": "What is the sum?"},
+                              {"role": "assistant", "content": "The answer is five."}]
+
+
+def test_multi_turn_chat_with_a_system_message_labels_every_assistant_turn_token_by_token(tmp_path, tok):
+    train, _ = load_splits(DataConfig(format="chat", path=jsonl(tmp_path / "c.jsonl", [{"messages": THREE_TURNS}])),
+                           tok)
+    ids, labels = oracle(tok, THREE_TURNS)
+    assert train[0]["input_ids"] == ids and train[0]["labels"] == labels
+    assert spans(tok, train[0])[1] == ["Five.<|im_end|>", "Six.<|im_end|>", "The answer is five.<|im_end|>" + EOS]
+
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Two plus three?"},
+                              {"from": "gpt", "value": "Five."}, {"from": "user", "value": "And times three?"},
+                              {"from": "model", "value": "Six."}, {"from": "human", "value": "What is the sum?"},
+                              {"from": "assistant", "value": "The answer is five."}]}
+
+
+def test_sharegpt_is_the_same_conversation_as_chat(tmp_path, tok):
+    unanswered = {"conversations": SHAREGPT["conversations"] + [{"from": "human", "value": "Thanks!"}]}
+    train, _ = load_splits(DataConfig(format="sharegpt", path=jsonl(tmp_path / "s.jsonl", [SHAREGPT, unanswered])),
+                           tok)
+    ids, labels = oracle(tok, THREE_TURNS)
+    # every turn mapped to its role; the unanswered last question carries no loss and is left out
+    assert [e["input_ids"] for e in train] == [ids, ids] and [e["labels"] for e in train] == [labels, labels]
+
+
+def test_system_prompt_is_added_to_conversations_without_one(tmp_path, tok):
+    own = {"messages": CONVERSATION}
+    bare = {"messages": CONVERSATION[1:]}
+    path = jsonl(tmp_path / "c.jsonl", [own, bare])
+    train, _ = load_splits(DataConfig(format="chat", path=path, system_prompt="Answer in French."), tok)
+    assert train[0] == load_splits(DataConfig(format="chat", path=path), tok)[0][0]  # its own system message stays
+    ids, labels = oracle(tok, [{"role": "system", "content": "Answer in French."}] + CONVERSATION[1:])
+    assert train[1]["input_ids"] == ids and train[1]["labels"] == labels
+    sg = jsonl(tmp_path / "s.jsonl", [{"conversations": SHAREGPT["conversations"][1:3]}])
+    ex = load_splits(DataConfig(format="sharegpt", path=sg, system_prompt="Answer in French."), tok)[0][0]
+    assert spans(tok, ex)[0].startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\n")
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +307,19 @@ def test_extract_answer(text, number):
      "chat", r"data\.jsonl:1: the last message has role 'user' \(expected assistant\)"),
     ("data.jsonl", '{"messages": []}\n', "chat", r"data\.jsonl:1: record has no 'messages' list"),
     ("data.jsonl", '{"messages": [{"role": "assistant"}]}\n', "chat", r"data\.jsonl:1: message 0 has no 'content'"),
+    ("data.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n'
+                   '{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}\n',
+     "sharegpt", r"^.*data\.jsonl:2: turn 1 is from 'bot' \(expected system, human, user, gpt, assistant, model\)$"),
+    ("data.jsonl", '{"conversations": [{"from": "system", "value": "x"}, {"from": "human", "value": "hi"}]}\n',
+     "sharegpt", r"^.*data\.jsonl:1: the conversation has no assistant turn \(from gpt, assistant or model\)$"),
+    ("data.jsonl", '{"conversations": [{"from": "human", "value": "hi"}]}\n{"conversations": []}\n', "sharegpt",
+     r"^.*data\.jsonl:1: the conversation has no assistant turn"),
+    ("data.jsonl", '{"conversations": []}\n', "sharegpt", r"^.*data\.jsonl:1: record has no 'conversations' list"),
+    ("data.jsonl", '{"messages": []}\n', "sharegpt", r"^.*data\.jsonl:1: record has no 'conversations' list"),
+    ("data.jsonl", '{"conversations": [{"from": "gpt", "value": 3}]}\n', "sharegpt",
+     r"data\.jsonl:1: turn 0 has no 'value' string"),
+    ("data.jsonl", '{"conversations": [{"from": ["gpt"], "value": "x"}]}\n', "sharegpt",
+     r"data\.jsonl:1: turn 0 is from \['gpt'\]"),
     ("data.jsonl", '{"body": "x"}\n', "text", r"data\.jsonl:1: record has no 'text'"),
     ("data.txt", "\n \n", "text", r"data\.txt: the dataset is empty"),
     ("data.txt", "short", "text", r"data\.txt: \d+ tokens in all, fewer than one block of max_length=64"),
@@ -285,7 +356,15 @@ def test_all_too_long_missing_file_and_no_chat_template(tmp_path, tok, plain_tok
     ({"format": "alpaca"}, r"^data: format 'alpaca' needs data\.path"),
     ({"path": "x.jsonl"}, r"^data: format 'gsm' generates its data"),
     ({"format": "text", "path": "a", "val_path": "b", "val_fraction": 0.1}, r"^data: set val_path or val_fraction"),
+    ({"format": "alpaca", "path": "a", "system_prompt": "x"}, r"^data: system_prompt is for formats chat and sharegpt"),
 ])
 def test_config_errors(options, message):
     with pytest.raises(LisaError, match=message):
         DataConfig.build(**options)
+
+
+def test_shipped_conversation_examples_load_and_agree(tok):
+    root = Path(__file__).parent.parent / "examples" / "data"
+    chat, _ = load_splits(DataConfig(format="chat", path=str(root / "chat.jsonl")), tok)
+    sharegpt, _ = load_splits(DataConfig(format="sharegpt", path=str(root / "sharegpt.jsonl")), tok)
+    assert len(chat) == 12 and chat == sharegpt

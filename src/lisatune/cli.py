@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from typing import get_args
 
 from transformers.utils import logging as hf_logging
 
@@ -91,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match) of a saved model")
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
-    e.add_argument("--format", default="gsm", choices=["gsm", "alpaca", "chat", "text"])
-    e.add_argument("--data", help="data file (alpaca/chat/text)")
+    e.add_argument("--format", default="gsm", choices=get_args(DataConfig.model_fields["format"].annotation))
+    e.add_argument("--data", help="data file (every format but gsm)")
     e.add_argument("--max-length", type=int, default=DataConfig.model_fields["max_length"].default,
                    help="tokens; longer examples are dropped (default: training's, %(default)s)")
     e.add_argument("--max-examples", type=int, metavar="N", help="evaluate the loss on the first N examples only")

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import LisaError
 from .alpaca import load_alpaca
-from .chat import load_chat
+from .chat import load_chat, load_sharegpt
 from .config import DataConfig
 from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
 from .render import IGNORE, encode_prompt, render_prompt
@@ -28,7 +28,9 @@ def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]
     if cfg.format == "alpaca":
         return load_alpaca(path, tokenizer, option)
     if cfg.format == "chat":
-        return load_chat(path, tokenizer, option)
+        return load_chat(path, tokenizer, option, cfg.system_prompt)
+    if cfg.format == "sharegpt":
+        return load_sharegpt(path, tokenizer, option, cfg.system_prompt)
     return load_text(path, tokenizer, cfg.max_length, option)
 
 

@@ -11,14 +11,16 @@ from ..schema import Options
 class DataConfig(Options):
     section = "data"
 
-    format: Literal["alpaca", "chat", "text", "gsm"] = "gsm"
-    # alpaca: JSON array or JSONL; chat: JSONL with `messages`; text: .txt (blank-line separated) or JSONL `text`.
+    format: Literal["alpaca", "chat", "sharegpt", "text", "gsm"] = "gsm"
+    # alpaca: JSON array or JSONL; chat: JSONL with `messages`; sharegpt: JSONL with `conversations`;
+    # text: .txt (blank-line separated) or JSONL `text`.
     path: str | None = None
     val_path: str | None = None  # same format as `path`
     val_fraction: float = 0.0  # held out from `path` by a seeded shuffle
     val_max_examples: int | None = None  # cap on the validation set, so evaluation stays cheap
     max_length: int = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
     seed: int = 0
+    system_prompt: str | None = None  # chat, sharegpt: the system message of conversations that have none
     # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
     gsm_variants: int = 8  # numeric variants per training template
     gsm_eval_templates: int = 20
@@ -66,4 +68,6 @@ class DataConfig(Options):
                 raise ValueError(f"format '{self.format}' needs data.path (the training file)")
             if self.val_path and self.val_fraction:
                 raise ValueError("set val_path or val_fraction, not both")
+        if self.system_prompt and self.format not in ("chat", "sharegpt"):
+            raise ValueError(f"system_prompt is for formats chat and sharegpt, not '{self.format}'")
         return self
