@@ -1,6 +1,15 @@
 """Tiny models built from configs (no network), shared by the tests."""
+import atexit
 import json
 import os
+import shutil
+import tempfile
+
+# Before `datasets` is imported (it reads these once): its Arrow cache in a temporary directory, never the Hub.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lisatune-test-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 import transformers as T

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from datasets import Dataset, DatasetDict
 
 from lisatune.data import DataConfig, collate, encode_prompt, extract_answer, gsm_eval_items, load_splits, render_prompt
 from lisatune.data import gsm as gsm_module
+from lisatune.data import sources
 from lisatune.errors import LisaError
 
 from conftest import EOS, tiny_tokenizer
@@ -368,3 +370,88 @@ def test_shipped_conversation_examples_load_and_agree(tok):
     chat, _ = load_splits(DataConfig(format="chat", path=str(root / "chat.jsonl")), tok)
     sharegpt, _ = load_splits(DataConfig(format="sharegpt", path=str(root / "sharegpt.jsonl")), tok)
     assert len(chat) == 12 and chat == sharegpt
+
+
+# ---- datasets sources -----------------------------------------------------------------------------
+
+RENAMED = [{"prompt": r["instruction"], "extra": r.get("input"), "completion": r["output"]} for r in ALPACA]
+COLUMNS = {"instruction": "prompt", "input": "extra", "output": "completion"}
+
+
+def test_csv_parquet_arrow_and_saved_datasets_read_like_jsonl(tmp_path, tok):
+    want, _ = load_splits(DataConfig(format="alpaca", path=jsonl(tmp_path / "a.jsonl", ALPACA)), tok)
+    ds = Dataset.from_list(RENAMED)
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    ds.to_csv(str(tmp_path / "a.csv"), index=False)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "dict"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path in ["a.parquet", "a.csv", "saved", "dict", arrow]:
+        got, _ = load_splits(DataConfig(format="alpaca", path=str(tmp_path / path), columns=COLUMNS), tok)
+        assert got == want, path
+    # data.split / data.val_split pick a saved DatasetDict's (or a Hub dataset's) splits
+    train, val = load_splits(DataConfig(format="alpaca", path=str(tmp_path / "dict"), val_path=str(tmp_path / "dict"),
+                                        val_split="test", columns=COLUMNS), tok)
+    assert train == want and val == want[1:]
+    # the same mapping works on JSONL, and a field takes only its mapped column
+    renamed = jsonl(tmp_path / "r.jsonl", [dict(r, output="ignored") for r in RENAMED])
+    assert load_splits(DataConfig(format="alpaca", path=renamed, columns=COLUMNS), tok)[0] == want
+
+
+def test_csv_cells_stay_text_and_conversations_come_from_parquet(tmp_path, tok):
+    (tmp_path / "n.csv").write_text("instruction,output\nCount to three.,007\nHalf of three?,1.50\n")
+    train, _ = load_splits(DataConfig(format="alpaca", path=str(tmp_path / "n.csv")), tok)
+    assert [spans(tok, e)[1][0] for e in train] == ["007<|im_end|>" + EOS, "1.50<|im_end|>" + EOS]
+    Dataset.from_list([{"messages": THREE_TURNS}]).to_parquet(str(tmp_path / "c.parquet"))
+    ex = load_splits(DataConfig(format="chat", path=str(tmp_path / "c.parquet")), tok)[0][0]
+    assert (ex["input_ids"], ex["labels"]) == oracle(tok, THREE_TURNS)
+
+
+def test_a_hub_name_goes_to_load_dataset_with_the_split(tmp_path, tok, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sources, "load_dataset", lambda name, split: seen.append((name, split)) or
+                        Dataset.from_list(RENAMED))
+    train, _ = load_splits(DataConfig(format="alpaca", path="someone/alpaca-like", split="train[:2]",
+                                      columns=COLUMNS), tok)
+    assert seen == [("someone/alpaca-like", "train[:2]")] and len(train) == 2
+
+
+@pytest.mark.parametrize("make, options, message", [
+    (lambda d: Dataset.from_list(RENAMED).to_parquet(str(d / "a.parquet")), {"columns": {"instruction": "question"}},
+     r"^.*a\.parquet: data\.columns\.instruction is 'question', which is not a column \(columns: prompt, extra, "
+     r"completion\)$"),
+    (lambda d: Dataset.from_list(RENAMED).to_parquet(str(d / "a.parquet")), {},
+     r"^.*a\.parquet: no column 'instruction' for format 'alpaca' \(columns: prompt, extra, completion\); map one "
+     r"with data\.columns, e\.g\. --set data\.columns\.instruction=COLUMN$"),
+    (lambda d: (d / "a.parquet").write_text("instruction,output\na,b\n"), {},
+     r"^data\.path '.*a\.parquet': not a readable parquet file \(.*Parquet magic bytes not found"),
+    (lambda d: DatasetDict({"train": Dataset.from_list(ALPACA)}).save_to_disk(str(d / "a.parquet")),
+     {"split": "test"}, r"^data\.path '.*a\.parquet' has no split 'test' \(splits: train\); set data\.split"),
+    (lambda d: (d / "a.parquet").mkdir(), {}, r"^data\.path '.*a\.parquet' is a directory but not one written by "
+                                              r"save_to_disk"),
+    (lambda d: (d / "a.parquet").write_text(json.dumps(RENAMED[0]) + "\n{}\n"), {"columns": COLUMNS, "path": "a.jsonl"},
+     r"^.*a\.jsonl:2: record has no 'prompt' \(data\.columns\.instruction\)$"),
+    (lambda d: Dataset.from_dict({"instruction": [], "output": []}).to_parquet(str(d / "a.parquet")), {},
+     r"a\.parquet: the dataset is empty"),
+    (lambda d: (d / "a.parquet").write_text(""), {"path": "a.xlsx"}, r"^data\.path '.*a\.xlsx' does not exist$"),
+    (lambda d: (d / "a.xlsx").write_text(""), {"path": "a.xlsx"}, r"^data\.path '.*a\.xlsx': unknown file type "
+                                                                  r"'\.xlsx'"),
+    (lambda d: None, {"path": "nobody/nothing"}, r"^data\.path 'nobody/nothing' is neither a local path nor a "
+                                                 r"loadable Hugging Face Hub dataset \(split 'train': "),
+])
+def test_bad_dataset_sources_are_one_line_errors(tmp_path, tok, make, options, message):
+    make(tmp_path)
+    if options.get("path") == "a.jsonl":
+        (tmp_path / "a.parquet").rename(tmp_path / "a.jsonl")
+    path = options.pop("path", "a.parquet")
+    path = path if "/" in path else str(tmp_path / path)
+    with pytest.raises(LisaError, match=message) as e:
+        load_splits(DataConfig(format="alpaca", path=path, **options), tok)
+    assert "\n" not in str(e.value)
+
+
+def test_columns_must_name_fields_of_the_format():
+    with pytest.raises(LisaError, match=r"^data: columns: 'prompt' is not a field of format 'alpaca' "
+                                        r"\(fields: instruction, input, output\)$"):
+        DataConfig.build(format="alpaca", path="a.csv", columns={"prompt": "x"})
+    assert DataConfig.build(format="chat", path="a.csv", columns={"messages": "turns"}).columns == {"messages": "turns"}

@@ -7,8 +7,9 @@ conversation that brings none of its own.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import LisaError
-from .records import read_records
 from .render import encode_chat
 
 ROLES = ("system", "user", "assistant")
@@ -68,13 +69,12 @@ def need_template(tokenizer, fmt: str) -> None:
                         "use format 'alpaca' for a base model")
 
 
-def load_chat(path: str, tokenizer, option: str = "data.path", system_prompt: str | None = None) -> list[dict]:
+def load_chat(records: list[tuple[str, Any]], tokenizer, system_prompt: str | None = None) -> list[dict]:
     need_template(tokenizer, "chat")
-    return [encode_chat(tokenizer, with_system(check_messages(loc, rec), system_prompt), loc)
-            for loc, rec in read_records(path, option)]
+    return [encode_chat(tokenizer, with_system(check_messages(loc, rec), system_prompt), loc) for loc, rec in records]
 
 
-def load_sharegpt(path: str, tokenizer, option: str = "data.path", system_prompt: str | None = None) -> list[dict]:
+def load_sharegpt(records: list[tuple[str, Any]], tokenizer, system_prompt: str | None = None) -> list[dict]:
     need_template(tokenizer, "sharegpt")
     return [encode_chat(tokenizer, with_system(sharegpt_messages(loc, rec), system_prompt), loc)
-            for loc, rec in read_records(path, option)]
+            for loc, rec in records]
