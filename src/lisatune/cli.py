@@ -1,4 +1,4 @@
-"""`lisatune train | eval | bench | norms`: thin argparse front-ends over the library."""
+"""`lisatune train | eval | generate | bench | norms | study`: thin argparse front-ends over the library."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from .data import DataConfig, gsm_eval_items, load_splits
 from .errors import LisaError
 from .recipe.config import load_config
 from .recipe.evaluate import eval_loss, gsm_accuracy
+from .recipe.generate import register as register_generate
 from .recipe.loop import Interrupted, train
 from .recipe.models import ModelConfig, load_model
 from .recipe.run_dir import describe_eval
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
 
+    register_generate(sub)  # `lisatune generate MODEL [--prompt TEXT]`
     register_analysis(sub)  # bench memory | speed, norms
     register_study(sub)  # `lisatune study`: grids of runs and their report
     return p
