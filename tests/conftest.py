@@ -1,6 +1,15 @@
 """Tiny models built from configs (no network), shared by the tests."""
+import atexit
 import json
 import os
+import shutil
+import tempfile
+
+# Before `datasets` is imported (it reads these once): its Arrow cache in a temporary directory, never the Hub.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lisatune-test-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 import transformers as T
@@ -18,6 +27,12 @@ def tiny_model(arch: str = "llama", n_layers: int = 6, seed: int = 0, dtype=torc
 def batches(n: int, seed: int = 0, batch: int = 2, seq: int = 12, vocab: int = 96):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_model_cache(tmp_path_factory):
+    """GGUF conversions go to a fresh cache, never the user's ~/.cache/lisatune."""
+    os.environ["LISATUNE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
 
 
 @pytest.fixture

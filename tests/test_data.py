@@ -3,14 +3,17 @@ import importlib.util
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers as T
+from datasets import Dataset, DatasetDict
 
 from lisatune.data import DataConfig, collate, encode_prompt, extract_answer, gsm_eval_items, load_splits, render_prompt
 from lisatune.data import gsm as gsm_module
+from lisatune.data import sources
 from lisatune.errors import LisaError
 
 from conftest import EOS, tiny_tokenizer
@@ -96,6 +99,63 @@ def test_chat_labels_exactly_the_assistant_turns(tmp_path, tok):
                      "<|im_start|>assistant\n"
     # The token stream is the whole conversation as the template renders it, ended by EOS.
     assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(CONVERSATION, tokenize=False).rstrip() + EOS
+
+
+def oracle(tok, messages):
+    """Expected (input_ids, labels), computed independently of encode_chat: the rendered conversation tokenized
+    in one go; a token is labelled iff its characters lie in an assistant turn's content + <|im_end|>; EOS last."""
+    text = tok.apply_chat_template(messages, tokenize=False).rstrip()
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, pos = [], 0
+    for m in messages:
+        if m["role"] == "assistant":
+            head = "<|im_start|>assistant\n"
+            start = text.index(head + m["content"] + "<|im_end|>", pos) + len(head)
+            pos = start + len(m["content"]) + len("<|im_end|>")
+            spans.append((start, pos))
+    labels = [i if any(a <= s and e <= b for a, b in spans) else -100
+              for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return enc["input_ids"] + [tok.eos_token_id], labels + [tok.eos_token_id]
+
+
+THREE_TURNS = CONVERSATION + [{"role": "user", "content": "What is the sum?"},
+                              {"role": "assistant", "content": "The answer is five."}]
+
+
+def test_multi_turn_chat_with_a_system_message_labels_every_assistant_turn_token_by_token(tmp_path, tok):
+    train, _ = load_splits(DataConfig(format="chat", path=jsonl(tmp_path / "c.jsonl", [{"messages": THREE_TURNS}])),
+                           tok)
+    ids, labels = oracle(tok, THREE_TURNS)
+    assert train[0]["input_ids"] == ids and train[0]["labels"] == labels
+    assert spans(tok, train[0])[1] == ["Five.<|im_end|>", "Six.<|im_end|>", "The answer is five.<|im_end|>" + EOS]
+
+
+SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Two plus three?"},
+                              {"from": "gpt", "value": "Five."}, {"from": "user", "value": "And times three?"},
+                              {"from": "model", "value": "Six."}, {"from": "human", "value": "What is the sum?"},
+                              {"from": "assistant", "value": "The answer is five."}]}
+
+
+def test_sharegpt_is_the_same_conversation_as_chat(tmp_path, tok):
+    unanswered = {"conversations": SHAREGPT["conversations"] + [{"from": "human", "value": "Thanks!"}]}
+    train, _ = load_splits(DataConfig(format="sharegpt", path=jsonl(tmp_path / "s.jsonl", [SHAREGPT, unanswered])),
+                           tok)
+    ids, labels = oracle(tok, THREE_TURNS)
+    # every turn mapped to its role; the unanswered last question carries no loss and is left out
+    assert [e["input_ids"] for e in train] == [ids, ids] and [e["labels"] for e in train] == [labels, labels]
+
+
+def test_system_prompt_is_added_to_conversations_without_one(tmp_path, tok):
+    own = {"messages": CONVERSATION}
+    bare = {"messages": CONVERSATION[1:]}
+    path = jsonl(tmp_path / "c.jsonl", [own, bare])
+    train, _ = load_splits(DataConfig(format="chat", path=path, system_prompt="Answer in French."), tok)
+    assert train[0] == load_splits(DataConfig(format="chat", path=path), tok)[0][0]  # its own system message stays
+    ids, labels = oracle(tok, [{"role": "system", "content": "Answer in French."}] + CONVERSATION[1:])
+    assert train[1]["input_ids"] == ids and train[1]["labels"] == labels
+    sg = jsonl(tmp_path / "s.jsonl", [{"conversations": SHAREGPT["conversations"][1:3]}])
+    ex = load_splits(DataConfig(format="sharegpt", path=sg, system_prompt="Answer in French."), tok)[0][0]
+    assert spans(tok, ex)[0].startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\n")
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +309,19 @@ def test_extract_answer(text, number):
      "chat", r"data\.jsonl:1: the last message has role 'user' \(expected assistant\)"),
     ("data.jsonl", '{"messages": []}\n', "chat", r"data\.jsonl:1: record has no 'messages' list"),
     ("data.jsonl", '{"messages": [{"role": "assistant"}]}\n', "chat", r"data\.jsonl:1: message 0 has no 'content'"),
+    ("data.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}\n'
+                   '{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}\n',
+     "sharegpt", r"^.*data\.jsonl:2: turn 1 is from 'bot' \(expected system, human, user, gpt, assistant, model\)$"),
+    ("data.jsonl", '{"conversations": [{"from": "system", "value": "x"}, {"from": "human", "value": "hi"}]}\n',
+     "sharegpt", r"^.*data\.jsonl:1: the conversation has no assistant turn \(from gpt, assistant or model\)$"),
+    ("data.jsonl", '{"conversations": [{"from": "human", "value": "hi"}]}\n{"conversations": []}\n', "sharegpt",
+     r"^.*data\.jsonl:1: the conversation has no assistant turn"),
+    ("data.jsonl", '{"conversations": []}\n', "sharegpt", r"^.*data\.jsonl:1: record has no 'conversations' list"),
+    ("data.jsonl", '{"messages": []}\n', "sharegpt", r"^.*data\.jsonl:1: record has no 'conversations' list"),
+    ("data.jsonl", '{"conversations": [{"from": "gpt", "value": 3}]}\n', "sharegpt",
+     r"data\.jsonl:1: turn 0 has no 'value' string"),
+    ("data.jsonl", '{"conversations": [{"from": ["gpt"], "value": "x"}]}\n', "sharegpt",
+     r"data\.jsonl:1: turn 0 is from \['gpt'\]"),
     ("data.jsonl", '{"body": "x"}\n', "text", r"data\.jsonl:1: record has no 'text'"),
     ("data.txt", "\n \n", "text", r"data\.txt: the dataset is empty"),
     ("data.txt", "short", "text", r"data\.txt: \d+ tokens in all, fewer than one block of max_length=64"),
@@ -285,7 +358,100 @@ def test_all_too_long_missing_file_and_no_chat_template(tmp_path, tok, plain_tok
     ({"format": "alpaca"}, r"^data: format 'alpaca' needs data\.path"),
     ({"path": "x.jsonl"}, r"^data: format 'gsm' generates its data"),
     ({"format": "text", "path": "a", "val_path": "b", "val_fraction": 0.1}, r"^data: set val_path or val_fraction"),
+    ({"format": "alpaca", "path": "a", "system_prompt": "x"}, r"^data: system_prompt is for formats chat and sharegpt"),
 ])
 def test_config_errors(options, message):
     with pytest.raises(LisaError, match=message):
         DataConfig.build(**options)
+
+
+def test_shipped_conversation_examples_load_and_agree(tok):
+    root = Path(__file__).parent.parent / "examples" / "data"
+    chat, _ = load_splits(DataConfig(format="chat", path=str(root / "chat.jsonl")), tok)
+    sharegpt, _ = load_splits(DataConfig(format="sharegpt", path=str(root / "sharegpt.jsonl")), tok)
+    assert len(chat) == 12 and chat == sharegpt
+
+
+# ---- datasets sources -----------------------------------------------------------------------------
+
+RENAMED = [{"prompt": r["instruction"], "extra": r.get("input"), "completion": r["output"]} for r in ALPACA]
+COLUMNS = {"instruction": "prompt", "input": "extra", "output": "completion"}
+
+
+def test_csv_parquet_arrow_and_saved_datasets_read_like_jsonl(tmp_path, tok):
+    want, _ = load_splits(DataConfig(format="alpaca", path=jsonl(tmp_path / "a.jsonl", ALPACA)), tok)
+    ds = Dataset.from_list(RENAMED)
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    ds.to_csv(str(tmp_path / "a.csv"), index=False)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "dict"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path in ["a.parquet", "a.csv", "saved", "dict", arrow]:
+        got, _ = load_splits(DataConfig(format="alpaca", path=str(tmp_path / path), columns=COLUMNS), tok)
+        assert got == want, path
+    # data.split / data.val_split pick a saved DatasetDict's (or a Hub dataset's) splits
+    train, val = load_splits(DataConfig(format="alpaca", path=str(tmp_path / "dict"), val_path=str(tmp_path / "dict"),
+                                        val_split="test", columns=COLUMNS), tok)
+    assert train == want and val == want[1:]
+    # the same mapping works on JSONL, and a field takes only its mapped column
+    renamed = jsonl(tmp_path / "r.jsonl", [dict(r, output="ignored") for r in RENAMED])
+    assert load_splits(DataConfig(format="alpaca", path=renamed, columns=COLUMNS), tok)[0] == want
+
+
+def test_csv_cells_stay_text_and_conversations_come_from_parquet(tmp_path, tok):
+    (tmp_path / "n.csv").write_text("instruction,output\nCount to three.,007\nHalf of three?,1.50\n")
+    train, _ = load_splits(DataConfig(format="alpaca", path=str(tmp_path / "n.csv")), tok)
+    assert [spans(tok, e)[1][0] for e in train] == ["007<|im_end|>" + EOS, "1.50<|im_end|>" + EOS]
+    Dataset.from_list([{"messages": THREE_TURNS}]).to_parquet(str(tmp_path / "c.parquet"))
+    ex = load_splits(DataConfig(format="chat", path=str(tmp_path / "c.parquet")), tok)[0][0]
+    assert (ex["input_ids"], ex["labels"]) == oracle(tok, THREE_TURNS)
+
+
+def test_a_hub_name_goes_to_load_dataset_with_the_split(tmp_path, tok, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sources, "load_dataset", lambda name, split: seen.append((name, split)) or
+                        Dataset.from_list(RENAMED))
+    train, _ = load_splits(DataConfig(format="alpaca", path="someone/alpaca-like", split="train[:2]",
+                                      columns=COLUMNS), tok)
+    assert seen == [("someone/alpaca-like", "train[:2]")] and len(train) == 2
+
+
+@pytest.mark.parametrize("make, options, message", [
+    (lambda d: Dataset.from_list(RENAMED).to_parquet(str(d / "a.parquet")), {"columns": {"instruction": "question"}},
+     r"^.*a\.parquet: data\.columns\.instruction is 'question', which is not a column \(columns: prompt, extra, "
+     r"completion\)$"),
+    (lambda d: Dataset.from_list(RENAMED).to_parquet(str(d / "a.parquet")), {},
+     r"^.*a\.parquet: no column 'instruction' for format 'alpaca' \(columns: prompt, extra, completion\); map one "
+     r"with data\.columns, e\.g\. --set data\.columns\.instruction=COLUMN$"),
+    (lambda d: (d / "a.parquet").write_text("instruction,output\na,b\n"), {},
+     r"^data\.path '.*a\.parquet': not a readable parquet file \(.*Parquet magic bytes not found"),
+    (lambda d: DatasetDict({"train": Dataset.from_list(ALPACA)}).save_to_disk(str(d / "a.parquet")),
+     {"split": "test"}, r"^data\.path '.*a\.parquet' has no split 'test' \(splits: train\); set data\.split"),
+    (lambda d: (d / "a.parquet").mkdir(), {}, r"^data\.path '.*a\.parquet' is a directory but not one written by "
+                                              r"save_to_disk"),
+    (lambda d: (d / "a.parquet").write_text(json.dumps(RENAMED[0]) + "\n{}\n"), {"columns": COLUMNS, "path": "a.jsonl"},
+     r"^.*a\.jsonl:2: record has no 'prompt' \(data\.columns\.instruction\)$"),
+    (lambda d: Dataset.from_dict({"instruction": [], "output": []}).to_parquet(str(d / "a.parquet")), {},
+     r"a\.parquet: the dataset is empty"),
+    (lambda d: (d / "a.parquet").write_text(""), {"path": "a.xlsx"}, r"^data\.path '.*a\.xlsx' does not exist$"),
+    (lambda d: (d / "a.xlsx").write_text(""), {"path": "a.xlsx"}, r"^data\.path '.*a\.xlsx': unknown file type "
+                                                                  r"'\.xlsx'"),
+    (lambda d: None, {"path": "nobody/nothing"}, r"^data\.path 'nobody/nothing' is neither a local path nor a "
+                                                 r"loadable Hugging Face Hub dataset \(split 'train': "),
+])
+def test_bad_dataset_sources_are_one_line_errors(tmp_path, tok, make, options, message):
+    make(tmp_path)
+    if options.get("path") == "a.jsonl":
+        (tmp_path / "a.parquet").rename(tmp_path / "a.jsonl")
+    path = options.pop("path", "a.parquet")
+    path = path if "/" in path else str(tmp_path / path)
+    with pytest.raises(LisaError, match=message) as e:
+        load_splits(DataConfig(format="alpaca", path=path, **options), tok)
+    assert "\n" not in str(e.value)
+
+
+def test_columns_must_name_fields_of_the_format():
+    with pytest.raises(LisaError, match=r"^data: columns: 'prompt' is not a field of format 'alpaca' "
+                                        r"\(fields: instruction, input, output\)$"):
+        DataConfig.build(format="alpaca", path="a.csv", columns={"prompt": "x"})
+    assert DataConfig.build(format="chat", path="a.csv", columns={"messages": "turns"}).columns == {"messages": "turns"}

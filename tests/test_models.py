@@ -1,5 +1,8 @@
-"""models: save/reload round trips bitwise, clear errors, and the embedded SmolLM2 loads and saves."""
+"""models: save/reload round trips bitwise, clear errors, GGUF conversion cached, and the embedded SmolLM2."""
 import importlib.util
+import json
+import logging
+import os
 import time
 
 import pytest
@@ -101,6 +104,57 @@ def test_gguf_path_is_loaded_from_its_folder(tmp_path, monkeypatch):
     assert seen == [f]
 
 
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_gguf_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LISATUNE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"v1")
+    calls = []
+    monkeypatch.setattr(models, "_load_gguf", lambda p: calls.append(p) or (tiny_model(seed=len(calls)),
+                                                                            tiny_tokenizer()))
+    first, _ = load_model(ModelConfig(source=str(f)))
+    second, tok = load_model(ModelConfig(source=str(f), dtype="bf16"))
+    assert len(calls) == 1  # the second load read the cache
+    assert same_weights(first, tiny_model(seed=1)) and same_weights(second, tiny_model(seed=1).bfloat16())
+    assert tok.pad_token == "<eos>"
+    cached = models.cached_source(str(f))
+    assert len(calls) == 1 and cached.startswith(str(tmp_path / "cache" / "m-"))
+    assert json.loads((models.Path(cached) / models.CACHE_KEY).read_text())["size"] == 2
+
+    f.write_bytes(b"v2.")  # a changed file (size, mtime) is converted again, into the same directory
+    third, _ = load_model(ModelConfig(source=str(f)))
+    assert len(calls) == 2 and same_weights(third, tiny_model(seed=2))
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [models.Path(cached).name]
+    assert models.cached_source(str(tmp_path)) == str(tmp_path)  # not a GGUF: as given
+
+
+def test_an_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LISATUNE_CACHE", str(tmp_path / "file" / "cache"))  # below a file: cannot be created
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(models, "_load_gguf", lambda p: calls.append(p) or (tiny_model(), tiny_tokenizer()))
+    with caplog.at_level(logging.WARNING, logger="lisatune"):
+        model, _ = load_model(ModelConfig(source=str(f)))
+    assert len(calls) == 1 and same_weights(model, tiny_model())
+    assert "cannot write the model cache" in caplog.text and "LISATUNE_CACHE" in caplog.text
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = save_model(tiny_model(), tiny_tokenizer(), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+
+
 def test_bf16_and_gradient_checkpointing(tmp_path):
     save_model(tiny_model(), tiny_tokenizer(), tmp_path / "m")
     model, _ = load_model(ModelConfig(source=str(tmp_path / "m"), dtype="bf16", gradient_checkpointing=True))
@@ -144,11 +198,26 @@ def test_unknown_option_names_the_field():
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LISATUNE_CACHE", str(tmp_path_factory.mktemp("smollm2-cache")))
+        start = time.perf_counter()
+        model, tok = load_model()  # the default source, dequantized into the cache
+        print(f"\nSmolLM2 load: {time.perf_counter() - start:.1f} s")
+        yield model, tok
+
+
+def test_smollm2_is_converted_once_into_the_cache(smollm2, monkeypatch):
+    model, tok = smollm2
+    cached = models.cache_root() / models.SMOLLM2_CACHE
+    assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
+    monkeypatch.setattr(models, "_load_gguf", lambda p: pytest.fail("dequantized again"))
     start = time.perf_counter()
-    model, tok = load_model()  # the default source
-    print(f"\nSmolLM2 load: {time.perf_counter() - start:.1f} s")
-    return model, tok
+    again, again_tok = load_model()
+    print(f"\nSmolLM2 load from the cache: {time.perf_counter() - start:.1f} s")
+    assert same_weights(again, model) and again.lm_head.weight is again.model.embed_tokens.weight
+    assert again_tok.chat_template == tok.chat_template and again_tok.eos_token == tok.eos_token
+    assert again_tok("Hello, world").input_ids == tok("Hello, world").input_ids
 
 
 def test_smollm2_loads_saves_and_reloads_identically(smollm2, tmp_path):

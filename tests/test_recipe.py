@@ -1,6 +1,7 @@
 """`lisatune train` end to end on a tiny model: every method learns, resume is exact, bad input is refused."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,17 @@ def test_a_signal_during_the_first_eval_stops_cleanly_at_step_0_and_resume_match
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture
+def cli_main():
+    """lisatune.cli.main in this process; the logging levels it sets are put back afterwards."""
+    import logging
+    from lisatune.cli import main
+    lisatune = logging.getLogger("lisatune")
+    level = lisatune.level
+    yield main
+    lisatune.setLevel(level)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "lisatune.cli", *args], capture_output=True, text=True, timeout=300, env=ENV)
 
@@ -199,3 +211,73 @@ def test_running_a_finished_run_again_with_resume_auto_reports_it(tmp_path, asse
     first = train(load_config(str(cfg), []))
     again = train(load_config(str(cfg), []))
     assert again["already_complete"] and again["after"] == first["after"]
+
+
+def test_no_eval_before_and_no_final_state_still_finish_and_report_complete(tmp_path, assets, capsys, monkeypatch,
+                                                                               cli_main):
+    import lisatune.recipe.loop as recipe
+    real = recipe.eval_loss
+    monkeypatch.setattr(recipe, "eval_loss", lambda *a, **k: time.sleep(0.5) or real(*a, **k))
+    cfg = write_config(tmp_path, assets, max_steps=3, eval_before=False, save_final_state=False, resume="auto",
+                       eval_every=1)
+    s = train(load_config(str(cfg), []))
+    run = tmp_path / "run"
+    assert s["before"] is None and "eval_loss" in s["after"]
+    assert s["eval_seconds"] >= 1.5 > s["train_seconds"]  # evaluations after steps 1, 2, 3: not training time
+    assert latest_checkpoint(run) is None  # no optimizer state written...
+    model = run / "final" / "model.safetensors"  # ...but the model, with the umask's mode (not a temp file's 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert model.is_file() and model.stat().st_mode & 0o777 == 0o666 & ~umask
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [1, 2, 3]  # none before training
+
+    again = train(load_config(str(cfg), []))  # summary.json, not a checkpoint, marks it complete
+    assert again["already_complete"] and again["after"] == s["after"]
+    assert cli_main(["train", str(cfg), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already complete" in out and "before: skipped" in out
+
+
+def test_the_switch_after_the_last_step_is_not_reported(tmp_path, assets, caplog):
+    import logging
+    cfg = write_config(tmp_path, assets, max_steps=9)  # K=3: the engine samples again after step 9
+    with caplog.at_level(logging.INFO, logger="lisatune"):
+        s = train(load_config(str(cfg), []))
+    switches = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LISA switch")]
+    assert [m.split(":")[0] for m in switches] == ["LISA switch 0 at step 0", "LISA switch 1 at step 3",
+                                                     "LISA switch 2 at step 6"]
+    assert "previous interval" not in switches[0] and "previous interval" in switches[1]
+    rows = [json.loads(ln) for ln in Path(s["metrics"]).read_text().splitlines() if '"loss"' in ln]
+    # Each row names the blocks that step trained: one set per interval of 3, the last one included.
+    active = [r["active"] for r in rows]
+    assert len(set(active[0:3])) == len(set(active[3:6])) == len(set(active[6:9])) == 1
+    assert active[0] != active[3] or active[3] != active[6]
+
+
+def test_eval_command_caps_examples_and_defaults_to_the_training_max_length(assets, capsys, cli_main):
+    from lisatune.cli import build_parser
+    main = cli_main
+    from lisatune.data import DataConfig
+    base = ["eval", str(assets / "model"), "--format", "alpaca", "--data", str(assets / "train.jsonl")]
+    assert main(base) == 0
+    everything = json.loads(capsys.readouterr().out)
+    assert main(base + ["--max-examples", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert 0 < two["eval_tokens"] < everything["eval_tokens"] / 5
+    assert build_parser().parse_args(["eval", "m"]).max_length == DataConfig().max_length == 256
+    assert main(base + ["--max-examples", "0"]) == 2
+    assert "--max-examples must be >= 1" in capsys.readouterr().err
+
+
+def test_log_lines_print_above_the_progress_bar_and_quiet_hides_both(tmp_path, assets):
+    cfg = write_config(tmp_path, assets, max_steps=9)  # K=3: switch lines while the bar is shown
+    r = run_cli("train", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "LISA switch 2 at step 6" in r.stderr and "it/s" in r.stderr
+    # Through tqdm.write the bar is cleared first; a plain handler would append the line to the bar's text.
+    assert not re.search(r"\S(LISA switch|before training)", r.stderr), r.stderr[-2000:]
+    q = run_cli("--quiet", "train", str(cfg), "--overwrite")
+    assert q.returncode == 0, q.stderr
+    assert "LISA switch" not in q.stderr and "it/s" not in q.stderr and "steps in" in q.stdout
+    assert run_cli("--quiet", "--log-level", "debug", "train").returncode == 2  # one or the other

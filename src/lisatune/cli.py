@@ -1,4 +1,4 @@
-"""`lisatune train | eval | bench | norms | plan | study`: thin argparse front-ends over the library."""
+"""`lisatune train | eval | generate | bench | norms | plan | study`: thin argparse front-ends over the library."""
 from __future__ import annotations
 
 import argparse
@@ -6,17 +6,23 @@ import json
 import logging
 import os
 import sys
+from typing import get_args
+
+from transformers.utils import logging as hf_logging
 
 from .analysis.commands import register as register_analysis
 from .data import DataConfig, gsm_eval_items, load_splits
 from .errors import LisaError
 from .recipe.config import load_config
 from .recipe.evaluate import eval_loss, gsm_accuracy
+from .recipe.generate import register as register_generate
 from .recipe.loop import Interrupted, train
 from .recipe.models import ModelConfig, load_model
 from .recipe.run_dir import describe_eval
 from .schema import OneLineParser, cli_int, os_reason, read_text
 from .study import register as register_study
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def cmd_train(args) -> int:
@@ -50,19 +56,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.max_examples is not None and args.max_examples < 1:
+        raise LisaError(f"--max-examples must be >= 1 (got {args.max_examples})")
     data = {"format": args.format, "max_length": args.max_length}
     if args.format != "gsm":
         if not args.data:
             raise LisaError(f"--data FILE is needed for format '{args.format}'")
         data["path"] = args.data
     elif args.data:
-        raise LisaError("--data is for formats alpaca, chat and text; format 'gsm' generates its problems")
+        raise LisaError("--data is for every format but gsm; format 'gsm' generates its problems")
     dcfg = DataConfig.build(**data)
     if dcfg.path is not None:  # before the model loads: a missing or binary file is found in no time
         read_text(dcfg.path, "--data")
     model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     train, val = load_splits(dcfg, tok)
-    res = eval_loss(model, val if args.format == "gsm" else train + val, tok.pad_token_id, args.batch_size)
+    examples = (val if args.format == "gsm" else train + val)[: args.max_examples]
+    res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)
     if args.format == "gsm" and args.gsm_samples:
         acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)
         res |= {k: v for k, v in acc.items() if k != "samples"}
@@ -72,6 +81,11 @@ def cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="lisatune", description="LISA fine-tuning (Layerwise Importance Sampled AdamW)")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                           help="lisatune's own messages (default: info)")
+    verbosity.add_argument("--quiet", "-q", action="store_true",
+                           help="warnings and errors only, no progress bars (results are still printed)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a model from a YAML config (none: the embedded SmolLM2 default)")
@@ -84,25 +98,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match) of a saved model")
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
-    e.add_argument("--format", default="gsm", choices=["gsm", "alpaca", "chat", "text"])
-    e.add_argument("--data", help="data file (alpaca/chat/text)")
-    e.add_argument("--max-length", type=cli_int(8), default=384, help="tokens; longer examples are dropped (>= 8)")
+    e.add_argument("--format", default="gsm", choices=get_args(DataConfig.model_fields["format"].annotation))
+    e.add_argument("--data", help="data file (every format but gsm)")
+    e.add_argument("--max-length", type=cli_int(8), default=DataConfig.model_fields["max_length"].default,
+                   help="tokens; longer examples are dropped (default: training's, %(default)s)")
+    e.add_argument("--max-examples", type=int, metavar="N", help="evaluate the loss on the first N examples only")
     e.add_argument("--batch-size", type=cli_int(1), default=8)
     e.add_argument("--gsm-samples", type=cli_int(0), default=16, help="held-out GSM problems to answer (0: loss only)")
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
 
+    register_generate(sub)  # `lisatune generate MODEL [--prompt TEXT]`
     register_analysis(sub)  # bench memory | speed, norms
     register_study(sub)  # `lisatune study`: grids of runs and their report
     return p
 
 
+def configure_logging(level: str, quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Our own progress at `level`; libraries stay at warnings.
+    logging.getLogger("lisatune").setLevel(logging.WARNING if quiet else level.upper())
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its 4-bit CPU kernel notice on import (unused here)
+    if quiet:
+        hf_logging.disable_progress_bar()  # transformers' and huggingface_hub's loading/saving bars
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("lisatune").setLevel(logging.INFO)  # our own progress; libraries stay at warnings
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its 4-bit CPU kernel notice on import (unused here)
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.quiet)
     try:
         return args.func(args)
     except LisaError as e:

@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from ..schema import parse_yaml
 from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
 from ..recipe.loss import held_hidden_grads, pick_loss
-from ..recipe.models import ModelConfig, enable_checkpointing, load_model, save_model
+from ..recipe.models import ModelConfig, cached_source, enable_checkpointing, load_model
 from .meter import (MIB, ActivationMeter, checkpointed_blocks, grad_bytes, maxrss_bytes, optimizer_state_bytes,
                     peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, unique_bytes, weight_bytes)
 from .plots import pyplot, save_figure
@@ -75,20 +74,6 @@ def load_bench_model(name: str = "smollm2", gradient_checkpointing: bool = False
         model, _ = load_model(ModelConfig.build(source=name, gradient_checkpointing=gradient_checkpointing))
     model.train()  # HF checkpoints blocks only in train mode (no dropout in these models)
     return model, int(model.config.vocab_size)
-
-
-def cached_source(name: str, log=print) -> str:
-    """A GGUF source ("smollm2" or a .gguf) converted once to a safetensors model dir under the temp dir
-    (dequantizing the GGUF takes 10-200 s; a worker per method would pay it each time); other names as given."""
-    if not (name == "smollm2" or name.lower().endswith(".gguf")):
-        return name
-    stem = Path(name).stem if name != "smollm2" else "smollm2"
-    cache = Path(os.environ.get("LISATUNE_BENCH_CACHE") or Path(tempfile.gettempdir()) / "lisatune-bench-cache") / stem
-    if not (cache / "config.json").is_file():
-        log(f"  converting {name} once to {cache} (safetensors) for the benchmark processes")
-        model, tok = load_model(ModelConfig.build(source=name))
-        save_model(model, tok, cache)
-    return str(cache)
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
@@ -225,7 +210,7 @@ def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, ba
           "release_memory": release_memory}
     out = []
     if isolate:
-        kw["model_name"] = cached_source(model_name, log)
+        kw["model_name"] = cached_source(model_name)  # the workers never dequantize a GGUF
     else:
         base, vocab = load_bench_model(model_name, gradient_checkpointing)
     for spec in methods:

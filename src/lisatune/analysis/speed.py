@@ -30,7 +30,8 @@ from torch import nn
 from ..engine import find_layers
 from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
-from .memory import DEFAULT_METHODS, cached_source, load_bench_model, parse_method
+from ..recipe.models import cached_source
+from .memory import DEFAULT_METHODS, load_bench_model, parse_method
 from .meter import token_batches
 from .plots import pyplot, save_figure
 
@@ -104,7 +105,7 @@ def run_speed(model_name: str = "smollm2", methods: list[str] | None = None, bat
     methods = methods or SPEED_METHODS
     if release_memory:
         release_freed_memory()
-    base, vocab = load_bench_model(cached_source(model_name, log), gradient_checkpointing)
+    base, vocab = load_bench_model(cached_source(model_name), gradient_checkpointing)
     data = token_batches(vocab, batch, seq, n=4)
     runs = []
     for spec in methods:

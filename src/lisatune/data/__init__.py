@@ -1,7 +1,8 @@
 """Training data: each format's loader gives examples {"input_ids", "labels"} (labels -100 where no loss).
 
-load_splits picks the loader, makes the validation split and drops over-long examples;
-collate pads a batch of them into tensors.
+sources.read_source reads the records (a JSON/JSONL file, or through `datasets`: CSV, Parquet, Arrow, a saved
+dataset, a Hub dataset); load_splits picks the format's loader, makes the validation split and drops over-long
+examples; collate pads a batch of them into tensors.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 
 from ..errors import LisaError
 from .alpaca import load_alpaca
-from .chat import load_chat
+from .chat import load_chat, load_sharegpt
 from .config import DataConfig
 from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
 from .render import IGNORE, encode_prompt, render_prompt
-from .text import load_text
+from .sources import read_source
+from .text import documents, load_text, read_paragraphs
 
 __all__ = ["DataConfig", "collate", "data_fingerprint", "encode_prompt", "extract_answer", "gsm_eval_items",
            "load_splits", "render_prompt"]
@@ -28,11 +30,17 @@ log = logging.getLogger(__name__)
 
 
 def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]:
+    if cfg.format == "text" and path.endswith(".txt"):
+        return load_text(read_paragraphs(path, option), tokenizer, cfg.max_length, path)
+    split = cfg.split if option == "data.path" else cfg.val_split
+    records = read_source(path, option, cfg.format, split, cfg.columns)
     if cfg.format == "alpaca":
-        return load_alpaca(path, tokenizer, option)
+        return load_alpaca(records, tokenizer)
     if cfg.format == "chat":
-        return load_chat(path, tokenizer, option)
-    return load_text(path, tokenizer, cfg.max_length, option)
+        return load_chat(records, tokenizer, cfg.system_prompt)
+    if cfg.format == "sharegpt":
+        return load_sharegpt(records, tokenizer, cfg.system_prompt)
+    return load_text(documents(records), tokenizer, cfg.max_length, path)
 
 
 def _drop_long(examples: list[dict], max_length: int, source: str) -> list[dict]:

@@ -1,13 +1,15 @@
-"""Alpaca records: {"instruction", "input" (optional), "output"}, as a JSON array or JSONL."""
+"""Alpaca records: {"instruction", "input" (optional), "output"}."""
 from __future__ import annotations
 
-from .records import read_records, string_field
+from typing import Any
+
+from .records import string_field
 from .render import encode_pair
 
 
-def load_alpaca(path: str, tokenizer, option: str = "data.path") -> list[dict]:
+def load_alpaca(records: list[tuple[str, Any]], tokenizer) -> list[dict]:
     examples = []
-    for loc, rec in read_records(path, option):
+    for loc, rec in records:
         instruction = string_field(loc, rec, "instruction")
         extra = string_field(loc, rec, "input", required=False)
         output = string_field(loc, rec, "output")

@@ -7,18 +7,33 @@ from pydantic import Field, StrictInt, field_validator, model_validator
 
 from ..schema import Number, Options
 
+# Each format's record fields (True: required); data.columns may map them to other column names.
+FIELDS: dict[str, dict[str, bool]] = {
+    "alpaca": {"instruction": True, "input": False, "output": True},
+    "chat": {"messages": True},
+    "sharegpt": {"conversations": True},
+    "text": {"text": True},
+    "gsm": {},
+}
+
 
 class DataConfig(Options):
     section = "data"
 
-    format: Literal["alpaca", "chat", "text", "gsm"] = "gsm"
-    # alpaca: JSON array or JSONL; chat: JSONL with `messages`; text: .txt (blank-line separated) or JSONL `text`.
+    format: Literal["alpaca", "chat", "sharegpt", "text", "gsm"] = "gsm"
+    # alpaca: JSON array or JSONL; chat: JSONL with `messages`; sharegpt: JSONL with `conversations`;
+    # text: .txt (blank-line separated) or JSONL `text`.
+    # A .json/.jsonl/.csv/.parquet/.arrow file (text: also .txt), a save_to_disk directory or a Hub dataset name.
     path: str | None = None
     val_path: str | None = None  # same format as `path`
+    split: str = "train"  # of a Hub dataset or a saved DatasetDict (a single file is one split)
+    val_split: str = "validation"  # the same, for val_path
+    columns: dict[str, str] = {}  # format field -> the dataset's column, e.g. {instruction: prompt}
     val_fraction: Number = 0.0  # held out from `path` by a seeded shuffle
     val_max_examples: StrictInt | None = None  # cap on the validation set, so evaluation stays cheap
     max_length: StrictInt = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
     seed: StrictInt = Field(0, ge=0)
+    system_prompt: str | None = None  # chat, sharegpt: the system message of conversations that have none
     # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
     gsm_variants: StrictInt = 8  # numeric variants per training template
     gsm_eval_templates: StrictInt = 20
@@ -66,4 +81,10 @@ class DataConfig(Options):
                 raise ValueError(f"format '{self.format}' needs data.path (the training file)")
             if self.val_path and self.val_fraction:
                 raise ValueError("set val_path or val_fraction, not both")
+        unknown = sorted(set(self.columns) - set(FIELDS[self.format]))
+        if unknown:
+            fields = ", ".join(FIELDS[self.format]) or "none"
+            raise ValueError(f"columns: '{unknown[0]}' is not a field of format '{self.format}' (fields: {fields})")
+        if self.system_prompt and self.format not in ("chat", "sharegpt"):
+            raise ValueError(f"system_prompt is for formats chat and sharegpt, not '{self.format}'")
         return self

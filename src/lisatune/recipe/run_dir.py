@@ -24,7 +24,7 @@ log = logging.getLogger("lisatune")
 
 # Changing these does not change what a resumed run computes (output_dir: a run directory can be moved).
 RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last",
-               "release_memory", "output_dir", "data_may_change"}
+               "release_memory", "output_dir", "data_may_change", "save_final_state"}
 # Written into every run directory lisatune creates: --overwrite deletes a directory only if it carries this.
 MARKER = ".lisatune-run"
 
@@ -151,12 +151,15 @@ def read_summary(run: Path) -> dict | None:
 def start(cfg: BaseModel, fingerprint: dict | None = None) -> tuple[Path | None, dict | None]:
     """Rank 0: prepare the run directory; (checkpoint to resume, the summary if that run already finished)."""
     run = Path(cfg.train.output_dir)
-    resume_from = prepare_run_dir(cfg, fingerprint)
-    summary = read_summary(run) if resume_from is not None else None
-    if summary is not None and summary.get("steps") == checkpoint_step(resume_from):
+    summary = read_summary(run)
+    last = latest_checkpoint(run) if summary is not None else None
+    # Finished: summary.json is written last, and no checkpoint is newer than the step it reports. With
+    # train.save_final_state false there is no checkpoint of the last step (maybe none), so the summary says it.
+    if cfg.train.resume and summary is not None and (last is None or checkpoint_step(last) <= summary.get("steps", -1)):
+        check_same_run(cfg, run / "config.yaml")
         log.info("run in %s is already complete; nothing to do", run)
-        return resume_from, {**summary, "already_complete": True}
-    return resume_from, None
+        return last, {**summary, "already_complete": True}
+    return prepare_run_dir(cfg, fingerprint), None
 
 
 def write_summary(run: Path, summary: dict) -> dict:
@@ -170,8 +173,10 @@ def write_summary(run: Path, summary: dict) -> dict:
     return summary
 
 
-def describe_eval(res: dict) -> str:
+def describe_eval(res: dict | None) -> str:
     """An evaluation result as one short phrase, for logs and the CLI's summary."""
+    if res is None:
+        return "skipped (train.eval_before: false)"
     parts = []
     if "eval_loss" in res:
         parts.append(f"eval loss {res['eval_loss']:.4f}")

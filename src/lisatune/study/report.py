@@ -158,13 +158,14 @@ def write_report(plan: Plan) -> Path:
             n_points = len(groups[setting])
             row.append(", ".join(f"{short_key(k)} {fmt_value(v)}" for k, v in g.sweep.items())
                        + (f" (of {n_points})" if n_points > 1 else ""))
-        row += [f"{len(rs)}/{g.planned(is_best=True)}", _stat([r.summary["before"].get("eval_loss") for r in rs]),
+        before = [r.summary["before"] or {} for r in rs]  # null when train.eval_before is false
+        row += [f"{len(rs)}/{g.planned(is_best=True)}", _stat([b.get("eval_loss") for b in before]),
                 _stat([r.summary["after"].get("eval_loss") for r in rs])]
         if text_data:
-            row += [_stat([r.summary["before"].get("eval_ppl") for r in rs], "{:.2f}"),
+            row += [_stat([b.get("eval_ppl") for b in before], "{:.2f}"),
                     _stat([r.summary["after"].get("eval_ppl") for r in rs], "{:.2f}")]
         if gsm_data:
-            row += [_stat([r.summary["before"].get("gsm_exact_match") for r in rs], "{:.3f}"),
+            row += [_stat([b.get("gsm_exact_match") for b in before], "{:.3f}"),
                     _stat([r.summary["after"].get("gsm_exact_match") for r in rs], "{:.3f}")]
         row += [_stat([r.info.get("peak_rss_mib") for r in rs], "{:.0f}"),
                 _stat([r.median_step_s for r in rs], "{:.2f}"),

@@ -215,7 +215,7 @@ def _torch_threads() -> int:
 
 
 def _g(d: dict, key: str) -> str:
-    v = d.get(key)
+    v = (d or {}).get(key)  # "before" is null when train.eval_before is false
     return f"{v:.4f}" if isinstance(v, (int, float)) else "–"
 
 

@@ -1,0 +1,138 @@
+"""Where records come from, with the format's field names (data.columns renames the dataset's columns).
+
+    .json / .jsonl           lisatune's own reader: errors name `file:line` (or `file[index]` in a JSON array)
+    .csv / .parquet / .arrow one local file, read by the `datasets` library (CSV cells are read as text)
+    a directory              written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
+    anything else            a Hugging Face Hub dataset name, through `datasets.load_dataset`
+Records of a `datasets` source are located as `source[row]` in errors.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
+
+from ..errors import LisaError
+from .config import FIELDS
+from .records import read_records
+
+OWN_READER = (".json", ".jsonl")
+FILE_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+FILE_SUFFIXES = {*OWN_READER, *FILE_BUILDERS, ".txt"}
+HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "owner/name"
+
+
+def read_source(path: str, option: str, fmt: str, split: str, columns: dict[str, str]) -> list[tuple[str, Any]]:
+    """(location, record) pairs of `path`, records keyed by the format's field names."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() in OWN_READER:
+        return [(loc, _rename(loc, rec, fmt, columns)) for loc, rec in read_records(path, option)]
+    if p.is_file():
+        if p.suffix.lower() not in FILE_BUILDERS:
+            raise LisaError(f"{option} '{path}': unknown file type '{p.suffix}' (expected "
+                            f"{', '.join(sorted(FILE_SUFFIXES - {'.txt'}))}, a dataset directory or a Hub name)")
+        ds, name = _load_file(p, option), path
+    elif p.is_dir():
+        ds, name = _load_dir(p, path, option, split)
+    elif p.suffix.lower() in FILE_SUFFIXES or not HUB_NAME.match(path):
+        raise LisaError(f"{option} '{path}' does not exist")
+    else:
+        ds, name = _load_hub(path, option, split), f"{path}:{split}"
+    _check_columns(ds, name, fmt, columns)
+    if len(ds) == 0:
+        raise LisaError(f"{name}: the dataset is empty")
+    back = {col: field for field, col in columns.items()}  # dataset column -> format field
+    # A field comes only from its mapped column (a column of the field's own name is then left out).
+    return [(f"{name}[{i}]", {back.get(k, k): v for k, v in row.items() if k in back or k not in columns})
+            for i, row in enumerate(ds)]
+
+
+def _rename(loc: str, rec: Any, fmt: str, columns: dict[str, str]) -> Any:
+    if not columns or not isinstance(rec, dict):
+        return rec  # a non-object record is refused by the format's loader, with its location
+    out = {k: v for k, v in rec.items() if k not in columns}  # as for datasets sources below
+    for field, col in columns.items():
+        if col in rec:
+            out[field] = rec[col]
+        elif FIELDS[fmt][field]:
+            raise LisaError(f"{loc}: record has no '{col}' (data.columns.{field})")
+    return out
+
+
+def _check_columns(ds: Dataset, name: str, fmt: str, columns: dict[str, str]) -> None:
+    have = ds.column_names
+    for field, col in columns.items():
+        if col not in have:
+            raise LisaError(f"{name}: data.columns.{field} is '{col}', which is not a column "
+                            f"(columns: {', '.join(have)})")
+    for field, required in FIELDS[fmt].items():
+        if required and field not in columns and field not in have:
+            raise LisaError(f"{name}: no column '{field}' for format '{fmt}' (columns: {', '.join(have)}); "
+                            f"map one with data.columns, e.g. --set data.columns.{field}=COLUMN")
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    # datasets logs an error before raising it; the exception is reported as one LisaError line instead.
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_file(p: Path, option: str) -> Dataset:
+    builder = FILE_BUILDERS[p.suffix.lower()]
+    kw = {}
+    if builder == "csv":  # as text: "007" or "1.50" must not come back as numbers
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise LisaError(f"{option} '{p}': not a readable CSV file ({_first_line(e)})") from None
+        kw["features"] = Features({c: Value("string") for c in header})
+    try:
+        with _quiet_datasets():
+            return load_dataset(builder, data_files=str(p), split="train", **kw)  # one file is one split
+    except Exception as e:  # pyarrow / pandas / datasets errors have no common base
+        if "corresponds to no data" in _first_line(e):  # how datasets says a file holds no rows
+            raise LisaError(f"{p}: the dataset is empty") from None
+        raise LisaError(f"{option} '{p}': not a readable {builder} file ({_first_line(e)})") from None
+
+
+def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str]:
+    try:
+        with _quiet_datasets():
+            ds = load_from_disk(str(p))
+    except Exception as e:
+        raise LisaError(f"{option} '{path}' is a directory but not one written by save_to_disk "
+                        f"({_first_line(e)})") from None
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise LisaError(f"{option} '{path}' has no split '{split}' (splits: {', '.join(ds)}); "
+                            "set data.split / data.val_split")
+        return ds[split], f"{path}:{split}"
+    return ds, path
+
+
+def _load_hub(name: str, option: str, split: str) -> Dataset:
+    try:
+        with _quiet_datasets():
+            return load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, unknown split, a gated dataset...
+        raise LisaError(f"{option} '{name}' is neither a local path nor a loadable Hugging Face Hub dataset "
+                        f"(split '{split}': {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    while e.__cause__ is not None:  # "An error occurred while generating the dataset" wraps what went wrong
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
