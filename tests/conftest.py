@@ -1,15 +1,10 @@
 """Tiny models built from configs (no network), shared by the tests."""
-import atexit
 import json
 import os
-import shutil
-import tempfile
 
-# Before `datasets` is imported (it reads these once): its Arrow cache in a temporary directory, never the Hub.
-os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lisatune-test-datasets-")
-atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read once, when `datasets` is imported: never the Hub
 
+import datasets
 import pytest
 import torch
 import transformers as T
@@ -30,9 +25,14 @@ def batches(n: int, seed: int = 0, batch: int = 2, seq: int = 12, vocab: int = 9
 
 
 @pytest.fixture(autouse=True, scope="session")
-def private_model_cache(tmp_path_factory):
-    """GGUF conversions go to a fresh cache, never the user's ~/.cache/lisatune."""
+def private_caches(tmp_path_factory):
+    """GGUF conversions and datasets' Arrow files go to fresh caches, never the user's ~/.cache."""
     os.environ["LISATUNE_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    arrow = tmp_path_factory.mktemp("datasets-cache")
+    os.environ["HF_DATASETS_CACHE"] = str(arrow)
+    datasets.config.HF_DATASETS_CACHE = arrow  # datasets read the variable at import
+    datasets.config.DOWNLOADED_DATASETS_PATH = arrow / datasets.config.DOWNLOADED_DATASETS_DIR
+    datasets.config.EXTRACTED_DATASETS_PATH = arrow / datasets.config.EXTRACTED_DATASETS_DIR
 
 
 @pytest.fixture
