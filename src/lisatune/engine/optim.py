@@ -100,6 +100,17 @@ def held_bytes(states: Iterable[dict]) -> int:
     return sum(n for _, n in seen)
 
 
+def clear_grads(params: Iterable[torch.Tensor], set_to_none: bool = True) -> None:
+    """What Optimizer.zero_grad does, for parameters an optimizer does not hold (the bf16 weights of masters)."""
+    for p in params:
+        if p.grad is not None:
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.detach_()
+                p.grad.zero_()
+
+
 def decay_groups(params: list[nn.Parameter]) -> list[dict]:
     """Weight decay on matrices only: biases and norm weights (ndim < 2) are exempt, as usual for LMs."""
     return [{"params": [p for p in params if p.ndim >= 2]},
@@ -307,14 +318,8 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
         if self.embed_head_optimizer is not None:
             self.embed_head_optimizer.zero_grad(set_to_none=set_to_none)
-        for name in self._masters:  # the inner optimizer holds the masters; the grads are on the weights
-            p = self._param[name]
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_()
-                    p.grad.zero_()
+        # The inner optimizer holds the masters; the grads are on the weights.
+        clear_grads((self._param[name] for name in self._masters), set_to_none)
 
     def _switch(self, switch: int) -> None:
         peak = self.history[-1]["state_bytes"] if self.history else 0

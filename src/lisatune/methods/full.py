@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..engine import check_master_weights, decay_groups
+from ..engine import check_master_weights, clear_grads, decay_groups
 from ..errors import LisaError
 from .base import Method, trainable
 
@@ -54,13 +54,7 @@ class MasterAdamW(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.weights:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.detach_()
-                    p.grad.zero_()
+        clear_grads(self.weights, set_to_none)
 
     def master_bytes(self) -> int:
         return sum(m.numel() * m.element_size() for m in self.masters)
