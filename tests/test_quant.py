@@ -215,6 +215,31 @@ def test_frozen_blocks_are_quantized_active_ones_not(kind):
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_frozen_blocks_pass_the_same_input_gradients_after_an_evaluation(kind):
+    """An eval-mode forward must not change the frozen blocks' backward: bnb repacks nf4 weights for a CPU kernel
+    without autograd on inference, which cut the gradient to every parameter below a frozen block."""
+    model = tiny_model(n_layers=4)
+    opt = LisaAdamW(model, n_layers=1, interval=100, lr=1e-2, frozen_weights=kind, seed=1)
+    x = batches(1)[0]
+
+    def grads():
+        model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.zero_grad()
+        return g
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    after = grads()
+    assert "model.embed_tokens.weight" in before and before.keys() == after.keys()
+    for n in before:
+        assert torch.equal(before[n], after[n]), n
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_after_a_switch_the_host_copy_holds_exactly_the_trained_weights_and_the_saved_model_is_full(kind):
     model = tiny_model(n_layers=4)
     opt = LisaAdamW(model, n_layers=2, interval=3, lr=1e-2, frozen_weights=kind, seed=1)

@@ -108,6 +108,10 @@ class FrozenWeights:
             else:
                 q = self._cls(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=w.dtype,
                               quant_type="nf4", device="meta")
+            if self.kind == "nf4":
+                # An eval-mode forward on a CPU with AVX512-BF16 repacks the weight for bnb's gemv_4bit, which has
+                # no autograd: every later training forward would pass no input gradient to the blocks below.
+                q.support_avx512bf16_for_cpu = False
             q.__dict__["lisa_full"] = w  # not registered: the model's parameters are the quantized ones
             q.__dict__["lisa_quantize"] = lambda full, name=name: self._quantize(name, full)
             q.weight = self._quantize(name, host)
