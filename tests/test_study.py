@@ -51,6 +51,12 @@ def test_a_2x2_grid_trains_reports_and_a_second_invocation_retrains_nothing(tmp_
     table = [ln for ln in report.splitlines() if ln.startswith("| n_layers")]
     assert len(table) == 4 and all("–" not in ln.split("|")[5] for ln in table)  # eval loss after is there
     assert "peak RSS MiB" in report and "median s/step" in report
+    for rid in ids:  # lowest eval loss: the best evaluation during training, and its step
+        curve = [(json.loads(ln)["eval_loss"], json.loads(ln)["step"]) for ln in
+                 (res / rid / "metrics.jsonl").read_text().splitlines() if "eval_loss" in ln]
+        low, step = min(c for c in curve if c[1] > 0)
+        row = next(ln for ln in table if ln.startswith(f"| {rid.rsplit('_', 1)[0]} "))
+        assert row.split("|")[6].strip() == f"{low:.4f} @{step}"
     for png in ("eval_loss.png", "ablation_gamma.png", "ablation_interval.png"):
         assert (res / png).stat().st_size > 1000 and f"]({png})" in report
 

@@ -32,6 +32,11 @@ class Result:
     def curve(self, key: str = "eval_loss") -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in self.rows if key in r]
 
+    def lowest(self, key: str = "eval_loss") -> tuple[int, float] | None:
+        """The best evaluation during training (step > 0): what keeping the best checkpoint would give."""
+        points = [(v, s) for s, v in self.curve(key) if s > 0 and isinstance(v, (int, float))]
+        return min(points)[::-1] if points else None
+
 
 def load_results(plan: Plan) -> tuple[dict[str, Result], dict[str, dict]]:
     results, failed = {}, {}
@@ -55,6 +60,13 @@ def _stat(values: list[float | None], fmt: str = "{:.4f}") -> str:
     if len(vs) == 1:
         return fmt.format(vs[0])
     return f"{fmt.format(statistics.mean(vs))} ± {fmt.format(statistics.stdev(vs))}"
+
+
+def _lowest(results: list[Result]) -> str:
+    """Mean lowest eval loss over seeds, with the step(s) where each run reached it."""
+    lows = [r.lowest() for r in results]
+    lows = [x for x in lows if x]
+    return f"{_stat([v for _, v in lows])} @{','.join(str(s) for s, _ in lows)}" if lows else "–"
 
 
 def _mean(values) -> float | None:
@@ -139,7 +151,7 @@ def write_report(plan: Plan) -> Path:
               + (f", {len(failed)} failed" if failed else "") + ".", ""]
 
     head = ["setting", "method"] + (["sweep (best)"] if swept else []) + ["seeds", "eval loss before",
-                                                                           "eval loss after"]
+                                                                           "eval loss after", "lowest eval loss"]
     if text_data:
         head += ["ppl before", "ppl after"]
     if gsm_data:
@@ -160,7 +172,7 @@ def write_report(plan: Plan) -> Path:
                        + (f" (of {n_points})" if n_points > 1 else ""))
         before = [r.summary["before"] or {} for r in rs]  # null when train.eval_before is false
         row += [f"{len(rs)}/{g.planned(is_best=True)}", _stat([b.get("eval_loss") for b in before]),
-                _stat([r.summary["after"].get("eval_loss") for r in rs])]
+                _stat([r.summary["after"].get("eval_loss") for r in rs]), _lowest(rs)]
         if text_data:
             row += [_stat([b.get("eval_ppl") for b in before], "{:.2f}"),
                     _stat([r.summary["after"].get("eval_ppl") for r in rs], "{:.2f}")]
@@ -176,20 +188,22 @@ def write_report(plan: Plan) -> Path:
               "training" + (f" on seeds {plan.study.seeds} (then run again with seeds {plan.study.best_seeds})"
                             if plan.study.best_seeds else "") + ". Eval loss is on the held-out set"
               + (" (whole held-out GSM templates)" if gsm_data else "") + "; "
+              "lowest eval loss is the best of the evaluations during training (`@` the step of each run), what "
+              "keeping the best checkpoint would give; "
               "peak RSS is the high-water mark of the run's own process (model loading, evaluation and "
               "training)" + ("" if plan.study.isolate else " — here in-process (isolate: false), so it also "
                                "counts what earlier runs left allocated") +
               "; median s/step is over the logged `step_s` of metrics.jsonl.", ""]
 
     if swept:
-        lines += ["## Sweeps", "", "| setting | sweep point | seeds | eval loss after |"
-                  + (" GSM EM after |" if gsm_data else ""), "|---|---|---|---|" + ("---|" if gsm_data else "")]
+        lines += ["## Sweeps", "", "| setting | sweep point | seeds | eval loss after | lowest eval loss |"
+                  + (" GSM EM after |" if gsm_data else ""), "|---|---|---|---|---|" + ("---|" if gsm_data else "")]
         for setting in plan.settings:
             for g in groups[setting]:
                 point = ", ".join(f"{short_key(k)} {fmt_value(v)}" for k, v in g.sweep.items()) or "–"
                 mark = " **best**" if g is best[setting] and len(groups[setting]) > 1 else ""
                 row = [setting, point + mark, f"{len(g.results)}/{g.planned(g is best[setting])}",
-                       _stat([r.summary["after"].get("eval_loss") for r in g.results])]
+                       _stat([r.summary["after"].get("eval_loss") for r in g.results]), _lowest(g.results)]
                 if gsm_data:
                     row.append(_stat([r.summary["after"].get("gsm_exact_match") for r in g.results], "{:.3f}"))
                 lines.append("| " + " | ".join(row) + " |")
