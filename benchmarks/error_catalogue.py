@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -32,7 +34,7 @@ from conftest import make_run_assets  # noqa: E402
 from lisatune.cli import main  # noqa: E402
 from lisatune.recipe import checkpoint as ckpt_mod  # noqa: E402
 from lisatune.recipe.checkpoint import save_checkpoint  # noqa: E402
-from lisatune.analysis.tiny import tiny_model  # noqa: E402
+from lisatune.analysis.tiny import tiny_config, tiny_model  # noqa: E402
 
 
 def quote(arg: str) -> str:
@@ -140,6 +142,17 @@ def build(c: Catalogue) -> None:
     c.case(g, "binary data file", ["train", cfg, "--set", f"data.path={tmp / 'binary.jsonl'}"])
     (tmp / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
     c.case(g, "a record without output", ["train", cfg, "--set", f"data.path={tmp / 'bad.jsonl'}"])
+    c.case(g, "data.packing with an example longer than max_length",
+           ["train", cfg, "--set", "data.packing=true", "--set", "data.max_length=32"])
+    c.case(g, "data.packing with format text",
+           ["train", cfg, "--set", "data.format=text", "--set", "data.packing=true"])
+    opt = tmp / "opt"  # OPT builds its causal mask without position_ids: packed examples would see each other
+    conf = tiny_config("opt", 2)
+    conf.vocab_size = len(AutoTokenizer.from_pretrained(model))
+    AutoModelForCausalLM.from_config(conf).save_pretrained(opt)
+    AutoTokenizer.from_pretrained(model).save_pretrained(opt)
+    c.case(g, "data.packing with a model whose mask ignores position_ids",
+           ["train", cfg, "--set", f"model.source={opt}", "--set", "data.packing=true"])
 
     g = "run directories"
     f = tmp / "afile"
@@ -234,6 +247,12 @@ def build(c: Catalogue) -> None:
                        (["--format", "alpaca", "--data", tmp / "nope.jsonl"], "--data missing"),
                        (["--format", "alpaca", "--data", tmp / "binary.jsonl"], "--data binary")]:
         c.case(g, what, ["eval", model, *args])
+    DatasetDict({"train": Dataset.from_list([{"prompt": "Add 1 and 2.", "answer": "3"}])}).save_to_disk(tmp / "dict")
+    alpaca = ["eval", model, "--format", "alpaca", "--data", tmp / "dict"]
+    c.case(g, "--split not in a saved DatasetDict", [*alpaca, "--split", "test"])
+    c.case(g, "--columns without '='", [*alpaca, "--columns", "instruction"])
+    c.case(g, "--columns naming no field of the format", [*alpaca, "--columns", "question=prompt"])
+    c.case(g, "a required field with no column", [*alpaca, "--columns", "instruction=prompt"])
 
     g = "lisatune norms / bench"
     for args, what in [(["--lr-full", "nan"], "--lr-full nan"), (["--gamma", "0"], "--gamma 0"),

@@ -422,7 +422,8 @@ def test_a_hub_name_goes_to_load_dataset_with_the_split(tmp_path, tok, monkeypat
      r"completion\)$"),
     (lambda d: Dataset.from_list(RENAMED).to_parquet(str(d / "a.parquet")), {},
      r"^.*a\.parquet: no column 'instruction' for format 'alpaca' \(columns: prompt, extra, completion\); map one "
-     r"with data\.columns, e\.g\. --set data\.columns\.instruction=COLUMN$"),
+     r"with data\.columns, e\.g\. --set data\.columns\.instruction=COLUMN \(lisatune eval: --columns "
+     r"instruction=COLUMN\)$"),
     (lambda d: (d / "a.parquet").write_text("instruction,output\na,b\n"), {},
      r"^data\.path '.*a\.parquet': not a readable parquet file \(.*Parquet magic bytes not found"),
     (lambda d: DatasetDict({"train": Dataset.from_list(ALPACA)}).save_to_disk(str(d / "a.parquet")),

@@ -270,6 +270,58 @@ def test_eval_command_caps_examples_and_defaults_to_the_training_max_length(asse
     assert "--max-examples must be >= 1" in capsys.readouterr().err
 
 
+def test_eval_reads_a_split_and_columns_as_train_does(tmp_path, assets, capsys, cli_main):
+    from datasets import Dataset, DatasetDict
+    from conftest import RECORDS
+    renamed = [{"prompt": r["instruction"], "answer": r["output"]} for r in RECORDS]
+    DatasetDict({"train": Dataset.from_list(renamed), "test": Dataset.from_list(renamed[:5])}).save_to_disk(
+        str(tmp_path / "dict"))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:5]))
+
+    def evaluate(*args):
+        assert cli_main(["eval", str(assets / "model"), "--format", "alpaca", *map(str, args)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    want = evaluate("--data", tmp_path / "test.jsonl")
+    columns = ["--columns", "instruction=prompt", "output=answer"]
+    assert evaluate("--data", tmp_path / "dict", "--split", "test", *columns) == want
+    assert evaluate("--data", tmp_path / "dict", *columns)["eval_tokens"] > want["eval_tokens"]  # train: all 24
+    Dataset.from_list(renamed[:5]).to_parquet(str(tmp_path / "test.parquet"))
+    assert evaluate("--data", tmp_path / "test.parquet", "--columns", "instruction=prompt",
+                    "--columns", "output=answer") == want  # a binary file, read by `datasets`
+
+    for args, message in [
+        (["--split", "dev", *columns], "has no split 'dev' (splits: train, test); set data.split"),
+        (["--columns", "instruction=prompt"], "no column 'output' for format 'alpaca' (columns: prompt, answer)"),
+        (["--columns", "question=prompt"], "columns: 'question' is not a field of format 'alpaca'"),
+        (["--columns", "instruction=prompt", "output=answer", "output=prompt"], "--columns: field 'output' is "
+                                                                                  "given twice"),
+        (["--columns", "instruction"], "argument --columns: expected FIELD=COLUMN (got 'instruction')"),
+    ]:
+        try:
+            rc = cli_main(["eval", str(assets / "model"), "--format", "alpaca", "--data", str(tmp_path / "dict"),
+                           *args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln or "Traceback" in ln]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], errors
+    assert cli_main(["eval", str(assets / "model"), "--split", "test"]) == 2
+    assert "--split is for every format but gsm" in capsys.readouterr().err
+
+
+def test_eval_shows_progress_of_the_loss_and_of_gsm_answers_and_quiet_hides_it(assets, capsys, cli_main):
+    args = ["eval", str(assets / "model"), "--max-length", "2048", "--max-examples", "3", "--gsm-samples", "2",
+            "--batch-size", "1"]
+    assert cli_main(args) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out)  # the bars go to stderr: stdout is still the result alone
+    assert res["gsm_total"] == 2 and res["eval_tokens"] > 0
+    assert re.search(r"eval loss: .*\| *[0-3]/3 ", err) and re.search(r"gsm answers: .*\| *[0-2]/2 ", err), err
+    assert cli_main(["--quiet", *args]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == res and "eval loss" not in err and "gsm answers" not in err, err
+
+
 def test_log_lines_print_above_the_progress_bar_and_quiet_hides_both(tmp_path, assets):
     cfg = write_config(tmp_path, assets, max_steps=9)  # K=3: switch lines while the bar is shown
     r = run_cli("train", str(cfg))

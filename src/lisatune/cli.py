@@ -6,20 +6,23 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import get_args
 
 from transformers.utils import logging as hf_logging
 
 from .analysis.commands import register as register_analysis
 from .data import DataConfig, gsm_eval_items, load_splits
+from .data.sources import OWN_READER
 from .errors import LisaError
 from .recipe.config import load_config
 from .recipe.evaluate import eval_loss, gsm_accuracy
 from .recipe.generate import register as register_generate
 from .recipe.loop import Interrupted, train
 from .recipe.models import ModelConfig, load_model
+from .recipe.progress import console
 from .recipe.run_dir import describe_eval
-from .schema import OneLineParser, cli_int, os_reason, read_text
+from .schema import OneLineParser, cli_column, cli_int, os_reason, read_text
 from .study import register as register_study
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -58,23 +61,32 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     if args.max_examples is not None and args.max_examples < 1:
         raise LisaError(f"--max-examples must be >= 1 (got {args.max_examples})")
-    data = {"format": args.format, "max_length": args.max_length}
+    columns: dict[str, str] = {}
+    for field, column in args.columns or []:
+        if field in columns:
+            raise LisaError(f"--columns: field '{field}' is given twice")
+        columns[field] = column
+    data = {"format": args.format, "max_length": args.max_length, "columns": columns}
+    if args.split is not None:
+        data["split"] = args.split
     if args.format != "gsm":
         if not args.data:
             raise LisaError(f"--data FILE is needed for format '{args.format}'")
         data["path"] = args.data
-    elif args.data:
-        raise LisaError("--data is for every format but gsm; format 'gsm' generates its problems")
-    dcfg = DataConfig.build(**data)
-    if dcfg.path is not None:  # before the model loads: a missing or binary file is found in no time
-        read_text(dcfg.path, "--data")
-    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
-    train, val = load_splits(dcfg, tok)
-    examples = (val if args.format == "gsm" else train + val)[: args.max_examples]
-    res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)
-    if args.format == "gsm" and args.gsm_samples:
-        acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)
-        res |= {k: v for k, v in acc.items() if k != "samples"}
+    elif args.data or args.split or args.columns:
+        given = next(o for o, v in (("--data", args.data), ("--split", args.split), ("--columns", args.columns)) if v)
+        raise LisaError(f"{given} is for every format but gsm; format 'gsm' generates its problems")
+    dcfg = DataConfig.build(**data)  # --split and --columns are data.split and data.columns, read as train reads them
+    if dcfg.path is not None and Path(dcfg.path).suffix.lower() in (*OWN_READER, ".txt"):
+        read_text(dcfg.path, "--data")  # before the model loads: a missing or binary file is found in no time
+    with console():
+        model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
+        train, val = load_splits(dcfg, tok)
+        examples = (val if args.format == "gsm" else train + val)[: args.max_examples]
+        res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)
+        if args.format == "gsm" and args.gsm_samples:
+            acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)
+            res |= {k: v for k, v in acc.items() if k != "samples"}
     print(json.dumps(res, indent=1))
     return 0
 
@@ -99,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match) of a saved model")
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
     e.add_argument("--format", default="gsm", choices=get_args(DataConfig.model_fields["format"].annotation))
-    e.add_argument("--data", help="data file (every format but gsm)")
+    e.add_argument("--data", help="data file, saved dataset directory or Hub dataset name (every format but gsm)")
+    e.add_argument("--split", help="split of a Hub dataset or saved DatasetDict, e.g. test or 'train[:500]' "
+                                   "(as data.split; default: train)")
+    e.add_argument("--columns", nargs="+", action="extend", type=cli_column, metavar="FIELD=COLUMN",
+                   help="the dataset's column for a field of the format, e.g. instruction=prompt (as data.columns)")
     e.add_argument("--max-length", type=cli_int(8), default=DataConfig.model_fields["max_length"].default,
                    help="tokens; longer examples are dropped (default: training's, %(default)s)")
     e.add_argument("--max-examples", type=int, metavar="N", help="evaluate the loss on the first N examples only")

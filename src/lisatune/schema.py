@@ -216,6 +216,14 @@ def cli_int(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def cli_column(text: str) -> tuple[str, str]:
+    """FIELD=COLUMN, both non-empty ("argument --columns: expected FIELD=COLUMN (got 'x')")."""
+    key, sep, value = text.partition("=")
+    if not (sep and key and value):
+        raise argparse.ArgumentTypeError(f"expected FIELD=COLUMN (got {text!r})")
+    return key, value
+
+
 def cli_positive_float(text: str) -> float:
     """A finite number > 0."""
     try:

@@ -1,8 +1,8 @@
 """Training data: each format's loader gives examples {"input_ids", "labels"} (labels -100 where no loss).
 
 sources.read_source reads the records (a JSON/JSONL file, or through `datasets`: CSV, Parquet, Arrow, a saved
-dataset, a Hub dataset); load_splits picks the format's loader, makes the validation split and drops over-long
-examples; collate pads a batch of them into tensors.
+dataset, a Hub dataset); load_splits picks the format's loader, makes the validation split, drops over-long
+examples and packs them (data.packing, pack.py); collate pads a batch of them into tensors.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .alpaca import load_alpaca
 from .chat import load_chat, load_sharegpt
 from .config import DataConfig
 from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
+from .pack import pack
 from .render import IGNORE, encode_prompt, render_prompt
 from .sources import read_source
 from .text import documents, load_text, read_paragraphs
@@ -43,8 +44,15 @@ def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]
     return load_text(documents(records), tokenizer, cfg.max_length, path)
 
 
-def _drop_long(examples: list[dict], max_length: int, source: str) -> list[dict]:
+def _drop_long(examples: list[dict], max_length: int, source: str, packing: bool = False) -> list[dict]:
     # Dropped, not truncated: a truncated example would train on a cut-off answer with no EOS.
+    if packing:  # max_length is then the size of a packed sequence: an example that fits none is a mistake
+        long = next((i for i, e in enumerate(examples) if len(e["input_ids"]) > max_length), None)
+        if long is not None:
+            raise LisaError(f"{source}: example {long + 1} has {len(examples[long]['input_ids'])} tokens, more than "
+                            f"data.max_length={max_length}, the size of a packed sequence (raise data.max_length, "
+                            "or set data.packing=false to drop longer examples)")
+        return examples
     kept = [e for e in examples if len(e["input_ids"]) <= max_length]
     if not kept:
         raise LisaError(f"{source}: all {len(examples)} examples are longer than max_length={max_length} tokens")
@@ -69,21 +77,29 @@ def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict]
 
 def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(train, val) examples for cfg; val may be empty (no val_path, val_fraction 0 and format not gsm)."""
+    def fitting(examples: list[dict], source: str) -> list[dict]:
+        return _drop_long(examples, cfg.max_length, source, cfg.packing)
+
     if cfg.format == "gsm":
         language = cfg.gsm_language
-        train = _drop_long(encode_items(gsm_train_items(cfg), tokenizer), cfg.max_length,
-                           f"GSM-symbolic ({language}) training problems")
+        train = fitting(encode_items(gsm_train_items(cfg), tokenizer), f"GSM-symbolic ({language}) training problems")
         items = gsm_eval_items(cfg)
-        val = (_drop_long(encode_items(items, tokenizer), cfg.max_length,
-                          f"GSM-symbolic ({language}) held-out problems") if items else [])
+        val = fitting(encode_items(items, tokenizer), f"GSM-symbolic ({language}) held-out problems") if items else []
     else:
-        train = _drop_long(_load_file(cfg, cfg.path, tokenizer, "data.path"), cfg.max_length, cfg.path)
+        train = fitting(_load_file(cfg, cfg.path, tokenizer, "data.path"), cfg.path)
         val = []
         if cfg.val_path:
-            val = _drop_long(_load_file(cfg, cfg.val_path, tokenizer, "data.val_path"), cfg.max_length, cfg.val_path)
+            val = fitting(_load_file(cfg, cfg.val_path, tokenizer, "data.val_path"), cfg.val_path)
         elif cfg.val_fraction:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
-    return train, val[: cfg.val_max_examples]
+    val = val[: cfg.val_max_examples]  # in examples, as without packing: the same validation set either way
+    if not cfg.packing:
+        return train, val
+    packed = pack(train, cfg.max_length)
+    filled = sum(len(e["input_ids"]) for e in packed) / (len(packed) * cfg.max_length)
+    log.info("packed %d training examples into %d sequences of <= %d tokens (%.0f %% filled)", len(train),
+             len(packed), cfg.max_length, 100 * filled)
+    return packed, pack(val, cfg.max_length)
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
@@ -110,13 +126,26 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
     return out
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with pad_id, labels with -100, attention_mask 0."""
+def collate(examples: list[dict], pad_id: int, device: torch.device | str | None = None,
+            flat: bool = False) -> dict[str, torch.Tensor | None]:
+    """Right-pad to the longest example: input_ids with pad_id, labels with -100, attention_mask 0.
+
+    Packed sequences (data.packing) get position_ids and attention_mask None instead: transformers then masks
+    each packed example by its restarting positions (it does so only without a mask). Padding sits at position
+    0, so each pad token is a sequence of its own. `flat`: the batch in one row, for flash attention, which
+    reads packed examples from position_ids only in a batch of one row.
+    """
+    if flat:
+        examples = [{k: [v for e in examples for v in e[k]] for k in examples[0]}]
     width = max(len(e["input_ids"]) for e in examples)
 
     def padded(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
+        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long,
+                            device=device)
 
+    batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", IGNORE)}
+    if "position_ids" in examples[0]:
+        return batch | {"attention_mask": None, "position_ids": padded("position_ids", 0)}
     mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples],
-                        dtype=torch.long)
-    return {"input_ids": padded("input_ids", pad_id), "attention_mask": mask, "labels": padded("labels", IGNORE)}
+                        dtype=torch.long, device=device)
+    return batch | {"attention_mask": mask}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from ..schema import Number, Options
 
@@ -32,6 +32,9 @@ class DataConfig(Options):
     val_fraction: Number = 0.0  # held out from `path` by a seeded shuffle
     val_max_examples: StrictInt | None = None  # cap on the validation set, so evaluation stays cheap
     max_length: StrictInt = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
+    # Several examples in one sequence of <= max_length tokens, each attending only to itself (data/pack.py);
+    # train.batch_size then counts packed sequences. An example longer than max_length is an error.
+    packing: StrictBool = False
     seed: StrictInt = Field(0, ge=0)
     system_prompt: str | None = None  # chat, sharegpt: the system message of conversations that have none
     # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
@@ -85,6 +88,9 @@ class DataConfig(Options):
         if unknown:
             fields = ", ".join(FIELDS[self.format]) or "none"
             raise ValueError(f"columns: '{unknown[0]}' is not a field of format '{self.format}' (fields: {fields})")
+        if self.packing and self.format == "text":
+            raise ValueError("packing is for formats alpaca, chat, sharegpt and gsm: format 'text' already fills "
+                             "every sequence (documents joined with EOS, cut into blocks of max_length)")
         if self.system_prompt and self.format not in ("chat", "sharegpt"):
             raise ValueError(f"system_prompt is for formats chat and sharegpt, not '{self.format}'")
         return self

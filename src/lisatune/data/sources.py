@@ -73,7 +73,8 @@ def _check_columns(ds: Dataset, name: str, fmt: str, columns: dict[str, str]) ->
     for field, required in FIELDS[fmt].items():
         if required and field not in columns and field not in have:
             raise LisaError(f"{name}: no column '{field}' for format '{fmt}' (columns: {', '.join(have)}); "
-                            f"map one with data.columns, e.g. --set data.columns.{field}=COLUMN")
+                            f"map one with data.columns, e.g. --set data.columns.{field}=COLUMN "
+                            f"(lisatune eval: --columns {field}=COLUMN)")
 
 
 @contextmanager
@@ -117,7 +118,7 @@ def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str
     if isinstance(ds, DatasetDict):
         if split not in ds:
             raise LisaError(f"{option} '{path}' has no split '{split}' (splits: {', '.join(ds)}); "
-                            "set data.split / data.val_split")
+                            "set data.split / data.val_split (lisatune eval: --split)")
         return ds[split], f"{path}:{split}"
     return ds, path
 

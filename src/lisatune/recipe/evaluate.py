@@ -8,19 +8,24 @@ import torch
 from ..data import collate, encode_prompt, extract_answer
 from ..data.render import IGNORE
 from .loss import standard_loss
+from .progress import bar
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, loss_fn=standard_loss) -> dict:
-    """Mean loss over every labelled token of `examples` (not a mean of batch means)."""
+def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, loss_fn=standard_loss,
+              flat: bool = False) -> dict:
+    """Mean loss over every labelled token of `examples` (not a mean of batch means); `flat`: see collate."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        total += loss_fn(model, **batch, reduction="sum").item()
-        tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+    # leave=False: under training's bar, this one is gone when done
+    with bar(len(examples), "eval loss", leave=False, unit="example") as done:
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad_id, device, flat)
+            total += loss_fn(model, **batch, reduction="sum").item()
+            tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+            done.update(len(examples[i:i + batch_size]))
     model.train(was_training)
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_tokens": tokens}
@@ -34,19 +39,21 @@ def gsm_accuracy(model, tokenizer, items: list[dict], max_new_tokens: int = 200,
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     correct, samples = 0, []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        prompts = [encode_prompt(tokenizer, it["question"]) for it in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for it, row in zip(chunk, out[:, width:]):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            got = extract_answer(text)
-            correct += got == it["number"]
-            samples.append({"question": it["question"], "expected": it["number"], "got": got, "output": text})
+    with bar(len(items), "gsm answers", leave=False, unit="problem") as done:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            prompts = [encode_prompt(tokenizer, it["question"]) for it in chunk]
+            width = max(map(len, prompts))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for it, row in zip(chunk, out[:, width:]):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                got = extract_answer(text)
+                correct += got == it["number"]
+                samples.append({"question": it["question"], "expected": it["number"], "got": got, "output": text})
+            done.update(len(chunk))
     model.train(was_training)
     return {"gsm_exact_match": correct / max(len(items), 1), "gsm_correct": correct, "gsm_total": len(items),
             "samples": samples}

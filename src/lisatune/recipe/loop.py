@@ -20,8 +20,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from pydantic import BaseModel
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
 from ..data.render import IGNORE
@@ -36,6 +34,8 @@ from .evaluate import eval_loss, gsm_accuracy
 from .loss import pick_loss, standard_loss
 from .metrics import Metrics, NoMetrics
 from .models import load_model, save_model
+from .packing import check_packing
+from .progress import bar, console
 from .run_dir import create_run_dir, describe_eval, start, write_summary
 
 log = logging.getLogger("lisatune")
@@ -111,6 +111,7 @@ class Run:
     last_eval: dict | None = None  # the final evaluation, once done (kept in the final checkpoint)
     fingerprint: dict | None = None  # data_fingerprint of the training data, stored in every checkpoint
     metrics: Any = None
+    flat: bool = False  # packed sequences go as one row per batch (flash attention; see recipe/packing.py)
     tokens_seen: int = 0
     eval_seconds: float = 0.0  # every evaluation of this process, kept out of train_seconds
     extra: dict = field(default_factory=dict)
@@ -120,14 +121,13 @@ class Run:
         return self.cfg.train.batch_size * self.world  # train.batch_size is per process
 
     def batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(examples, self.tokenizer.pad_token_id).items()}
+        return collate(examples, self.tokenizer.pad_token_id, self.device, self.flat)
 
 
 def train(cfg: BaseModel) -> dict:
     """Run (or resume, or report the finished) training run `cfg`; returns its summary."""
     # From the first line: a signal while the model loads or the first eval runs is a clean stop too.
-    # Console log lines go through tqdm.write, so they print above the progress bar instead of through it.
-    with StopRequest() as stop, logging_redirect_tqdm(tqdm_class=tqdm):
+    with StopRequest() as stop, console():
         run = setup(cfg)
         if isinstance(run, dict):
             return run  # that run is already complete
@@ -139,23 +139,22 @@ def train(cfg: BaseModel) -> dict:
 
         run.model.train()
         started, evals_before = time.perf_counter(), run.eval_seconds
-        # Closed on any way out, so an error is printed on a line of its own, not after the bar.
-        with tqdm(total=run.total, initial=run.step, desc=cfg.method,  # INFO-level output: --quiet hides it
-                  disable=run.rank != 0 or not log.isEnabledFor(logging.INFO)) as bar:
+        with bar(run.total, cfg.method, initial=run.step) as steps:
             while run.step < run.total:
                 row, stopping = train_step(run, stop)
                 t = cfg.train
                 if run.step % t.log_every == 0 or run.step == run.total:
                     run.metrics.write(run.step, **row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                **({"active": row["active"]} if "active" in row else {}))
-                bar.update(1)
+                steps.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                                  tok_s=f"{row['tokens_per_s']:.0f}",
+                                  **({"active": row["active"]} if "active" in row else {}))
+                steps.update(1)
                 if t.eval_every and run.step % t.eval_every == 0 and run.step < run.total:
                     evaluate(run, run.step)
                 if t.save_every and run.step % t.save_every == 0 and run.step < run.total:
                     checkpoint(run)
                 if stopping:
-                    bar.close()
+                    steps.close()
                     raise Interrupted(run.step, checkpoint(run))
         return finish(run, elapsed=time.perf_counter() - started - (run.eval_seconds - evals_before))
 
@@ -182,12 +181,13 @@ def setup(cfg: BaseModel) -> Run | dict:
     model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "bf16"}) if mixed else cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer)
     if len(train_set) < t.batch_size * world:
-        raise LisaError(f"data: {len(train_set)} training examples, fewer than train.batch_size={t.batch_size}"
-                        + (f" × {world} processes" if world > 1 else ""))
+        raise LisaError(f"data: {len(train_set)} {'packed sequences' if cfg.data.packing else 'training examples'}, "
+                        f"fewer than train.batch_size={t.batch_size}" + (f" × {world} processes" if world > 1 else ""))
     gsm_items = gsm_eval_items(cfg.data)[: t.gsm_eval_samples] if cfg.data.format == "gsm" else []
 
     method = build_method(cfg.method, cfg.method_options())
     model = prepare_model(mode, method.prepare(model).to(accelerator.device))  # fsdp: sharded before the optimizer
+    flat = check_packing(model) if cfg.data.packing else False  # every rank: a forward under FSDP is collective
     optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed)
     forward = wrap_model(mode, model, optimizer)  # ddp: the wrapper (after LISA has frozen the model)
     per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
@@ -195,6 +195,7 @@ def setup(cfg: BaseModel) -> Run | dict:
     run = Run(cfg, Path(t.output_dir), accelerator.device, world, rank, mode, model, forward, tokenizer, method,
               optimizer, lr_schedule(optimizer, t.schedule, t.warmup_steps, total), train_set, val_set, gsm_items,
               standard_loss, total)
+    run.flat = flat
     run.loss_fn = choose_loss(run)
     run.fingerprint = fingerprint
 
@@ -232,7 +233,8 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     for micro in range(t.grad_accum):
         # Every rank draws the same global batch and takes its slice of it.
         idx = batch_indices(len(run.train_set), run.global_batch, t.seed, run.step * t.grad_accum + micro)
-        batch = run.batch([run.train_set[i] for i in idx[run.rank::run.world]])
+        examples = [run.train_set[i] for i in idx[run.rank::run.world]]
+        batch = run.batch(examples)
         with no_sync(run.forward, skip=micro < t.grad_accum - 1):  # accumulate locally, reduce at the last
             loss = run.loss_fn(run.forward, **batch)
             n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
@@ -244,7 +246,7 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
             loss = loss * (run.world * n_labels / n_global) / t.grad_accum
             loss.backward()
         loss_sum += loss.item()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(e["input_ids"]) for e in examples)  # not padding
     trainable = [p for p in run.model.parameters() if p.requires_grad]  # LISA changes it at switches
     clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")  # None: no clipping (only)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
@@ -309,7 +311,7 @@ def evaluate(run: Run, at: int) -> dict:
     """Held-out loss (and GSM exact match), written to the metrics. Every rank evaluates (FSDP2 needs all)."""
     t = run.cfg.train
     tick = time.perf_counter()
-    res = eval_loss(run.model, run.val_set, run.tokenizer.pad_token_id, t.eval_batch_size, run.loss_fn) \
+    res = eval_loss(run.model, run.val_set, run.tokenizer.pad_token_id, t.eval_batch_size, run.loss_fn, run.flat) \
         if run.val_set else {}
     if run.gsm_items:
         acc = gsm_accuracy(run.model, run.tokenizer, run.gsm_items, t.gsm_max_new_tokens, t.eval_batch_size)

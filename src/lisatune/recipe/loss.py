@@ -88,17 +88,25 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     return head if type(head) is nn.Linear else None
 
 
-def _hidden_states(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+def model_inputs(input_ids, attention_mask, position_ids=None) -> dict:
+    """A batch as the model takes it. Packed sequences (position_ids, no mask) go without a cache: transformers
+    looks for packed examples only when there is none, and would otherwise let them attend to each other."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return inputs if position_ids is None else inputs | {"position_ids": position_ids, "use_cache": False}
+
+
+def _hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
     inner = unwrap(model)
     if inner is model:
-        return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True)
+        return decoder_of(model)(**inputs)[0]
+    out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
     return out.hidden_states[-1]  # after the final norm, as the head sees it (check_fused verifies)
 
 
-def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
+def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean",
+               position_ids=None) -> torch.Tensor:
     """The model's causal-LM loss (mean, or sum, over labelled next tokens), computed chunk-wise."""
-    hidden = _hidden_states(model, input_ids, attention_mask)
+    hidden = _hidden_states(model, model_inputs(input_ids, attention_mask, position_ids))
     targets = labels[:, 1:]
     if hidden.device.type == "meta":
         # `lisatune plan` (no values to select by): every position counts as labelled, the most memory; the
@@ -113,11 +121,13 @@ def fused_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: s
     return total if reduction == "sum" else total / y.numel()
 
 
-def standard_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean") -> torch.Tensor:
+def standard_loss(model: nn.Module, input_ids, attention_mask, labels, reduction: str = "mean",
+                  position_ids=None) -> torch.Tensor:
     """The model's own logits and cross-entropy (any model, any wrapper)."""
+    inputs = model_inputs(input_ids, attention_mask, position_ids)
     if reduction == "mean":
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return model(**inputs, labels=labels).loss
+    logits = model(**inputs).logits
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE, reduction="sum")
 
@@ -137,9 +147,8 @@ def check_fused(model: nn.Module, batch: dict, rtol: float = 1e-4) -> str | None
     inner.eval()  # no dropout, so the two losses see the same network
     try:
         with torch.no_grad():
-            ref = standard_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).float()
-            got = [fused_loss(m, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                   for m in dict.fromkeys([model, inner])]
+            ref = standard_loss(model, **batch).float()
+            got = [fused_loss(m, **batch) for m in dict.fromkeys([model, inner])]
     except Exception as e:  # a decoder that wants other inputs, say: the model's own path still works
         return f"{type(e).__name__}: {e}"
     finally:
