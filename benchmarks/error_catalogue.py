@@ -253,6 +253,23 @@ def build(c: Catalogue) -> None:
     c.case(g, "--columns without '='", [*alpaca, "--columns", "instruction"])
     c.case(g, "--columns naming no field of the format", [*alpaca, "--columns", "question=prompt"])
     c.case(g, "a required field with no column", [*alpaca, "--columns", "instruction=prompt"])
+    c.case(g, "an unknown lm-eval task", ["eval", model, "--tasks", "lisatune_gsm,gsm_nope"])
+    c.case(g, "--include-path missing", ["eval", model, "--tasks", "lisatune_gsm", "--include-path", tmp / "nope"])
+    c.case(g, "--limit without --tasks", ["eval", model, "--limit", "5"])
+    c.case(g, "--data with --tasks", ["eval", model, "--tasks", "lisatune_gsm", "--data", a / "train.jsonl"])
+
+    g = "evaluation tasks and metric sinks in a run"
+    for o, what in [("train.eval_tasks=[gsm_nope]", "an unknown lm-eval task"),
+                    ("train.eval_tasks=lisatune_gsm", "eval_tasks not a list"),
+                    ("train.eval_include_path=/tmp", "eval_include_path without eval_tasks"),
+                    ("train.report_to=[wandb, wandb]", "a sink twice"),
+                    ("train.report_to=[mlflow]", "an unknown sink"),
+                    ("train.report_to=[tensorboard]", "report_to beside the older train.tensorboard")]:
+        c.case(g, what, ["train", cfg, "--set", o])
+    c.case(g, "eval_include_path missing", ["train", cfg, "--set", "train.eval_tasks=[lisatune_gsm]", "--set",
+                                            f"train.eval_include_path={tmp / 'nope'}"])
+    c.case(g, "eval_tasks under fsdp", ["train", cfg, "--set", "train.eval_tasks=[lisatune_gsm]", "--set",
+                                        "distributed=fsdp"])
 
     g = "lisatune norms / bench"
     for args, what in [(["--lr-full", "nan"], "--lr-full nan"), (["--gamma", "0"], "--gamma 0"),

@@ -72,3 +72,14 @@ def make_run_assets(root):
     tok.save_pretrained(root / "model")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return root
+
+
+@pytest.fixture
+def cli_main():
+    """lisatune.cli.main in this process; the logging levels it sets are put back afterwards."""
+    import logging
+    from lisatune.cli import main
+    lisatune = logging.getLogger("lisatune")
+    level = lisatune.level
+    yield main
+    lisatune.setLevel(level)

@@ -36,6 +36,8 @@ def write_config(tmp_path, assets, method="lisa", name="run", **train):
            "galore": {"rank": 4, "update_proj_gap": 5},
            "train": {"output_dir": str(tmp_path / name), "lr": 1e-2, "batch_size": 4, "max_steps": 10,
                      "warmup_steps": 1, "tensorboard": False, "gsm_eval_samples": 0, **train}}
+    if "report_to" in train:  # which replaces tensorboard
+        del cfg["train"]["tensorboard"]
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -112,17 +114,6 @@ def test_a_signal_during_the_first_eval_stops_cleanly_at_step_0_and_resume_match
     assert resumed["before"] == whole["before"]
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "early")
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture
-def cli_main():
-    """lisatune.cli.main in this process; the logging levels it sets are put back afterwards."""
-    import logging
-    from lisatune.cli import main
-    lisatune = logging.getLogger("lisatune")
-    level = lisatune.level
-    yield main
-    lisatune.setLevel(level)
 
 
 def run_cli(*args):
@@ -333,3 +324,31 @@ def test_log_lines_print_above_the_progress_bar_and_quiet_hides_both(tmp_path, a
     assert q.returncode == 0, q.stderr
     assert "LISA switch" not in q.stderr and "it/s" not in q.stderr and "steps in" in q.stdout
     assert run_cli("--quiet", "--log-level", "debug", "train").returncode == 2  # one or the other
+
+
+def test_report_to_wandb_writes_an_offline_run_inside_the_run_dir(tmp_path, assets, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is lisatune's default, not the environment's
+    train(load_config(str(write_config(tmp_path, assets, max_steps=2, report_to=["wandb"])), []))
+    run = tmp_path / "run"
+    [log] = run.glob("wandb/offline-run-*/run-*.wandb")  # W&B's own record of the run, to `wandb sync`
+    assert all(key in log.read_bytes() for key in (b"eval_loss", b"grad_norm", b"tokens_per_s"))
+    assert not (run / "tb").exists() and (run / "metrics.jsonl").is_file()
+
+
+def test_report_to_wandb_without_wandb_is_one_line_before_the_model_loads(tmp_path, assets, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = write_config(tmp_path, assets, report_to=["tensorboard", "wandb"])
+    with pytest.raises(LisaError, match=r"^train.report_to: wandb is not installed \(pip install 'lisatune\[wandb\]'"):
+        train(load_config(str(cfg), []))
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_defaults_to_what_train_tensorboard_said():
+    assert load_config(None, []).train.sinks() == ["tensorboard"]
+    assert load_config(None, ["train.tensorboard=false"]).train.sinks() == []
+    assert load_config(None, ["train.report_to=[]"]).train.sinks() == []
+    with pytest.raises(LisaError, match="report_to: give it or train.tensorboard"):
+        load_config(None, ["train.report_to=[wandb]", "train.tensorboard=true"])

@@ -15,6 +15,7 @@ from .analysis.commands import register as register_analysis
 from .data import DataConfig, gsm_eval_items, load_splits
 from .data.sources import OWN_READER
 from .errors import LisaError
+from .integrations import harness
 from .recipe.config import load_config
 from .recipe.evaluate import eval_loss, gsm_accuracy
 from .recipe.generate import register as register_generate
@@ -59,6 +60,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.tasks is not None:
+        return cmd_eval_tasks(args)
+    if args.include_path or args.limit:
+        raise LisaError("--include-path and --limit are for lm-eval tasks: give --tasks too")
     if args.max_examples is not None and args.max_examples < 1:
         raise LisaError(f"--max-examples must be >= 1 (got {args.max_examples})")
     columns: dict[str, str] = {}
@@ -91,6 +96,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_tasks(args) -> int:
+    """`lisatune eval MODEL --tasks A,B`: lm-evaluation-harness tasks instead of the loss."""
+    if args.data:
+        raise LisaError("--data is not used with --tasks: lm-eval tasks bring their own documents")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = {"where": "--tasks", "option": "--include-path"}
+    harness.task_manager(tasks, args.include_path, **names)  # an unknown task is found before the model loads
+    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
+    res = harness.run_tasks(model, tok, tasks, args.include_path, limit=args.limit, batch_size=args.batch_size,
+                            progress=logging.getLogger("lisatune").isEnabledFor(logging.INFO), **names)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="lisatune", description="LISA fine-tuning (Layerwise Importance Sampled AdamW)")
     verbosity = p.add_mutually_exclusive_group()
@@ -108,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match) of a saved model")
+    e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match), or lm-eval tasks, of a model")
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
     e.add_argument("--format", default="gsm", choices=get_args(DataConfig.model_fields["format"].annotation))
     e.add_argument("--data", help="data file, saved dataset directory or Hub dataset name (every format but gsm)")
@@ -122,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=cli_int(1), default=8)
     e.add_argument("--gsm-samples", type=cli_int(0), default=16, help="held-out GSM problems to answer (0: loss only)")
     e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--tasks", metavar="NAMES", help="lm-evaluation-harness tasks, comma-separated, instead of the "
+                   "loss: lisatune_gsm, lisatune_gsm_mc (shipped), or any under --include-path or lm-eval's own")
+    e.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAML files (with --tasks)")
+    e.add_argument("--limit", type=cli_int(1), metavar="N", help="documents per lm-eval task (with --tasks)")
     e.set_defaults(func=cmd_eval)
 
     register_generate(sub)  # `lisatune generate MODEL [--prompt TEXT]`

@@ -78,6 +78,11 @@ def _not_bool(v: Any) -> Any:
     return v
 
 
+def is_number(v: Any) -> bool:
+    """An int or float, not a bool (which Python counts as an int): what a metric value may be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 # A float option: finite (no NaN, no inf), and not a boolean. Ranges go on the field: Field(gt=0) etc.
 # Integer options are StrictInt (a boolean, a float or a string is an error, not converted).
 Number = Annotated[FiniteFloat, BeforeValidator(_not_bool)]

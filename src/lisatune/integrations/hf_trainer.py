@@ -5,7 +5,8 @@
 
 The Trainer builds its LR scheduler on the optimizer, steps it only at the end of an
 accumulation cycle, and saves/loads `optimizer.state_dict()` in its checkpoints, which
-carries the LISA position, so `train(resume_from_checkpoint=...)` continues exactly.
+carries the LISA position, so `train(resume_from_checkpoint=...)` continues exactly
+(tested bitwise with transformers.Trainer and TRL's SFTTrainer, from a mid-interval checkpoint).
 """
 from __future__ import annotations
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, create_model,
-                      field_validator, model_validator)
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      create_model, field_validator, model_validator)
 
 from ..data import DataConfig
 from ..distributed.launch import MODES
 from ..errors import LisaError
 from ..methods import METHODS
 from ..schema import Number, YamlTagError, format_error, parse_yaml, read_yaml
+from .metrics import SINKS
 from .models import ModelConfig
 
 
@@ -55,6 +56,11 @@ class TrainOptions(BaseModel):
     eval_batch_size: StrictInt = Field(8, ge=1)
     gsm_eval_samples: StrictInt = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
     gsm_max_new_tokens: StrictInt = Field(200, ge=1)
+    # lm-evaluation-harness tasks, run at each evaluation (pip install 'lisatune[eval]'): lisatune's own
+    # lisatune_gsm (generation) and lisatune_gsm_mc (log-likelihood), tasks in eval_include_path, lm-eval's.
+    eval_tasks: list[StrictStr] = []
+    eval_include_path: str | None = None  # a folder of lm-eval task YAML files
+    eval_limit: Steps | None = None  # documents per task (none: every one)
     save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
     # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
     save_final_state: StrictBool = True
@@ -67,7 +73,10 @@ class TrainOptions(BaseModel):
     # Also accepted under the name allow_data_change.
     data_may_change: StrictBool = Field(False, validation_alias=AliasChoices("data_may_change", "allow_data_change"))
     merge_lora: StrictBool = True  # save LoRA merged into a plain model (else the adapter)
-    tensorboard: StrictBool = True
+    tensorboard: StrictBool = True  # older name of report_to: [tensorboard] (true) or [] (false)
+    # Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tb) and/or wandb (Weights & Biases,
+    # offline unless WANDB_MODE says otherwise, under <output_dir>/wandb; pip install 'lisatune[wandb]').
+    report_to: list[Literal[SINKS]] | None = None  # none: [tensorboard] if train.tensorboard, else []
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +91,24 @@ class TrainOptions(BaseModel):
         if not (isinstance(v, bool) or v == "auto"):  # not 1, "yes" or "true": those are for YAML to parse
             raise ValueError("must be true, false or 'auto'")
         return v
+
+    def sinks(self) -> list[str]:
+        """Metrics.report_to: report_to, or what train.tensorboard meant before it existed."""
+        return self.report_to if self.report_to is not None else ["tensorboard"] if self.tensorboard else []
+
+    @model_validator(mode="after")
+    def _report_to(self):
+        if self.report_to is not None and len(set(self.report_to)) < len(self.report_to):
+            raise ValueError(f"report_to: {self.report_to} names a sink twice")
+        if self.report_to is not None and "tensorboard" in self.model_fields_set:
+            raise ValueError("report_to: give it or train.tensorboard (its older form), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _harness(self):
+        if self.eval_include_path is not None and not self.eval_tasks:
+            raise ValueError("eval_include_path: set train.eval_tasks too (the tasks to run from it)")
+        return self
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -123,6 +150,14 @@ class RunConfig(BaseModel):
                              f"{self.model.dtype} (set model.dtype: bf16 or leave it out)")
         if self.distributed == "fsdp":
             raise ValueError("train.precision: bf16-mixed does not support distributed: fsdp yet (none or ddp)")
+        return self
+
+    @model_validator(mode="after")
+    def _harness(self):
+        train = getattr(self, "train", None)
+        if train is not None and train.eval_tasks and self.distributed == "fsdp":
+            raise ValueError("train.eval_tasks: lm-eval runs the whole model in one process, which distributed: "
+                             "fsdp shards (none or ddp)")
         return self
 
     def method_options(self) -> BaseModel | None:

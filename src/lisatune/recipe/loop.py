@@ -26,13 +26,14 @@ from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
                            wrap_model)
 from ..errors import LisaError
+from ..integrations import harness
 from ..methods import Method, build_method
 from ..schema import os_reason
 from .allocator import release_freed_memory
 from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loss, gsm_accuracy
 from .loss import pick_loss, standard_loss
-from .metrics import Metrics, NoMetrics
+from .metrics import Metrics, NoMetrics, check_sinks
 from .models import load_model, save_model
 from .packing import check_packing
 from .progress import bar, console
@@ -176,6 +177,10 @@ def setup(cfg: BaseModel) -> Run | dict:
     resume_from, finished = on_rank0(lambda: start(cfg, fingerprint))  # only rank 0 touches the run directory
     if finished is not None:
         return finished
+    check_sinks(t.sinks())  # what is not installed is found before the model loads, not after
+    if t.eval_tasks:  # an unknown task too, not at the first evaluation
+        on_rank0(lambda: harness.task_manager(t.eval_tasks, t.eval_include_path, where="train.eval_tasks",
+                                              option="train.eval_include_path"))
 
     mixed = t.precision == "bf16-mixed"
     model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "bf16"}) if mixed else cfg.model)
@@ -212,8 +217,8 @@ def setup(cfg: BaseModel) -> Run | dict:
         log.info("resumed from %s at step %d", resume_from, run.step)
     else:  # set up: only now is a new run's directory made (and a previous run it replaces deleted)
         on_rank0(lambda: create_run_dir(cfg))
-    run.metrics = Metrics(run.dir, t.tensorboard, resume_step=run.step if resume_from else None) if rank == 0 \
-        else NoMetrics()
+    run.metrics = Metrics(run.dir, t.sinks(), resume_step=run.step if resume_from else None,
+                          config=cfg.model_dump(mode="json")) if rank == 0 else NoMetrics()
     return run
 
 
@@ -308,7 +313,8 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 # -- evaluation, checkpoints, the end -------------------------------------------------------------------
 def evaluate(run: Run, at: int) -> dict:
-    """Held-out loss (and GSM exact match), written to the metrics. Every rank evaluates (FSDP2 needs all)."""
+    """Held-out loss (GSM exact match, lm-eval tasks), written to the metrics. Every rank evaluates (FSDP2 needs
+    all), but lm-eval only on rank 0 (its model is the whole model: not under FSDP2)."""
     t = run.cfg.train
     tick = time.perf_counter()
     res = eval_loss(run.model, run.val_set, run.tokenizer.pad_token_id, t.eval_batch_size, run.loss_fn, run.flat) \
@@ -322,6 +328,11 @@ def evaluate(run: Run, at: int) -> dict:
                 f.write_text(json.dumps(acc["samples"], indent=1))
             except OSError as e:
                 raise LisaError(f"cannot write {f} ({os_reason(e)})") from None
+    if t.eval_tasks:
+        res |= on_rank0(lambda: harness.run_tasks(
+            run.model, run.tokenizer, t.eval_tasks, t.eval_include_path, limit=t.eval_limit,
+            batch_size=t.eval_batch_size, data=run.cfg.data, progress=False, where="train.eval_tasks",
+            option="train.eval_include_path"))
     run.metrics.write(at, **res)
     run.eval_seconds += time.perf_counter() - tick
     return res

@@ -1,11 +1,16 @@
-"""Metrics to a JSONL file (one object per line) and, if available, TensorBoard."""
+"""Metrics to a JSONL file (one object per line) and, as train.report_to asks, TensorBoard and Weights & Biases."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
+from typing import Iterable
 
 from ..errors import LisaError
-from ..schema import os_reason
+from ..schema import is_number, os_reason
+
+SINKS = ("tensorboard", "wandb")  # train.report_to's choices; metrics.jsonl is always written
 
 
 def _rows(text: str) -> list[dict]:
@@ -21,8 +26,38 @@ def _rows(text: str) -> list[dict]:
     return rows
 
 
+def check_sinks(report_to: Iterable[str]) -> None:
+    """Before the model loads: a sink asked for that is not installed is a one-line error."""
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise LisaError("train.report_to: wandb is not installed (pip install 'lisatune[wandb]', or leave it out)")
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _wandb(run_dir: Path, config: dict | None):
+    check_sinks(["wandb"])
+    import wandb  # optional: only train.report_to [wandb] needs it
+
+    # Offline unless WANDB_MODE says otherwise: nothing leaves the machine (`wandb sync <run>/wandb/offline-run-*`
+    # uploads it later). console off: our progress bar and log lines stay ours.
+    try:
+        return wandb.init(dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
+                          project=os.environ.get("WANDB_PROJECT", "lisatune"), name=run_dir.name, config=config,
+                          settings=wandb.Settings(console="off", silent=True))
+    except wandb.errors.Error as e:
+        raise LisaError(f"train.report_to: wandb did not start ({e})") from None
+
+
 class Metrics:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, report_to: Iterable[str] = ("tensorboard",), resume_step: int | None = None,
+                 config: dict | None = None):
+        """`config`: the run's, for W&B's run page."""
         self.path = run_dir / "metrics.jsonl"
         try:
             if resume_step is not None and self.path.exists():
@@ -32,13 +67,8 @@ class Metrics:
             self.file = self.path.open("a")
         except OSError as e:
             raise LisaError(f"cannot write {self.path} ({os_reason(e)})") from None
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
+        self.tb = _tensorboard(run_dir) if "tensorboard" in report_to else None
+        self.wandb = _wandb(run_dir, config) if "wandb" in report_to else None
 
     def write(self, step: int, **values) -> None:
         try:
@@ -46,15 +76,19 @@ class Metrics:
             self.file.flush()
         except OSError as e:
             raise LisaError(f"cannot write {self.path} ({os_reason(e)})") from None
+        numbers = {k: v for k, v in values.items() if is_number(v)}
         if self.tb:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(numbers, step=step)
 
     def close(self) -> None:
         self.file.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 class NoMetrics:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from ..errors import LisaError
+from ..integrations.harness import PREFIX as LM_EVAL
 from ..schema import flatten, os_reason, read_yaml
 from .checkpoint import checkpoint_step, clean_tmp, latest_checkpoint, read_state
 from .config import TrainConfig
@@ -23,8 +24,8 @@ from .config import TrainConfig
 log = logging.getLogger("lisatune")
 
 # Changing these does not change what a resumed run computes (output_dir: a run directory can be moved).
-RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "eval_every", "save_every", "keep_last",
-               "release_memory", "output_dir", "data_may_change", "save_final_state"}
+RESUME_FREE = {"resume", "overwrite", "log_every", "tensorboard", "report_to", "eval_every", "save_every",
+               "keep_last", "release_memory", "output_dir", "data_may_change", "save_final_state"}
 # Written into every run directory lisatune creates: --overwrite deletes a directory only if it carries this.
 MARKER = ".lisatune-run"
 
@@ -182,4 +183,7 @@ def describe_eval(res: dict | None) -> str:
         parts.append(f"eval loss {res['eval_loss']:.4f}")
     if "gsm_total" in res:
         parts.append(f"GSM exact match {res['gsm_correct']}/{res['gsm_total']}")
+    # lm-eval's metrics (train.eval_tasks), "lm_eval/<task>/<metric>", without their stderr and sample counts
+    parts += [f"{k.removeprefix(LM_EVAL)} {v:.3f}" for k, v in res.items()
+              if k.startswith(LM_EVAL) and "_stderr" not in k and not k.endswith("/sample_len")]
     return ", ".join(parts) or "no validation data"
