@@ -1,13 +1,15 @@
-"""The GPU check: one run on one CUDA GPU, no network, under 8 minutes on an H100/H200.
+"""The GPU check: one run on one CUDA GPU, no network, about 10 minutes on an H100/H200.
 
     python benchmarks/gpu_check.py --out gpu-check            # writes gpu-check/gpu_check.json and gpu_check.log
 
 1. Device checks on CUDA (tiny models): γ = N_L equals torch AdamW bitwise; a mid-interval resume is bitwise;
    the fused loss equals the model's own; bf16 master weights hold masters only for the trained set.
 2. Memory: randomly initialised Llama-2-7B and Llama-3.1-8B shapes, batch 1 x 1024 tokens, bf16-mixed, for
-   full, LoRA r128/r16, LISA E+H+2L (and with 8-bit E/H state, with E/H frozen, with nf4 frozen blocks) and
-   QLoRA r16 where bitsandbytes' CUDA kernels are present: torch.cuda.max_memory_allocated per phase (forward,
-   backward, optimizer step incl. the switch) beside `lisatune plan`'s prediction for the same setting.
+   full, LoRA r128/r16, LISA E+H+2L (and with 8-bit E/H state, with E/H frozen, with nf4 / int8 frozen blocks)
+   and QLoRA r16 where bitsandbytes' CUDA kernels are present: torch.cuda.max_memory_allocated and
+   max_memory_reserved per phase (forward, backward, optimizer step, LISA's switch: meter.PhaseMemory, as
+   `lisatune train` and `bench memory --device cuda` record them) beside `lisatune plan`'s prediction for the
+   same setting (--checkpointing on: both with gradient checkpointing).
 3. Speed: the median step time of the same runs (steps after the first).
 Every case runs in its own try: an out-of-memory is a result ("OOM"), not a crash. Nothing here is a test.
 """
@@ -24,16 +26,17 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
-import lisatune.quant  # noqa: F401  (installs the frozen-weights switch hook: lisa.frozen_weights)
-from lisatune import LisaOptimizer, find_layers
-from lisatune.analysis.plan import Setting, plan_memory
+from lisatune import LisaOptimizer
+from lisatune.analysis.meter import PhaseMemory
+from lisatune.analysis.plan import Setting, parse_method, plan_memory
 from lisatune.analysis.shapes import shape_config
 from lisatune.analysis.tiny import tiny_model
 from lisatune.methods import build_method
+from lisatune.quant import quantize_linears  # (importing lisatune.quant installs lisa.frozen_weights)
 from lisatune.recipe.loss import fused_loss, pick_loss, standard_loss
+from lisatune.recipe.models import enable_checkpointing
 
 GIB = 2**30
 LOG: list[str] = []
@@ -90,93 +93,82 @@ def device_checks(dev: torch.device) -> dict:
 
 
 # -- 2./3. memory and speed at scale ----------------------------------------------------------------------
-CASES = [  # (label, method, options, planner setting or None)
-    ("full", "full", {}, dict(method="full")),
-    ("LoRA r128", "lora", {"r": 128, "alpha": 256}, dict(method="lora", lora_r=128)),
-    ("LoRA r16", "lora", {"r": 16, "alpha": 32}, dict(method="lora", lora_r=16)),
-    ("LISA E+H+2L", "lisa", {}, dict(method="lisa", gamma=2)),
-    ("LISA E+H+2L, 8-bit E/H state", "lisa", {"embed_head_state": "8bit"}, None),
-    ("LISA 2L, E/H frozen", "lisa", {"train_embedding": False, "train_head": False},
-     dict(method="lisa", gamma=2, embed_head=False)),
-    ("LISA E+H+2L, nf4 frozen blocks", "lisa", {"frozen_weights": "nf4"}, None),
-    ("QLoRA r16", "qlora", {"r": 16, "alpha": 32}, None),
+CASES = [  # (label, method, options, `lisatune plan` method spec)
+    ("full", "full", {}, "full"),
+    ("LoRA r128", "lora", {"r": 128, "alpha": 256}, "lora:r=128"),
+    ("LoRA r16", "lora", {"r": 16, "alpha": 32}, "lora:r=16"),
+    ("LISA E+H+2L", "lisa", {}, "lisa"),
+    ("LISA E+H+2L, 8-bit E/H state", "lisa", {"embed_head_state": "8bit"}, "lisa:eh_state=8bit"),
+    ("LISA 2L, E/H frozen", "lisa", {"train_embedding": False, "train_head": False}, "lisa:embed_head=false"),
+    ("LISA E+H+2L, nf4 frozen blocks", "lisa", {"frozen_weights": "nf4"}, "lisa:frozen=nf4"),
+    ("LISA 2L, E/H frozen, nf4 frozen blocks", "lisa", {"train_embedding": False, "train_head": False,
+                                                        "frozen_weights": "nf4"}, "lisa:embed_head=false,frozen=nf4"),
+    ("LISA E+H+2L, 8-bit E/H state, nf4 frozen blocks", "lisa", {"embed_head_state": "8bit", "frozen_weights": "nf4"},
+     "lisa:eh_state=8bit,frozen=nf4"),
+    ("LISA 2L, E/H frozen, int8 frozen blocks", "lisa", {"train_embedding": False, "train_head": False,
+                                                         "frozen_weights": "int8"}, "lisa:embed_head=false,frozen=int8"),
+    ("QLoRA r16", "qlora", {"r": 16, "alpha": 32}, "qlora:r=16"),
 ]
 
 
-def to_nf4(model: nn.Module, dev: torch.device) -> nn.Module:
-    """QLoRA's base: every Linear of the blocks as a bitsandbytes nf4 Linear4bit on the device."""
-    import bitsandbytes as bnb  # deferred: only QLoRA needs it, and only on CUDA
-    path = find_layers(model).blocks_path
-    for name, mod in list(model.named_modules()):
-        if not name.startswith(path + "."):
-            continue
-        for cname, child in list(mod.named_children()):
-            if type(child) is nn.Linear:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                setattr(mod, cname, q.to(dev))
-                del child
-    return model
-
-
-def build(shape: str, method: str, options: dict, dev: torch.device):
+def build(shape: str, method: str, options: dict, dev: torch.device, checkpointing: bool = False):
     """(model, optimizer) of a randomly initialised bf16 `shape` on the device, as `lisatune train` would build."""
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=torch.bfloat16)
     model.config.use_cache = False
+    if checkpointing:
+        enable_checkpointing(model)
     hyper = {"lr": 1e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8}
     if method == "full":  # bf16-mixed: fp32 masters and state of every parameter
         m = build_method("full")
         return model, m.master_optimizer(m.prepare(model), hyper)
     if method in ("lora", "qlora"):  # bf16 (or nf4) base, fp32 adapters
         m = build_method("lora", options)
-        model = m.prepare(to_nf4(model, dev) if method == "qlora" else model)
+        model = m.prepare(quantize_linears(model, "nf4") if method == "qlora" else model)
         return model, m.make_optimizer(model, hyper)
     return model, LisaOptimizer(model, n_layers=2, interval=2, master_weights=True, **hyper, **options)
 
 
-def measure(shape: str, label: str, method: str, options: dict, dev: torch.device, steps: int = 4) -> dict:
+def measure(shape: str, label: str, method: str, options: dict, dev: torch.device, steps: int = 4,
+            checkpointing: bool = False) -> dict:
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(dev)
-    model, opt = build(shape, method, options, dev)
+    model, opt = build(shape, method, options, dev, checkpointing)
     model.train()
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (1, 1024), device=dev)
     mask = torch.ones_like(x)
     loss_fn = pick_loss(model, {"input_ids": x, "attention_mask": mask, "labels": x}, fused=True)  # as the recipe
-    phases = {"forward": 0, "backward": 0, "step": 0}
+    mem = PhaseMemory(dev, opt)  # resets the peaks: model building is not in them
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        torch.cuda.reset_peak_memory_stats(dev)
-        loss = loss_fn(model, x, mask, x)
-        phases["forward"] = max(phases["forward"], torch.cuda.max_memory_allocated(dev))
-        torch.cuda.reset_peak_memory_stats(dev)
-        loss.backward()
-        phases["backward"] = max(phases["backward"], torch.cuda.max_memory_allocated(dev))
-        torch.cuda.reset_peak_memory_stats(dev)
-        opt.step()  # LISA: a switch every 2 steps happens inside step()
-        opt.zero_grad(set_to_none=True)
-        phases["step"] = max(phases["step"], torch.cuda.max_memory_allocated(dev))
+        with mem.phase("forward"):
+            loss = loss_fn(model, x, mask, x)
+        with mem.phase("backward"):
+            loss.backward()
+        with mem.phase("step"):  # LISA: a switch every 2 steps, at the end of step(): its own phase
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    res = {"peak_gib": round(max(phases.values()) / GIB, 2), **{f"{k}_gib": round(v / GIB, 2) for k, v in phases.items()},
-           "reserved_gib": round(torch.cuda.max_memory_reserved(dev) / GIB, 2),
-           "step_s": round(statistics.median(times[1:]), 3), "loss": float(loss),
+    mem.close()
+    peaks = mem.summary()
+    res = {"peak_gib": round(peaks["peak_allocated_mib"] / 1024, 2),
+           "reserved_gib": round(peaks["peak_reserved_mib"] / 1024, 2),
+           **{f"{p}_gib": round(v["peak_allocated_mib"] / 1024, 2) for p, v in peaks["phases"].items()},
+           **{f"{p}_reserved_gib": round(v["peak_reserved_mib"] / 1024, 2) for p, v in peaks["phases"].items()},
+           "step_s": round(statistics.median(times[1:]), 3), "loss": loss.item(),
            "loss_fn": "fused" if loss_fn is fused_loss else "model"}
     del model, opt, loss
     torch.cuda.empty_cache()
     return res
 
 
-def predicted(shape: str, setting: dict | None) -> float | None:
-    if setting is None:
-        return None
+def predicted(shape: str, spec: str, checkpointing: bool) -> float | None:
     try:
-        p = plan_memory(shape, Setting(precision="bf16-mixed", batch=1, seq=1024, checkpointing=False, **setting))
-        return round(p.peak / GIB, 2)
+        base = Setting(precision="bf16-mixed", batch=1, seq=1024, checkpointing=checkpointing)
+        return round(plan_memory(shape, parse_method(spec, base)).peak / GIB, 2)
     except Exception as e:  # a planner gap is reported, not fatal
         say(f"  planner: {type(e).__name__}: {e}")
         return None
@@ -187,6 +179,7 @@ def main() -> int:
     ap.add_argument("--out", default="gpu-check")
     ap.add_argument("--shapes", nargs="+", default=["Llama-2-7B", "Llama-3.1-8B"])
     ap.add_argument("--only", nargs="*", help="case labels to run (default: all)")
+    ap.add_argument("--checkpointing", choices=["off", "on"], default="off", help="gradient checkpointing of every block")
     args = ap.parse_args()
     logging.getLogger("lisatune").setLevel(logging.WARNING)
     out = Path(args.out)
@@ -204,12 +197,13 @@ def main() -> int:
         result["checks"] = {"error": traceback.format_exc(limit=3)}
     say(f"device checks: {result['checks']}")
     for shape in args.shapes:
-        for label, method, options, setting in CASES:
+        for label, method, options, spec in CASES:
             if args.only and label not in args.only:
                 continue
-            row = {"shape": shape, "case": label, "planned_peak_gib": predicted(shape, setting)}
+            gc = args.checkpointing == "on"
+            row = {"shape": shape, "case": label, "checkpointing": gc, "planned_peak_gib": predicted(shape, spec, gc)}
             try:
-                row |= measure(shape, label, method, options, dev)
+                row |= measure(shape, label, method, options, dev, checkpointing=gc)
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as e:

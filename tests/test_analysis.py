@@ -184,3 +184,80 @@ def test_speed_counts_flops_and_backward_stops_at_the_lowest_active_block():
     sampler = LisaAdamW(tiny_model("llama", 8), n_layers=2, interval=1, seed=0).sampler
     assert frozen.lowest_block == [min(sampler.active(s)) for s in range(1, 4)]
     assert all(f < lf for f, lf in zip(frozen.flops, lisa.flops))
+
+
+# -- peak memory per phase and per logging interval (meter.PhaseMemory: bench memory and lisatune train) ---------
+MIB = 2**20
+
+
+class FakeCuda:
+    """torch.cuda's peak counters over an allocator the test drives: reserved runs 1 MiB above allocated."""
+
+    def __init__(self):
+        self.live = self.peak = self.resets = 0
+
+    def alloc(self, mib: int, free: int = 0) -> None:
+        self.live += mib * MIB
+        self.peak = max(self.peak, self.live)
+        self.live -= free * MIB
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: self.peak + MIB)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: self._reset())
+        return self
+
+    def _reset(self):
+        self.peak = self.live
+        self.resets += 1
+
+
+def test_phase_memory_attributes_each_peak_to_its_phase_and_resets_per_interval(monkeypatch):
+    from lisatune.analysis.meter import PhaseMemory
+    cuda = FakeCuda().install(monkeypatch)
+    model = tiny_model("llama", 4)
+    opt = LisaAdamW(model, n_layers=2, interval=2, lr=1e-3)
+    opt.inner.register_step_post_hook(lambda *_: cuda.alloc(400, free=400))  # the update's temporaries
+    opt.register_switch_hook(lambda _: cuda.alloc(700, free=700))  # the switch (after the update)
+    mem = PhaseMemory(torch.device("cuda"), opt)
+    rows = []
+    for x in batches(3):
+        with mem.phase("forward"):
+            loss = model(input_ids=x, labels=x).loss
+            cuda.alloc(300, free=200)  # 100 MiB of activations stay
+        with mem.phase("backward"):
+            loss.backward()
+            cuda.alloc(50, free=100)  # grads made, activations freed
+        with mem.phase("step"):
+            opt.step()  # a switch after steps 2 (and 4, ...)
+            opt.zero_grad()
+            cuda.alloc(0, free=50)
+        rows.append(mem.interval())
+    assert cuda.live == 0
+    s = mem.summary()
+    assert {p: v["peak_allocated_mib"] for p, v in s["phases"].items()} == {
+        "forward": 300, "backward": 150, "step": 450, "switch": 750}  # the switch's 700 on 50 MiB of grads
+    assert s["phases"]["switch"]["peak_reserved_mib"] == 751 and s["peak_allocated_mib"] == 750
+    # each row: the peak since the previous one (the counters are reset, not the run's running maximum)
+    assert [r["peak_allocated_mib"] for r in rows] == [450, 750, 450]
+    assert [r["peak_reserved_mib"] for r in rows] == [451, 751, 451]
+    mem.close()
+    assert not opt._switch_pre_hooks
+
+
+def test_phase_memory_on_cpu_reports_rss_and_no_phases():
+    from lisatune.analysis.meter import PhaseMemory
+    mem = PhaseMemory("cpu", None)
+    with mem.phase("forward"):
+        torch.ones(4 * MIB)  # 16 MiB for a moment
+    row = mem.interval()
+    assert set(row) == {"rss_mib", "peak_rss_mib"} and 0 < row["rss_mib"] <= row["peak_rss_mib"]
+    assert set(mem.summary()) == {"rss_mib", "peak_rss_mib"}  # nothing per phase: no allocator counters on CPU
+
+
+def test_bench_memory_on_cuda_is_refused_without_a_gpu_in_one_line(monkeypatch):
+    from lisatune.analysis.memory import run_memory
+    from lisatune.errors import LisaError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LisaError, match=r"^--device cuda: torch sees no CUDA device$"):
+        run_memory("tiny", ["lisa"], device="cuda")

@@ -2,6 +2,8 @@
 (real tiny models) count the same bytes through analysis/meter.py."""
 import argparse
 import json
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,21 +33,27 @@ def parser():
     return p
 
 
-def real(arch, dtype=torch.float32, attention="eager", checkpointing=False):
+def config(arch, vocab=96):
+    cfg = tiny_config(arch, 4)
+    cfg.vocab_size = vocab
+    return cfg
+
+
+def real(arch, dtype=torch.float32, attention="eager", checkpointing=False, vocab=96):
     torch.manual_seed(0)
-    m = T.AutoModelForCausalLM.from_config(tiny_config(arch, 4), dtype=dtype, attn_implementation=attention)
+    m = T.AutoModelForCausalLM.from_config(config(arch, vocab), dtype=dtype, attn_implementation=attention)
     if checkpointing:
         enable_checkpointing(m)
     return m.train()
 
 
-def measure(model, spec, **kw):
-    return measure_method(spec, model=model, vocab=96, batch=B, seq=S, steps=2, switches=1, **kw)
+def measure(model, spec, vocab=96, **kw):
+    return measure_method(spec, model=model, vocab=vocab, batch=B, seq=S, steps=2, switches=1, **kw)
 
 
-def planned(arch, method, **kw):
+def planned(arch, method, vocab=96, **kw):
     kw = {"batch": B, "seq": S, "attention": "eager", **SPECS[method][1], **kw}  # tiny.py's models are eager
-    return plan_memory(tiny_config(arch, 4), Setting(method=method, **kw))
+    return plan_memory(config(arch, vocab), Setting(method=method, **kw))
 
 
 def assert_same(p, m, exact_activations=True):
@@ -238,3 +246,99 @@ def test_bad_inputs_are_one_line_errors(capsys):
     assert main(["plan", "--gpu", "24 gigs"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lisatune: error: --gpu '24 gigs'") and err.count("\n") == 1
+
+
+# -- bitsandbytes: quantized frozen blocks, 8-bit E/H state, QLoRA (#14, #15) -----------------------------------
+bnb = pytest.importorskip("bitsandbytes")
+WIDE = 300  # embedding and head 300 x 32 = 9,600 values: over AdamW8bit's 4,096, so 8-bit (tiny's 96 would not be)
+QUANT = {  # bench memory spec (lisatune's LISA, as `lisatune train` runs it) -> the planner's setting
+    "nf4": ("lisa:n_layers=2,interval=5,frozen_weights=nf4", {"frozen": "nf4"}),
+    "int8": ("lisa:n_layers=2,interval=5,frozen_weights=int8", {"frozen": "int8"}),
+    "8bit": ("lisa:n_layers=2,interval=5,embed_head_state=8bit", {"eh_state": "8bit"}),
+    "8bit+nf4": ("lisa:n_layers=2,interval=5,embed_head_state=8bit,frozen_weights=nf4",
+                 {"eh_state": "8bit", "frozen": "nf4"}),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANT))
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("qwen2", torch.float32)])
+def test_quantized_frozen_blocks_and_8bit_state_plan_equal_the_measured_lisa_run(case, arch, dtype):
+    spec, setting = QUANT[case]
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    m = measure(real(arch, dtype, vocab=WIDE), spec, vocab=WIDE)
+    p = planned(arch, "lisa", vocab=WIDE, precision=precision, **setting)
+    assert_same(p, m)  # weights (bitsandbytes' data and statistics), grads, state: to the byte; activations too
+    full = planned(arch, "lisa", vocab=WIDE, precision=precision)
+    assert (p.grads, p.masters) == (full.grads, full.masters)
+    if "frozen" in setting:
+        assert p.weights < full.weights
+    if "8bit" in case:  # E/H: two uint8 moments + fp32 absmax per 256 values, instead of two fp32 moments
+        assert p.state < full.state and p.state_ratio < full.state_ratio * 1.05
+    # nf4's matmul saves nothing a frozen nn.Linear would not; int8's keeps each linear's input (see meter.py)
+    assert (p.activations > full.activations) == (case == "int8")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_checkpointing_keeps_the_int8_inputs_and_the_plan_counts_them(kind):
+    spec, setting = QUANT[kind]
+    m = measure(real("llama", checkpointing=True), spec, gradient_checkpointing=True)
+    p = planned("llama", "lisa", checkpointing=True, **setting)
+    assert_same(p, m)
+    base = planned("llama", "lisa", checkpointing=True)
+    # a ctx attribute survives the checkpoint: every frozen int8 block keeps its linears' inputs (q/k/v share one,
+    # gate/up share one): 4 tensors of B x S x 32 or x 64 fp32 in each of the 2 frozen blocks
+    assert p.activations - base.activations == (0 if kind == "nf4" else 2 * (3 * 32 + 64) * B * S * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_plans_like_peft_on_a_bitsandbytes_nf4_base(dtype):
+    from lisatune.quant import quantize_linears
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    m = measure(quantize_linears(real("llama", dtype), "nf4"), SPECS["lora"][0])
+    p = plan_memory(config("llama"), parse_method("qlora", Setting(batch=B, seq=S, attention="eager",
+                                                                   precision=precision)))
+    assert p.label == "QLoRA r=16"
+    assert_same(p, m)
+    lora = planned("llama", "lora", precision=precision)
+    assert (p.grads, p.state, p.activations) == (lora.grads, lora.state, lora.activations)
+    assert p.weights < lora.weights
+
+
+def test_method_specs_and_flags_for_quantized_rows(capsys):
+    base = Setting()
+    assert parse_method("qlora:r=64", base) == replace(base, method="lora", lora_r=64, lora_base="nf4")
+    assert parse_method("lora:base=int8", base).label == "LoRA r=16 (int8 base)"
+    s = parse_method("lisa:embed_head=false,frozen=nf4", base)
+    assert s.label == "LISA 2L (E/H frozen, nf4 frozen blocks)"
+    assert parse_method("lisa:embed_head_state=8bit,frozen_weights=int8", base).label == \
+        "LISA E+H+2L (8-bit E/H state, int8 frozen blocks)"
+    for spec, msg in [("lisa:frozen=nf3", "frozen 'nf3' is not one of full, int8, nf4"),
+                      ("lisa:eh_state=4bit", "eh_state '4bit' is not one of fp32, 8bit"),
+                      ("lora:base=fp8", "lora base 'fp8' is not one of full, int8, nf4"),
+                      ("lisa:eh_state=8bit,embed_head=false", "eh_state=8bit is the state of the embedding"),
+                      ("qlora:frozen=nf4", "key of qlora (r, base)"), ("lisa:frozen=4", "frozen = '4' is not a name")]:
+        with pytest.raises(LisaError, match=re.escape(msg)) as e:
+            parse_method(spec, base)
+        assert "\n" not in str(e.value)
+    args = parser().parse_args(["plan", "--model", "SmolLM2-135M", "--method", "lisa", "lora", "--seq", "64",
+                                "--eh-state", "8bit", "--frozen", "nf4", "--lora-base", "nf4", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in out["plans"]] == ["LISA E+H+2L (8-bit E/H state, nf4 frozen blocks)", "QLoRA r=16"]
+    with pytest.raises(SystemExit):
+        main(["plan", "--frozen", "nf5"])
+    assert "--frozen: invalid choice: 'nf5' (choose from 'full', 'int8', 'nf4')" in capsys.readouterr().err
+
+
+def test_a_smollm2_shape_plans_its_quantized_rows_from_the_formulas():
+    """SmolLM2-135M on paper: 28 frozen blocks of 7 linears in nf4; the tied E/H's state in 8 bits."""
+    from lisatune.quant.sizes import adamw8bit_state_bytes, nf4_bytes
+    base = Setting(method="lisa", precision="bf16-mixed", seq=64)
+    full = plan_memory("SmolLM2-135M", base)
+    nf4 = plan_memory("SmolLM2-135M", replace(base, frozen="nf4"))
+    linears = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    assert full.weights - nf4.weights == 28 * sum(2 * o * i - nf4_bytes(o, i) for o, i in linears)
+    eight = plan_memory("SmolLM2-135M", replace(base, eh_state="8bit"))
+    eh = 49152 * 576  # one tensor; the final norm's 576 values stay fp32 either way
+    assert full.state - eight.state == 8 * eh + 4 + 8 * 576 + 4 - adamw8bit_state_bytes([eh, 576])  # steps: ints
+    assert eight.ideal == full.ideal - 6 * (eh + 576) and eight.state_ratio < 1.02 and full.state_ratio < 1.001

@@ -56,6 +56,30 @@ def test_every_method_lowers_the_held_out_loss_and_saves_a_loadable_model(tmp_pa
     rows = [json.loads(ln) for ln in Path(s["metrics"]).read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 11))
     assert all("active" in r for r in rows if "loss" in r) == (method == "lisa")
+    # CPU: every logged training row carries the RSS peaks of its interval (and the process's high-water mark)
+    assert all(0 < r["rss_mib"] <= r["peak_rss_mib"] for r in rows if "loss" in r)
+    assert s["memory"]["peak_rss_mib"] >= max(r["peak_rss_mib"] for r in rows if "loss" in r)
+
+
+def test_on_cuda_metrics_carry_the_allocator_peak_per_interval_and_the_summary_per_phase(tmp_path, assets,
+                                                                                          monkeypatch):
+    """The recipe's phases, through meter.PhaseMemory with a fake CUDA allocator: every reading a new peak."""
+    import itertools
+    import lisatune.recipe.loop as recipe
+    from lisatune.analysis.meter import PhaseMemory
+    ticks = itertools.count(1)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(ticks) * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 10**6 * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(recipe, "PhaseMemory", lambda device, opt: PhaseMemory("cuda", opt))
+    s = train(load_config(str(write_config(tmp_path, assets, max_steps=7, log_every=2)), []))  # K=3: switches 3, 6
+    rows = [json.loads(ln) for ln in Path(s["metrics"]).read_text().splitlines() if '"loss"' in ln]
+    assert [r["step"] for r in rows] == [2, 4, 6, 7]
+    peaks = [r["peak_allocated_mib"] for r in rows]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4 and all(r["peak_reserved_mib"] == 10**6 for r in rows)
+    phases = s["memory"]["phases"]
+    assert set(phases) == {"forward", "backward", "step", "switch"}
+    assert all(v["peak_allocated_mib"] > 0 for v in phases.values())  # the switch too: LISA switched at 3 and 6
 
 
 @pytest.mark.parametrize("method", ["lisa", "full", "galore"])

@@ -72,8 +72,12 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+MEASURED = ("tokens_per_s", "step_s", "rss_mib", "peak_rss_mib", "peak_allocated_mib", "peak_reserved_mib")
+
+
 def without_timing(rs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_s")} for r in rs]
+    """The rows without what is measured, not computed: times and memory peaks."""
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
 
 
 @pytest.fixture(scope="module")

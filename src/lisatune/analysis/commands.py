@@ -19,7 +19,7 @@ from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
 from .meter import token_batches
 from .norms import run_norms
-from .plan import PRECISIONS, Setting, run_plan, to_json
+from .plan import EH_STATES, PRECISIONS, WEIGHTS, Setting, run_plan, to_json
 from .shapes import SHAPES
 from .speed import bench_speed
 
@@ -48,7 +48,8 @@ def _release_memory(p: argparse.ArgumentParser) -> None:
 def cmd_bench_memory(args) -> int:
     gc = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
     r = bench_memory(args.model, args.methods, args.batch, args.seq, args.steps, gc, args.switches, args.out,
-                     isolate=not args.in_process, loss=args.loss, release_memory=args.release_memory)
+                     isolate=not args.in_process, loss=args.loss, release_memory=args.release_memory,
+                     device=args.device)
     print("\n" + r["markdown"])
     print(f"written: {r['dir'] / 'memory.md'}, memory.json, memory.png")
     if r["problems"]:
@@ -87,8 +88,8 @@ def cmd_norms(args) -> int:
 
 def cmd_plan(args) -> int:
     base = Setting(precision=args.precision, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing == "on",
-                   loss=args.loss, attention=args.attention, lora_r=args.lora_r, gamma=args.gamma,
-                   embed_head=not args.no_embed_head)
+                   loss=args.loss, attention=args.attention, lora_r=args.lora_r, lora_base=args.lora_base,
+                   gamma=args.gamma, embed_head=not args.no_embed_head, eh_state=args.eh_state, frozen=args.frozen)
     r = run_plan(args.model, args.method, base, args.gpu, args.reserve)
     print(to_json(r) if args.json else r["markdown"], end="")
     return 0
@@ -124,6 +125,9 @@ def register(subparsers) -> None:
                    help="fused: head + cross-entropy in chunks, as `lisatune train` does (default); "
                         "standard: the model's own logits and loss")
     _release_memory(m)
+    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (default), or cuda: the same counts on the GPU plus torch.cuda.max_memory_allocated / "
+                        "max_memory_reserved per phase (forward, backward, step, switch)")
     m.add_argument("--in-process", action="store_true",
                    help="all methods in this process (fast; peak RSS then not per method)")
     m.set_defaults(func=cmd_bench_memory)
@@ -151,11 +155,18 @@ def register(subparsers) -> None:
                     help=f"a built-in shape ({', '.join(SHAPES)}), a model directory or a config.json "
                          "(default SmolLM2-135M)")
     pl.add_argument("--method", nargs="+", default=["full", "lora", "lisa"], metavar="SPEC",
-                    help="methods to plan: full, lora, lisa, each refinable as lora:r=128, lisa:gamma=4, "
-                         "lisa:gamma=0 (embedding + head only), lisa:embed_head=false (default: full lora lisa)")
+                    help="methods to plan: full, lora, qlora (lora:base=nf4), lisa, each refinable as lora:r=128, "
+                         "lora:base=int8, lisa:gamma=4, lisa:gamma=0 (embedding + head only), lisa:embed_head=false, "
+                         "lisa:eh_state=8bit, lisa:frozen=nf4 (default: full lora lisa)")
     pl.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    pl.add_argument("--lora-base", choices=list(WEIGHTS), default="full",
+                    help="LoRA: the blocks' linears as they are (default), or int8 / nf4 (QLoRA) via bitsandbytes")
     pl.add_argument("--gamma", type=int, default=2, help="LISA: active blocks γ (default 2)")
     pl.add_argument("--no-embed-head", action="store_true", help="LISA: freeze the embedding and head (E/H)")
+    pl.add_argument("--eh-state", choices=list(EH_STATES), default="fp32",
+                    help="LISA: the embedding/head's AdamW state, fp32 (default) or 8bit (lisa.embed_head_state)")
+    pl.add_argument("--frozen", choices=list(WEIGHTS), default="full",
+                    help="LISA: frozen blocks' linears as they are (default), or int8 / nf4 (lisa.frozen_weights)")
     pl.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                     help="fp32 (default); bf16: weights, grads and AdamW state in bf16 (model.dtype: bf16); "
                          "bf16-mixed: bf16 weights and grads, fp32 master weights and AdamW state for the "

@@ -17,6 +17,10 @@ For each method on the same model, batch and sequence length:
 
 LISA is measured over >= 10 switches; its optimizer state is sampled at every step when the inner AdamW
 has just updated (the most it holds in that step) and must be flat for the drop/offload policies.
+
+On CUDA (``--device cuda``) the same counts are taken on the device, and ``torch.cuda.max_memory_allocated``
+and ``max_memory_reserved`` are read per phase of the step (forward, backward, optimizer step, LISA's switch;
+meter.PhaseMemory, which `lisatune train` uses too) and overall.
 """
 from __future__ import annotations
 
@@ -41,8 +45,9 @@ from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
 from ..recipe.loss import held_hidden_grads, pick_loss
 from ..recipe.models import ModelConfig, cached_source, enable_checkpointing, load_model
-from .meter import (MIB, ActivationMeter, checkpointed_blocks, grad_bytes, maxrss_bytes, optimizer_state_bytes,
-                    peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, unique_bytes, weight_bytes)
+from .meter import (MIB, PHASES, ActivationMeter, PhaseMemory, checkpointed_blocks, grad_bytes, maxrss_bytes,
+                    optimizer_state_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, unique_bytes,
+                    weight_bytes)
 from .plots import pyplot, save_figure
 from .tiny import tiny_model
 
@@ -74,6 +79,14 @@ def load_bench_model(name: str = "smollm2", gradient_checkpointing: bool = False
         model, _ = load_model(ModelConfig.build(source=name, gradient_checkpointing=gradient_checkpointing))
     model.train()  # HF checkpoints blocks only in train mode (no dropout in these models)
     return model, int(model.config.vocab_size)
+
+
+def bench_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda"):
+        raise LisaError(f"--device '{device}' is not cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LisaError("--device cuda: torch sees no CUDA device")
+    return torch.device(device)
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
@@ -113,6 +126,8 @@ class MethodMemory:
     peak_rss: int | None = None  # high-water mark over the training steps
     maxrss: int | None = None  # ru_maxrss: whole process, model loading included
     seconds: float = 0.0
+    device: str = "cpu"
+    device_peaks: dict | None = None  # CUDA: PhaseMemory.summary(), MiB overall and per phase
 
     @property
     def accounted(self) -> int:
@@ -130,20 +145,22 @@ class MethodMemory:
 def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int = 256, steps: int = 3,
                    gradient_checkpointing: bool = False, switches: int = 10, model: nn.Module | None = None,
                    vocab: int | None = None, runtime_rss: int | None = None, loss: str = "fused",
-                   release_memory: bool = False) -> MethodMemory:
+                   release_memory: bool = False, device: str = "cpu") -> MethodMemory:
     """Train one method for `steps` steps (LISA: enough for `switches` switches) and count its memory.
     loss: "fused" (head + cross-entropy in chunks, as `lisatune train` does) or "standard" (the model's own).
-    release_memory: a fixed glibc mmap threshold, as train.release_memory: true sets (lisatune.allocator)."""
+    release_memory: a fixed glibc mmap threshold, as train.release_memory: true sets (lisatune.allocator).
+    device: "cpu", or "cuda" (also the allocator's peaks per phase)."""
 
     t0 = time.perf_counter()
     if release_memory:
         release_freed_memory()
     label, name, opts = parse_method(spec)
+    dev = bench_device(device)
     if model is None:
         model, vocab = load_bench_model(model_name, gradient_checkpointing)
     loaded = rss_bytes()
     method = build_method(name, opts)
-    model = method.prepare(model)
+    model = method.prepare(model.to(dev))
     model.train()
     opt = method.optimizer(model, lr=1e-5, weight_decay=0.0)
     lisa = opt if isinstance(opt, LisaOptimizer) else None
@@ -152,30 +169,37 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
     steps = max(steps, 2)
     if lisa is not None:
         steps = max(steps, lisa.config.interval * switches + 1)
-    data = token_batches(vocab, batch, seq)
+    data = [x.to(dev) for x in token_batches(vocab, batch, seq)]
     probe = {"input_ids": data[0][:1], "attention_mask": None, "labels": data[0][:1]}
     loss_fn = pick_loss(model, probe, loss == "fused")
     blocks = checkpointed_blocks(model) if gradient_checkpointing else []
     m = MethodMemory(label=label, method=name, options=opts, steps=steps, runtime_rss=runtime_rss,
-                     loaded_rss=loaded, weights=weight_bytes(model))
-    inner = lisa.inner if lisa is not None else opt
-    # Sample at the end of each update (before LisaAdamW's switch frees the frozen blocks' state).
-    handle = inner.register_step_post_hook(lambda *_: m.state_per_step.append(optimizer_state_bytes(opt)))
+                     loaded_rss=loaded, weights=weight_bytes(model), device=dev.type)
+    # Sample at the end of each update (before LisaAdamW's switch frees the frozen blocks' state); with 8-bit
+    # always-on state, after its AdamW8bit (which steps after the inner optimizer).
+    last = lisa.embed_head_optimizer if lisa is not None and lisa.embed_head_optimizer is not None else \
+        lisa.inner if lisa is not None else opt
+    handle = last.register_step_post_hook(lambda *_: m.state_per_step.append(optimizer_state_bytes(opt)))
     gc_reset = reset_peak_rss()
+    mem = PhaseMemory(dev, opt)
     for i in range(steps):
         ids = data[i % len(data)]
-        with ActivationMeter(model, blocks) as meter:
+        with mem.phase("forward"), ActivationMeter(model, blocks) as meter:
             value = loss_fn(model, ids, None, ids)
         m.activations = max(m.activations, meter.bytes)
         m.loss_held = max(m.loss_held, unique_bytes(held_hidden_grads(value)))  # no reference kept
-        value.backward()
-        del value
+        with mem.phase("backward"):
+            value.backward()
+            del value
         m.grads = max(m.grads, grad_bytes(model))
         m.trainable = max(m.trainable, sum(p.numel() for g in opt.param_groups for p in g["params"]
                                            if p.grad is not None))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with mem.phase("step"):  # LISA's switch, at its end, is its own phase
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     handle.remove()
+    mem.close()
+    m.device_peaks = mem.summary() if mem.cuda else None
     m.state = max(m.state_per_step)
     m.peak_rss = peak_rss_bytes() if gc_reset else None
     m.maxrss = maxrss_bytes()
@@ -202,12 +226,13 @@ def _worker_cmd(spec: str, a: dict) -> list[str]:
 def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                steps: int = 3, gradient_checkpointing: bool = False, switches: int = 10,
                isolate: bool = True, log=print, on_result=None, loss: str = "fused",
-               release_memory: bool = False) -> list[MethodMemory]:
+               release_memory: bool = False, device: str = "cpu") -> list[MethodMemory]:
     """Measure every method; isolate=True runs each in its own process (needed for a meaningful RSS)."""
     methods = methods or DEFAULT_METHODS
+    bench_device(device)  # refused here, before any worker starts
     kw = {"model_name": model_name, "batch": batch, "seq": seq, "steps": steps,
           "gradient_checkpointing": gradient_checkpointing, "switches": switches, "loss": loss,
-          "release_memory": release_memory}
+          "release_memory": release_memory, "device": device}
     out = []
     if isolate:
         kw["model_name"] = cached_source(model_name)  # the workers never dequantize a GGUF
@@ -221,8 +246,9 @@ def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, ba
             m = MethodMemory(**json.loads(r.stdout.strip().splitlines()[-1]))
         else:
             m = measure_method(spec, model=copy.deepcopy(base), vocab=vocab, **kw)
+        dev = f", peak allocated {m.device_peaks['peak_allocated_mib']:,.0f} MiB" if m.device_peaks else ""
         log(f"  {spec}: state {m.state / MIB:.1f} MiB, grads {m.grads / MIB:.1f} MiB, activations "
-            f"{m.activations / MIB:.1f} MiB, peak RSS {(m.peak_rss or 0) / MIB:.0f} MiB ({m.steps} steps, "
+            f"{m.activations / MIB:.1f} MiB, peak RSS {(m.peak_rss or 0) / MIB:.0f} MiB{dev} ({m.steps} steps, "
             f"{m.seconds:.0f} s)")
         out.append(m)
         if on_result is not None:
@@ -277,6 +303,16 @@ def markdown(results: list[MethodMemory], title: str = "") -> str:
             lines.append(f"| {m.label} | {_mib(m.bound)} | {_mib(m.peak_rss)} | {r1} | {r2} |")
     if runtime:
         lines += ["", f"Runtime RSS before loading the model (python + torch + transformers): {_mib(runtime)} MiB."]
+    cuda = [m for m in results if m.device_peaks]
+    if cuda:
+        lines += ["", "CUDA allocator peaks (torch.cuda.max_memory_allocated, reserved in brackets), MiB, per phase:",
+                  "", "| method | " + " | ".join(PHASES) + " | peak allocated | peak reserved |",
+                  "|---|" + "---:|" * (len(PHASES) + 2)]
+        for m in cuda:
+            d, ph = m.device_peaks, m.device_peaks["phases"]
+            cells = [f"{ph[p]['peak_allocated_mib']:,.1f} ({ph[p]['peak_reserved_mib']:,.1f})" for p in PHASES]
+            lines.append(f"| {m.label} | " + " | ".join(cells) + f" | {d['peak_allocated_mib']:,.1f} | "
+                         f"{d['peak_reserved_mib']:,.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +346,7 @@ def plot(runs: dict[str, list[MethodMemory]], path: str | os.PathLike) -> Path:
 def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, batch: int = 4, seq: int = 256,
                  steps: int = 3, checkpointing: list[bool] = (False,), switches: int = 10,
                  out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print,
-                 loss: str = "fused", release_memory: bool = False) -> dict:
+                 loss: str = "fused", release_memory: bool = False, device: str = "cpu") -> dict:
     """Every setting of gradient checkpointing x every method: writes memory.md, memory.json, memory.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,12 +364,13 @@ def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, 
 
     for gc in checkpointing:
         malloc = "freed memory released (fixed mmap threshold)" if release_memory else "glibc default malloc"
-        title = f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}, {loss} loss, {malloc}"
+        title = (f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gc else 'off'}, {loss} loss, "
+                 f"{malloc}" + (", on CUDA" if device == "cuda" else ""))
         log(title)
         runs[title] = []
         runs[title] = run_memory(model_name, methods, batch, seq, steps, gc, switches, isolate, log,
                                  on_result=lambda res, t=title: (runs.__setitem__(t, list(res)), save()), loss=loss,
-                                 release_memory=release_memory)
+                                 release_memory=release_memory, device=device)
     md, problems = save()
     return {"runs": runs, "markdown": md, "problems": problems, "dir": out}
 

@@ -5,13 +5,17 @@ method (methods/: peft for LoRA, LisaAdamW for LISA), and one real forward and b
 ids. meter.py counts it exactly as `bench memory` counts a real run (tests/test_plan.py holds the two equal
 on tiny models):
 
-* weights: unique storages of the parameters (LoRA: base + adapters, each in its dtype);
+* weights: unique storages of the parameters (LoRA: base + adapters, each in its dtype); linears held by
+  bitsandbytes (LISA's frozen blocks with `frozen` int8 / nf4, QLoRA's base) at the bytes it stores, from
+  quant/sizes.py (bitsandbytes itself is not needed to plan);
 * gradients: unique storages of the .grad of every parameter after backward (the trainable ones);
 * fp32 master weights (bf16-mixed only): 4 bytes per element of each trainable parameter not already fp32;
 * optimizer state: AdamW's exp_avg and exp_avg_sq per trainable element (fp32 under bf16-mixed, else the
-  parameter's dtype, as torch's AdamW allocates them) and its 4-byte `step` per tensor;
+  parameter's dtype, as torch's AdamW allocates them) and its 4-byte `step` per tensor; with `eh_state` 8bit
+  the always-on set's as bitsandbytes' AdamW8bit holds it;
 * activations: unique storages saved for backward (saved_tensors_hooks), parameters excluded; with
-  checkpointing, the blocks' inputs kept for recomputation;
+  checkpointing, the blocks' inputs kept for recomputation; int8 linears' inputs, which bitsandbytes' matmul
+  keeps on its autograd context;
 * loss: fused (lisatune's default) never forms the full logits: the decoder runs, then the head and the
   cross-entropy a chunk of tokens at a time (recipe/loss.py, the same function on meta). Counted: the gradient
   of the hidden states it forms in forward and holds until backward, and the label mask its index saves.
@@ -54,6 +58,8 @@ from ..engine import find_layers
 from ..engine.layers import decoder_of
 from ..errors import LisaError
 from ..methods import build_method
+from ..quant.frozen import quantizable_linears
+from ..quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes
 from ..recipe.loss import CHUNK_ELEMENTS, fused_loss, head_of, held_hidden_grads, standard_loss
 from ..recipe.models import enable_checkpointing
 from ..schema import parse_yaml
@@ -63,6 +69,9 @@ from .shapes import SHAPES, shape_config
 GIB = 2**30
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
 METHODS = ("full", "lora", "lisa")
+SPECS = ("full", "lora", "qlora", "lisa")  # qlora: lora with an nf4 base
+WEIGHTS = ("full", "int8", "nf4")  # how quantizable linears are held: as they are, or by bitsandbytes
+EH_STATES = ("fp32", "8bit")
 SDPA = "lisatune_plan_sdpa"  # the fused-kernel attention the planner registers with transformers
 
 
@@ -106,16 +115,24 @@ class Setting:
     loss: str = "fused"  # fused | standard
     attention: str = "sdpa"  # sdpa | eager
     lora_r: int = 16
+    lora_base: str = "full"  # LoRA: the blocks' linears as they are, or int8 / nf4 (QLoRA), bitsandbytes
     gamma: int = 2  # LISA: active blocks (0: embedding + head only, planner-only; the engine needs >= 1)
     embed_head: bool = True  # LISA: the embedding and head train (always on), as in the paper
+    eh_state: str = "fp32"  # LISA: the always-on set's AdamW state, fp32 or 8bit (lisa.embed_head_state)
+    frozen: str = "full"  # LISA: frozen blocks' linears as they are, or int8 / nf4 (lisa.frozen_weights)
 
     @property
     def label(self) -> str:
         if self.method == "lora":
-            return f"LoRA r={self.lora_r}"
+            if self.lora_base == "nf4":
+                return f"QLoRA r={self.lora_r}"
+            return f"LoRA r={self.lora_r}" + ("" if self.lora_base == "full" else f" ({self.lora_base} base)")
         if self.method == "lisa":
             parts = (["E+H"] if self.embed_head else []) + ([f"{self.gamma}L"] if self.gamma else [])
-            return "LISA " + "+".join(parts) + ("" if self.embed_head else " (E/H frozen)")
+            how = ([] if self.embed_head else ["E/H frozen"]) + (["8-bit E/H state"] if self.eh_state == "8bit"
+                                                                 else [])
+            how += [] if self.frozen == "full" else [f"{self.frozen} frozen blocks"]
+            return "LISA " + "+".join(parts) + (f" ({', '.join(how)})" if how else "")
         return self.method
 
     def check(self) -> "Setting":
@@ -133,27 +150,41 @@ class Setting:
             raise LisaError(f"plan: lora r={self.lora_r}, gamma={self.gamma}: need r >= 1 and gamma >= 0")
         if self.method == "lisa" and self.gamma == 0 and not self.embed_head:
             raise LisaError("plan: LISA with gamma 0 and the embedding/head frozen trains nothing but the norm")
+        for name, value, valid in (("lora base", self.lora_base, WEIGHTS), ("eh_state", self.eh_state, EH_STATES),
+                                   ("frozen", self.frozen, WEIGHTS)):
+            if value not in valid:
+                raise LisaError(f"plan: {name} '{value}' is not one of {', '.join(valid)}")
+        if self.method == "lisa" and self.eh_state == "8bit" and not self.embed_head:
+            raise LisaError("plan: eh_state=8bit is the state of the embedding and head, but embed_head=false "
+                            "freezes them")
         return self
 
 
+_SPEC_KEYS = {"lora": {"r": "lora_r", "base": "lora_base"},
+              "lisa": {"gamma": "gamma", "n_layers": "gamma", "embed_head": "embed_head", "eh_state": "eh_state",
+                       "embed_head_state": "eh_state", "frozen": "frozen", "frozen_weights": "frozen"}}
+_SPEC_TYPES = {"lora_r": (int, "an integer"), "gamma": (int, "an integer"), "embed_head": (bool, "true/false"),
+               "lora_base": (str, "a name"), "eh_state": (str, "a name"), "frozen": (str, "a name")}
+
+
 def parse_method(spec: str, base: Setting) -> Setting:
-    """"full", "lora", "lora:r=128", "lisa:gamma=4", "lisa:gamma=0,embed_head=false" over `base`."""
+    """"full", "lora", "lora:r=128", "lora:base=nf4" (= "qlora"), "lisa:gamma=4", "lisa:gamma=0,embed_head=false",
+    "lisa:eh_state=8bit", "lisa:frozen=nf4" over `base`."""
     name, _, rest = spec.partition(":")
-    keys = {"lora": {"r": "lora_r"}, "lisa": {"gamma": "gamma", "n_layers": "gamma", "embed_head": "embed_head"}}
-    if name not in METHODS:
-        raise LisaError(f"plan: method '{name}' is not one of {', '.join(METHODS)}")
-    changes = {"method": name}
+    if name not in SPECS:
+        raise LisaError(f"plan: method '{name}' is not one of {', '.join(SPECS)}")
+    changes = {"method": "lora", "lora_base": "nf4"} if name == "qlora" else {"method": name}
+    keys = _SPEC_KEYS.get(changes["method"], {})
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        field_name = keys.get(name, {}).get(key.strip())
+        field_name = keys.get(key.strip())
         if not eq or field_name is None:
-            valid = ", ".join(keys.get(name, {})) or "none"
-            raise LisaError(f"plan: method spec '{spec}': '{item}' is not key=value with a key of {name} ({valid})")
+            raise LisaError(f"plan: method spec '{spec}': '{item}' is not key=value with a key of {name} "
+                            f"({', '.join(keys) or 'none'})")
         v = parse_yaml(value, f"method spec {spec!r}")
-        if not isinstance(v, bool if field_name == "embed_head" else int) or (field_name != "embed_head"
-                                                                               and isinstance(v, bool)):
-            raise LisaError(f"plan: method spec '{spec}': {key} = {value!r} is not "
-                            f"{'true/false' if field_name == 'embed_head' else 'an integer'}")
+        kind, what = _SPEC_TYPES[field_name]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise LisaError(f"plan: method spec '{spec}': {key} = {value!r} is not {what}")
         changes[field_name] = v
     return replace(base, **changes).check()
 
@@ -191,8 +222,14 @@ class Plan:
     loss_transient: int  # estimated from shapes: chunk logits, logits' gradient, fp32 head accumulator
     recompute: int  # checkpointing: one block's saved tensors while backward recomputes it
     step_temp: int = 0  # estimated: AdamW's (foreach) temporary in the optimizer step, one moment of a group
+    ideal: int = 0  # masters + state an ideal AdamW holds for the trained set: a master and two moments per value
     active: str = ""  # LISA: the active set planned
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def state_ratio(self) -> float | None:
+        """(masters + optimizer state) / the ideal for the trained set: step counters and 8-bit scales above 1."""
+        return (self.masters + self.state) / self.ideal if self.ideal else None
 
     @property
     def loss(self) -> int:
@@ -215,7 +252,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "loss": self.loss, "counted": self.counted, "step_peak": self.step_peak,
-                "peak": self.peak}
+                "peak": self.peak, "state_ratio": self.state_ratio}
 
 
 def _build(config: PretrainedConfig, s: Setting) -> nn.Module:
@@ -231,9 +268,27 @@ def _build(config: PretrainedConfig, s: Setting) -> nn.Module:
     return model.train()  # HF checkpoints blocks only in train mode; dropout saves its masks as in training
 
 
-def _prepare(model: nn.Module, s: Setting) -> tuple[nn.Module, list[list[nn.Parameter]], str]:
-    """The prepared model, its trainable parameters by optimizer group and (LISA) the active set planned."""
+@dataclass
+class _Prepared:
+    model: nn.Module
+    groups: list[list[nn.Parameter]]  # trainable parameters by torch AdamW group (foreach steps each at once)
+    eight_bit: list[nn.Parameter]  # trainable parameters bitsandbytes' AdamW8bit steps (LISA's always-on set)
+    quantized: list[nn.Linear]  # linears bitsandbytes holds quantized (s.frozen / s.lora_base): full on meta
+    active: str = ""  # LISA: the active set planned
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.get_submodule(find_layers(model).blocks_path))
+
+
+def _prepare(model: nn.Module, s: Setting) -> _Prepared:
+    """The prepared model, its trainable parameters by optimizer, the linears held quantized and (LISA) the
+    active set planned. On meta the quantized linears stay as they are (bitsandbytes cannot quantize there):
+    their bytes come from quant/sizes.py, and what their matmul keeps from ActivationMeter's keeps_input."""
     active = ""
+    # QLoRA: the base's linears are quantized before peft wraps them (the same modules become its base layers)
+    quantized = [lin for b in _blocks(model) for _, _, lin, _ in quantizable_linears(b)] \
+        if s.method == "lora" and s.lora_base != "full" else []
     if s.method == "lisa":
         n = find_layers(model).n_blocks
         if s.gamma > n:
@@ -264,8 +319,12 @@ def _prepare(model: nn.Module, s: Setting) -> tuple[nn.Module, list[list[nn.Para
             blocks = "block 0" if s.gamma == 1 else f"blocks 0-{s.gamma - 1}"
             parts.insert(0, f"{blocks} (the lowest: backward runs through every block)")
         active = " + ".join(parts) + ("" if s.gamma else " (no block)")
+        if s.frozen != "full":  # every block but the γ lowest
+            quantized = [lin for b in _blocks(model)[s.gamma:] for _, _, lin, _ in quantizable_linears(b)]
     groups = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
-    return model, [g for g in groups if g], active
+    # 8-bit always-on state: groups 0 and 1 are stepped by AdamW8bit (engine/optim.py), the rest by AdamW
+    n8 = 2 if s.method == "lisa" and s.eh_state == "8bit" else 0
+    return _Prepared(model, [g for g in groups[n8:] if g], [p for g in groups[:n8] for p in g], quantized, active)
 
 
 def _loss_transient(model: nn.Module, s: Setting, fused: bool, head_trains: bool) -> int:
@@ -300,9 +359,11 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     config), running the real forward and backward on the meta device."""
     s = setting.check()
     _, config = load_config(model)
-    m = _build(config, s)
-    m, groups, active = _prepare(m, s)
-    trainable = list({id(p): p for g in groups for p in g}.values())
+    prep = _prepare(_build(config, s), s)
+    m, groups = prep.model, prep.groups
+    trainable = list({id(p): p for g in groups + [prep.eight_bit] for p in g}.values())
+    kind = s.frozen if s.method == "lisa" else s.lora_base
+    keeps = prep.quantized if kind == "int8" else []  # bitsandbytes' int8 matmul keeps its input (meter.py)
     notes = []
     fused = s.loss == "fused" and head_of(m) is not None and decoder_of(m) is not None
     if s.loss == "fused" and not fused:
@@ -315,29 +376,36 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     if blocks:  # what backward's recomputation of one block saves: a forward without checkpointing, per block
         for b in blocks:
             b.gradient_checkpointing = False
-        per = ActivationMeter(m, meta=True, per_block=blocks)
+        per = ActivationMeter(m, meta=True, per_block=blocks, keeps_input=keeps)
         _forward(m, s, fused, per)
         recompute = max(per.by_block)
         for b in blocks:
             b.gradient_checkpointing = True
 
-    meter = ActivationMeter(m, blocks, meta=True)
+    meter = ActivationMeter(m, blocks, meta=True, keeps_input=keeps)
     value = _forward(m, s, fused, meter)
     loss_held = unique_bytes(held_hidden_grads(value), meta=True) if fused else 0  # no reference kept
     value.backward()
     mixed = s.precision == "bf16-mixed"
     masters = sum(4 * p.numel() for p in trainable if mixed and p.dtype != torch.float32)
     moment = {id(p): p.numel() * (4 if mixed else p.element_size()) for p in trainable}
+    adam = [p for g in groups for p in g]
     # AdamW: exp_avg and exp_avg_sq (on the fp32 masters under bf16-mixed) and a 4-byte step per tensor
-    state = sum(2 * moment[id(p)] + 4 for p in trainable)
-    # torch's AdamW on CUDA (foreach) forms sqrt(exp_avg_sq) for a whole parameter group at once
-    step_temp = max(sum(moment[id(p)] for p in g) for g in groups)
+    state = sum(2 * moment[id(p)] + 4 for p in adam) + adamw8bit_state_bytes(p.numel() for p in prep.eight_bit)
+    # the least any AdamW holds for the trained set: a master (bf16-mixed) and two moments per value, nothing else
+    ideal = masters + sum(2 * moment[id(p)] for p in adam) + sum(2 * p.numel() for p in prep.eight_bit)
+    # torch's AdamW on CUDA (foreach) forms sqrt(exp_avg_sq) for a whole parameter group at once; AdamW8bit's
+    # fused blockwise kernel updates in place
+    step_temp = max((sum(moment[id(p)] for p in g) for g in groups), default=0)
+    # quantized linears: bitsandbytes' bytes in place of the meta model's full-precision weights
+    weights = (weight_bytes(m, meta=True) - unique_bytes([q.weight for q in prep.quantized], meta=True)
+               + sum(quantized_linear_bytes(q.out_features, q.in_features, kind) for q in prep.quantized))
     own = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
     return Plan(label=s.label, setting=asdict(s), params=own,
-                trainable=sum(p.numel() for p in trainable), weights=weight_bytes(m, meta=True),
+                trainable=sum(p.numel() for p in trainable), weights=weights,
                 grads=grad_bytes(m, meta=True), masters=masters, state=state, activations=meter.bytes,
                 loss_held=loss_held, loss_transient=_loss_transient(m, s, fused, head_trains),
-                recompute=recompute, step_temp=step_temp, active=active, notes=notes)
+                recompute=recompute, step_temp=step_temp, ideal=ideal, active=prep.active, notes=notes)
 
 
 # -- fitting a GPU --------------------------------------------------------------------------------
@@ -366,6 +434,12 @@ def _levers(s: Setting) -> list[tuple[str, dict]]:
         out.append(("sdpa attention", {"attention": "sdpa"}))
     if s.method == "lisa" and s.embed_head and s.gamma > 0:
         out.append(("E/H frozen", {"embed_head": False}))
+    if s.method == "lisa" and s.embed_head and s.eh_state == "fp32":
+        out.append(("8-bit E/H state", {"eh_state": "8bit"}))
+    if s.method == "lisa" and s.frozen != "nf4":
+        out.append(("nf4 frozen blocks", {"frozen": "nf4"}))
+    if s.method == "lora" and s.lora_base != "nf4":
+        out.append(("QLoRA (nf4 base)", {"lora_base": "nf4"}))
     if s.method == "lisa" and s.gamma > 1:
         out.append(("gamma 1", {"gamma": 1}))
     if s.precision == "fp32":
@@ -388,6 +462,13 @@ def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: 
             cache[key] = plan_memory(model, replace(s, **ch))
         return cache[key]
 
+    def valid(ch: dict) -> bool:  # e.g. 8-bit E/H state with E/H frozen is no setting
+        try:
+            replace(s, **ch).check()
+            return True
+        except LisaError:
+            return False
+
     levers = _levers(s)
     found: list[tuple[str, Plan]] = []
     for k in (1, 2):
@@ -395,12 +476,20 @@ def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: 
             if len(cache) >= max_plans:
                 break
             ch = {kk: v for _, c in combo for kk, v in c.items()}
+            if not valid(ch):
+                continue
             p = run(ch)
             if p.peak <= budget:
                 found.append((", ".join(d for d, _ in combo), p))
         if found:
             return found
-    every = {kk: v for _, c in levers for kk, v in c.items()}
+    # all levers together (the first of two that exclude each other)
+    every, descs = {}, []
+    for d, c in levers:
+        if valid({**every, **c}):
+            every.update(c)
+            descs.append(d)
+    levers = [(d, c) for d, c in levers if d in descs]
     if len(levers) > 2 and run(every).peak <= budget:
         return [(", ".join(d for d, _ in levers), run(every))]
     for base, desc in ([({}, "")] + ([(every, ", ".join(d for d, _ in levers))] if levers else [])):
@@ -484,8 +573,9 @@ def run_plan(model: str, specs: list[str], base: Setting, gpu: str | None = None
             raise LisaError(f"--reserve {reserve} leaves nothing of --gpu {gpu}")
         for s, p in zip(settings, plans):
             if p.peak + res > budget:
-                # only a lower precision shrinks the weights: no lever helps if they alone overflow
-                hopeless = p.weights > budget and s.precision != "fp32"
+                # only a lower precision or quantization shrinks the weights: else no lever helps if they overflow
+                shrink = s.precision == "fp32" or any("frozen" in c or "lora_base" in c for _, c in _levers(s))
+                hopeless = p.weights > budget and not shrink
                 alts[p.label] = [] if hopeless else alternatives(config, s, budget - res)
     return {"model": name, "plans": plans, "budget": budget, "reserve": res, "alternatives": alts,
             "markdown": markdown(name, plans, budget, res, alts)}

@@ -249,6 +249,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         self._active: tuple[int, ...] = ()
         self.history: list[dict] = []
         self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, for handles
+        self._switch_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._switch(0)
         if cfg.frozen_weights != "full" and self.frozen_weights is None:  # the engine itself holds weights as given
             raise LisaError(f"lisa.frozen_weights: {cfg.frozen_weights} is implemented by lisatune.quant: "
@@ -273,6 +274,8 @@ class LisaOptimizer(torch.optim.Optimizer):
         if held > self.history[-1]["state_bytes"]:
             self.history[-1]["state_bytes"] = held
         if self._step % self.config.interval == 0:
+            for hook in list(self._switch_pre_hooks.values()):
+                hook(self)
             self._switch(self._step // self.config.interval)
         return loss
 
@@ -342,6 +345,13 @@ class LisaOptimizer(torch.optim.Optimizer):
         """Call hook(optimizer) after each switch and load_state_dict (e.g. to re-wrap DDP)."""
         handle = RemovableHandle(self._switch_hooks)
         self._switch_hooks[handle.id] = hook
+        return handle
+
+    def register_switch_pre_hook(self, hook: Callable[["LisaOptimizer"], None]) -> RemovableHandle:
+        """Call hook(optimizer) in step() just before each switch (e.g. to attribute its memory: the switch frees
+        and makes state, masters and quantized weights)."""
+        handle = RemovableHandle(self._switch_pre_hooks)
+        self._switch_pre_hooks[handle.id] = hook
         return handle
 
     @classmethod

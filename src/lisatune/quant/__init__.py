@@ -2,6 +2,6 @@
 
 Importing it installs the engine's global switch hook that does the work (lisatune's `lisa` method imports it).
 """
-from .frozen import FrozenWeights
+from .frozen import FrozenWeights, quantize_linears
 
-__all__ = ["FrozenWeights"]
+__all__ = ["FrozenWeights", "quantize_linears"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine import LisaOptimizer
+from ..engine import LisaOptimizer, find_layers
 from ..errors import LisaError
 
 
@@ -29,6 +29,61 @@ def _bitsandbytes(kind: str):
     except ImportError:
         raise LisaError(f"lisa.frozen_weights: {kind} needs bitsandbytes (pip install bitsandbytes)") from None
     return bitsandbytes
+
+
+def quantizable_linears(block: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, str]]:
+    """(parent, attribute, linear, name in the block) of every linear quantization replaces in `block`: exactly
+    nn.Linear (subclasses may compute differently). `lisatune plan` counts the same modules."""
+    out = []
+    for sub, m in block.named_modules():
+        if type(m) is nn.Linear:
+            parent, _, attr = sub.rpartition(".")
+            out.append((block.get_submodule(parent), attr, m, sub))
+    return out
+
+
+def quantized_weight(bnb, w: torch.Tensor, kind: str, device: torch.device) -> nn.Parameter:
+    """`w` quantized by bitsandbytes on `device`: Int8Params (int8 + fp32 row scales) or Params4bit (nf4,
+    double-quantized absmax: the default compress_statistics=True)."""
+    w = w.detach().clone()  # the library quantizes into new storage; never touch the source
+    if kind == "int8":
+        q = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    else:
+        q = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    return q.to(device)
+
+
+def quantized_module(cls: type, lin: nn.Linear, kind: str, dtype: torch.dtype) -> nn.Module:
+    """An empty bitsandbytes linear of class `cls` (a Linear8bitLt or Linear4bit) in `lin`'s place: its bias, its
+    train mode; the caller sets its quantized weight."""
+    if kind == "int8":
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
+                threshold=0.0, device="meta")
+    else:
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
+                quant_type="nf4", device="meta")
+        # On a CPU with avx512_bf16 bitsandbytes repacks the weight for its inference kernel (gemv_4bit) at the
+        # first eval-mode forward without grad, for good; that kernel has no autograd, so after an evaluation the
+        # blocks below got wrong input gradients (and layers under 64 columns failed to repack). Keep the layout
+        # whose matmul (MatMul4Bit) is differentiable.
+        q.support_avx512bf16_for_cpu = False
+    if lin.bias is not None:
+        q.bias = lin.bias  # frozen, kept as it is
+    q.train(lin.training)
+    return q
+
+
+def quantize_linears(model: nn.Module, kind: str) -> nn.Module:
+    """Every block's nn.Linear as a bitsandbytes int8 / nf4 linear, in place and on its device: the frozen base of
+    QLoRA (nf4) that `lisatune plan`'s lora:base=nf4 plans; peft then adapts these layers (tests, gpu_check)."""
+    bnb = _bitsandbytes(kind)
+    cls = bnb.nn.Linear8bitLt if kind == "int8" else bnb.nn.Linear4bit
+    for block in model.get_submodule(find_layers(model).blocks_path):
+        for parent, attr, lin, _ in quantizable_linears(block):
+            q = quantized_module(cls, lin, kind, lin.weight.dtype)
+            q.weight = quantized_weight(bnb, lin.weight, kind, lin.weight.device)
+            setattr(parent, attr, q)
+    return model
 
 
 class _FullStateDict:
@@ -74,14 +129,12 @@ class FrozenWeights:
         self._linears: list[list[tuple[nn.Module, str, nn.Linear, str]]] = []  # per block: parent, attr, linear
         path = opt.layers.blocks_path
         for i in range(opt.layers.n_blocks):
-            block, entries = opt.module.get_submodule(f"{path}.{i}"), []
-            for sub, m in block.named_modules():
-                if type(m) is nn.Linear:  # exactly: subclasses may compute differently
-                    parent, _, attr = sub.rpartition(".")
-                    name = f"{path}.{i}.{sub}.weight"
-                    entries.append((block.get_submodule(parent), attr, m, name))
-                    self._device[name] = m.weight.device
-                    self.host[name] = m.weight.detach().to("cpu")  # refreshed when the block freezes
+            entries = []
+            for parent, attr, m, sub in quantizable_linears(opt.module.get_submodule(f"{path}.{i}")):
+                name = f"{path}.{i}.{sub}.weight"
+                entries.append((parent, attr, m, name))
+                self._device[name] = m.weight.device
+                self.host[name] = m.weight.detach().to("cpu")  # refreshed when the block freezes
             self._linears.append(entries)
         self._quantized: set[int] = set()
 
@@ -89,35 +142,17 @@ class FrozenWeights:
         return sorted(self._quantized)
 
     def _quantize(self, name: str, w: torch.Tensor) -> nn.Parameter:
-        nn_ = self.bnb.nn
-        w = w.detach().clone()  # the library quantizes into new storage; never touch the host copy
-        if self.kind == "int8":
-            q = nn_.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-        else:
-            q = nn_.Params4bit(w, requires_grad=False, quant_type="nf4")
-        return q.to(self._device[name])
+        return quantized_weight(self.bnb, w, self.kind, self._device[name])
 
     def _freeze(self, i: int) -> None:
         for parent, attr, lin, name in self._linears[i]:
             w = lin.weight
             self.host[name] = host = w.detach().to("cpu")  # its trained weights (the same tensor on CPU)
             w.data = host  # the device copy is freed
-            if self.kind == "int8":
-                q = self._cls(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False,
-                              threshold=0.0, device="meta")
-            else:
-                q = self._cls(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=w.dtype,
-                              quant_type="nf4", device="meta")
-            if self.kind == "nf4":
-                # An eval-mode forward on a CPU with AVX512-BF16 repacks the weight for bnb's gemv_4bit, which has
-                # no autograd: every later training forward would pass no input gradient to the blocks below.
-                q.support_avx512bf16_for_cpu = False
+            q = quantized_module(self._cls, lin, self.kind, w.dtype)
             q.__dict__["lisa_full"] = w  # not registered: the model's parameters are the quantized ones
             q.__dict__["lisa_quantize"] = lambda full, name=name: self._quantize(name, full)
             q.weight = self._quantize(name, host)
-            if lin.bias is not None:
-                q.bias = lin.bias  # frozen too, kept as it is
-            q.train(lin.training)
             setattr(parent, attr, q)
         self._quantized.add(i)
 

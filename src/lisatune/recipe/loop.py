@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from pydantic import BaseModel
 
 from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
+from ..analysis.meter import PhaseMemory
 from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
                            wrap_model)
@@ -113,6 +114,7 @@ class Run:
     fingerprint: dict | None = None  # data_fingerprint of the training data, stored in every checkpoint
     metrics: Any = None
     flat: bool = False  # packed sequences go as one row per batch (flash attention; see recipe/packing.py)
+    memory: PhaseMemory | None = None  # peak memory per phase and per logging interval
     tokens_seen: int = 0
     eval_seconds: float = 0.0  # every evaluation of this process, kept out of train_seconds
     extra: dict = field(default_factory=dict)
@@ -145,7 +147,7 @@ def train(cfg: BaseModel) -> dict:
                 row, stopping = train_step(run, stop)
                 t = cfg.train
                 if run.step % t.log_every == 0 or run.step == run.total:
-                    run.metrics.write(run.step, **row)
+                    run.metrics.write(run.step, **row, **run.memory.interval())  # peaks since the last row
                 steps.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
                                   tok_s=f"{row['tokens_per_s']:.0f}",
                                   **({"active": row["active"]} if "active" in row else {}))
@@ -203,6 +205,7 @@ def setup(cfg: BaseModel) -> Run | dict:
     run.flat = flat
     run.loss_fn = choose_loss(run)
     run.fingerprint = fingerprint
+    run.memory = PhaseMemory(accelerator.device, optimizer)
 
     if resume_from is not None:
         claimed = on_rank0(lambda: checkpoint_step(resume_from))
@@ -241,7 +244,8 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
         examples = [run.train_set[i] for i in idx[run.rank::run.world]]
         batch = run.batch(examples)
         with no_sync(run.forward, skip=micro < t.grad_accum - 1):  # accumulate locally, reduce at the last
-            loss = run.loss_fn(run.forward, **batch)
+            with run.memory.phase("forward"):
+                loss = run.loss_fn(run.forward, **batch)
             n_labels = int((batch["labels"][:, 1:] != IGNORE).sum())  # the tokens this loss averages
             n_global, non_finite = all_sum(n_labels, not torch.isfinite(loss))  # all ranks agree
             if non_finite:
@@ -249,24 +253,26 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
             # This rank's share of the global batch's labelled tokens, × world because DDP/FSDP average
             # the ranks' gradients: the gradient is the global batch's mean-loss gradient (× 1 in one process).
             loss = loss * (run.world * n_labels / n_global) / t.grad_accum
-            loss.backward()
+            with run.memory.phase("backward"):
+                loss.backward()
         loss_sum += loss.item()
         tokens += sum(len(e["input_ids"]) for e in examples)  # not padding
-    trainable = [p for p in run.model.parameters() if p.requires_grad]  # LISA changes it at switches
-    clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")  # None: no clipping (only)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
-    grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
-    if not math.isfinite(grad_norm):
-        non_finite_stop(run, "gradient norm")
-    trained = run.method.status(run.optimizer)  # LISA's active set of this step: a switch may follow it
-    if run.step + 1 == run.total:
-        log.addFilter(no_switch_log)  # the engine's switch after the last step trains nothing: not shown
-    try:
-        run.optimizer.step()
-    finally:
-        log.removeFilter(no_switch_log)
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    with run.memory.phase("step"):  # clipping, the update, the schedule; LISA's switch at its end is "switch"
+        trainable = [p for p in run.model.parameters() if p.requires_grad]  # LISA changes it at switches
+        clip = t.max_grad_norm if t.max_grad_norm is not None else float("inf")  # None: no clipping (only)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+        grad_norm = float(grad_norm.full_tensor() if is_dtensor(grad_norm) else grad_norm)  # same on all ranks
+        if not math.isfinite(grad_norm):
+            non_finite_stop(run, "gradient norm")
+        trained = run.method.status(run.optimizer)  # LISA's active set of this step: a switch may follow it
+        if run.step + 1 == run.total:
+            log.addFilter(no_switch_log)  # the engine's switch after the last step trains nothing: not shown
+        try:
+            run.optimizer.step()
+        finally:
+            log.removeFilter(no_switch_log)
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     loss_sum, tokens, stopping = all_sum(loss_sum, tokens, stop.requested)  # a signal on any rank stops all
     run.tokens_seen += tokens
@@ -371,8 +377,14 @@ def finish(run: Run, elapsed: float) -> dict:
                "processes": run.world, "loss": "model" if run.loss_fn is standard_loss else "fused",
                "train_seconds": round(elapsed, 1), "eval_seconds": round(run.eval_seconds, 1),
                "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
+               "memory": run.memory.summary(),  # this process's peaks (MiB); CUDA: per phase too
                "before": run.first_eval, "after": last_eval, "final_model": str(final_dir),
                "metrics": str(run.dir / "metrics.jsonl")}
+    mem = summary["memory"]
+    if "phases" in mem:
+        log.info("CUDA memory: peak allocated %.0f MiB (%s), reserved %.0f MiB", mem["peak_allocated_mib"],
+                 ", ".join(f"{p} {v['peak_allocated_mib']:.0f}" for p, v in mem["phases"].items()),
+                 mem["peak_reserved_mib"])
     summary = on_rank0(lambda: write_summary(run.dir, summary))  # every rank returns it: ranks leave together
     run.metrics.close()
     return summary
