@@ -310,6 +310,15 @@ def test_fsdp_is_refused_with_one_line():
         LisaAdamW(model, n_layers=2, interval=2, frozen_weights="nf4")
 
 
+def test_a_model_without_nn_linear_blocks_is_refused_with_one_line():
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_config("gpt2", 2))  # Conv1D, not nn.Linear
+    with pytest.raises(LisaError, match=r"^lisa.frozen_weights: nf4 quantizes torch.nn.Linear layers, and the "
+                                        r"blocks \(transformer.h\) have none \(their weight layers: Conv1D.*\); "
+                                        r"use frozen_weights: full$"):
+        LisaAdamW(model, n_layers=1, interval=2, frozen_weights="nf4")
+
+
 def test_frozen_weights_library_missing_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(LisaError, match=r"^lisa.frozen_weights: int8 needs bitsandbytes \(pip install "

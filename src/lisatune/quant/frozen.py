@@ -136,6 +136,12 @@ class FrozenWeights:
                 self._device[name] = m.weight.device
                 self.host[name] = m.weight.detach().to("cpu")  # refreshed when the block freezes
             self._linears.append(entries)
+        if not any(self._linears):  # e.g. GPT-2's Conv1D: quantizing nothing would silently save nothing
+            kinds = sorted({type(m).__name__ for m in opt.module.get_submodule(f"{path}.0").modules()
+                            if getattr(m, "weight", None) is not None and m.weight.dim() == 2})
+            raise LisaError(f"lisa.frozen_weights: {kind} quantizes torch.nn.Linear layers, and the blocks "
+                            f"({path}) have none (their weight layers: {', '.join(kinds) or 'none'}); "
+                            f"use frozen_weights: full")
         self._quantized: set[int] = set()
 
     def quantized_blocks(self) -> list[int]:
