@@ -19,6 +19,26 @@ def tiny_model(arch: str = "llama", n_layers: int = 6, seed: int = 0, dtype=torc
     return _tiny_model(arch, n_layers, seed, dtype).eval()  # no dropout: runs are deterministic
 
 
+def train(model, opt, data, sched=None, accum=1):
+    """Plain training steps on token batches (labels = inputs); returns the losses."""
+    losses = []
+    for i, x in enumerate(data):
+        loss = model(input_ids=x, labels=x).loss
+        (loss / accum if accum > 1 else loss).backward()
+        losses.append(loss.item())
+        if (i + 1) % accum == 0:
+            opt.step()
+            if sched:
+                sched.step()
+            opt.zero_grad()
+    return losses
+
+
+def params(model):
+    """A copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def batches(n: int, seed: int = 0, batch: int = 2, seq: int = 12, vocab: int = 96):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]

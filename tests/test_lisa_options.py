@@ -5,22 +5,9 @@ import io
 import pytest
 import torch
 
-from conftest import batches, tiny_model
+from conftest import batches, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
 from lisatune.recipe.config import load_config
-
-
-def train(model, opt, data, sched=None):
-    for x in data:
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        if sched:
-            sched.step()
-        opt.zero_grad()
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def lrs(opt):

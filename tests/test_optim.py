@@ -4,22 +4,8 @@ import io
 import pytest
 import torch
 
-from conftest import batches, tiny_model
+from conftest import batches, params, tiny_model, train
 from lisatune import LisaAdamW, LisaConfig, LisaError
-
-
-def train(model, opt, data, sched=None, accum=1):
-    for i, x in enumerate(data):
-        model(input_ids=x, labels=x).loss.div(accum).backward()
-        if (i + 1) % accum == 0:
-            opt.step()
-            if sched:
-                sched.step()
-            opt.zero_grad()
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def block_of(name, lm):

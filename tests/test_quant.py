@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import batches
+from conftest import batches, params, tiny_model, train
 import lisatune.quant  # noqa: F401  (installs lisa.frozen_weights)
 from lisatune import LisaAdamW, LisaError
 from lisatune.analysis.meter import ActivationMeter, optimizer_state_bytes, weight_bytes
@@ -28,28 +28,11 @@ def wide_model(n_layers=4, seed=0, dtype=torch.float32):
     return T.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="eager").eval()
 
 
-def train(model, opt, data, sched=None):
-    losses = []
-    for x in data:
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        losses.append(loss.item())
-        opt.step()
-        if sched:
-            sched.step()
-        opt.zero_grad()
-    return losses
-
-
 def save(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
-
-
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def always_on(opt):
@@ -198,7 +181,6 @@ def test_the_library_missing_is_one_line(monkeypatch):
 
 
 # -- lisa.frozen_weights: int8 | nf4 (#15) -------------------------------------------------------------------
-from conftest import tiny_model  # noqa: E402
 
 QUANT = {"int8": "Int8Params", "nf4": "Params4bit"}
 
