@@ -6,27 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LisaError
-from ..schema import os_reason
-
-
-def read_text(path: str, option: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise LisaError(f"{option} '{path}' does not exist")
-    if not p.is_file():
-        raise LisaError(f"{option} '{path}' is not a file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise LisaError(f"{option} '{path}' cannot be read ({os_reason(e)})") from None
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raise LisaError(f"{option} '{path}' is a binary file, not text (a NUL byte at byte {nul})")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LisaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+from ..schema import read_text
 
 
 def read_records(path: str, option: str) -> list[tuple[str, Any]]:

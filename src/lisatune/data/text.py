@@ -5,7 +5,8 @@ import re
 from typing import Any
 
 from ..errors import LisaError
-from .records import read_text, string_field
+from ..schema import read_text
+from .records import string_field
 from .render import eos_id
 
 
