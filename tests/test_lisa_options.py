@@ -7,6 +7,7 @@ import torch
 
 from conftest import batches, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
+from lisatune.methods import build_method
 from lisatune.recipe.config import load_config
 
 
@@ -61,8 +62,21 @@ def test_embed_head_lr_survives_a_state_dict_round_trip():
     other = LisaAdamW(tiny_model(seed=5), n_layers=2, interval=2, lr=1e-2, embed_head_lr=3.0)
     other.load_state_dict(torch.load(save(opt.state_dict()), weights_only=True))
     assert lrs(other) == lrs(opt)
-    with pytest.raises(LisaError, match=r"^checkpoint has LISA embed_head_lr=3.0 but this optimizer has 2.0$"):
+    with pytest.raises(LisaError, match=r"^checkpoint has LISA embed_head_lr=3.0 but this optimizer has 2.0: "
+                                        r"resume with the options it was saved with$"):
         LisaAdamW(tiny_model(), n_layers=2, interval=2, lr=1e-2, embed_head_lr=2.0).load_state_dict(opt.state_dict())
+
+
+def test_a_run_of_the_paper_lisa_resumes_only_with_the_paper_option():
+    # lisatune train's `lisa:` default is embed_head_lr 0.1; a run saved with the paper's LISA says how to resume
+    model = tiny_model()
+    opt = LisaAdamW(model, n_layers=2, interval=2, lr=1e-2)
+    train(model, opt, batches(3))
+    sd = opt.state_dict()
+    with pytest.raises(LisaError, match=r"^checkpoint has LISA embed_head_lr=None but this optimizer has 0.1: "):
+        build_method("lisa", {"n_layers": 2, "interval": 2}).optimizer(tiny_model(), lr=1e-2).load_state_dict(sd)
+    build_method("lisa", {"n_layers": 2, "interval": 2, "embed_head_lr": None}).optimizer(
+        tiny_model(), lr=1e-2).load_state_dict(sd)
 
 
 def test_a_checkpoint_from_before_the_options_loads():
@@ -237,6 +251,8 @@ def test_bad_values_are_one_line_errors_naming_the_field(kw, msg):
 def test_the_run_config_takes_the_options():
     cfg = load_config(None, ["lisa.embed_head_lr=0.1", "lisa.activation_warmup=3"])
     assert (cfg.lisa.embed_head_lr, cfg.lisa.activation_warmup) == (0.1, 3)
+    assert load_config(None).lisa.embed_head_lr == 0.1  # lisatune train's default since study 4
+    assert load_config(None, ["lisa.embed_head_lr=null"]).lisa.embed_head_lr is None  # the paper's LISA
     with pytest.raises(LisaError, match=r"^default config: lisa.activation_warmup: must be <= interval \(K\) = 5"):
         load_config(None, ["lisa.activation_warmup=6"])
     with pytest.raises(LisaError, match=r"^default config: lisa.embed_head_lr: must be a finite"):

@@ -539,7 +539,8 @@ class LisaOptimizer(torch.optim.Optimizer):
             else:
                 same = theirs == mine
             if not same:
-                raise LisaError(f"checkpoint has LISA {key}={theirs!r} but this optimizer has {mine!r}")
+                raise LisaError(f"checkpoint has LISA {key}={theirs!r} but this optimizer has {mine!r}: resume with "
+                                "the options it was saved with")
         self._step = int(lisa["step"])
         target = self.sampler.active(self._step // self.config.interval)
         if list(target) != list(lisa["active"]):

@@ -1,15 +1,32 @@
-"""LISA: the engine (LisaAdamW) behind the common method interface; options are a LisaConfig."""
+"""LISA: the engine (LisaAdamW) behind the common method interface; options are a LisaRecipe."""
 from __future__ import annotations
 
 from .. import quant  # noqa: F401  (installs lisa.frozen_weights: int8 | nf4, a switch hook)
 from ..engine import LisaConfig, LisaOptimizer, reject_peft, unwrap
 from .base import Method
 
+# lisatune train's `lisa:` sections train the always-on set (embedding, head, norms) at a tenth of the lr: the one
+# mechanism of study 4 that helped on both tasks (docs/results.md). The engine keeps the paper's defaults.
+RECIPE = {"embed_head_lr": 0.1}
+PAPER = {"embed_head_lr": None}  # the engine's own default: LISA as published
+
+
+class LisaRecipe(LisaConfig):
+    """The engine's options with lisatune's default lr for the always-on set; `embed_head_lr: null` (or 1.0) is
+    the paper's LISA."""
+    embed_head_lr: float | None = RECIPE["embed_head_lr"]
+
 
 class Lisa(Method):
     name = "lisa"
-    Options = LisaConfig
+    Options = LisaRecipe
     mixed_precision = True
+
+    @classmethod
+    def validate(cls, options):
+        if isinstance(options, LisaConfig):  # an engine config is taken as given (the paper's defaults)
+            return options
+        return super().validate(options)
 
     def prepare(self, model):
         # LisaAdamW freezes and unfreezes blocks itself; here only refuse a PEFT model early, before any
