@@ -201,7 +201,9 @@ def test_a_checkpoint_without_masters_is_refused():
     model = tiny_model(dtype=BF16)
     plain = LisaAdamW(model, n_layers=2, interval=2)
     mixed = LisaAdamW(tiny_model(dtype=BF16), n_layers=2, interval=2, master_weights=True)
-    with pytest.raises(LisaError, match=r"^checkpoint has LISA master_weights=False but this optimizer has True: resume with the options it was saved with$"):
+    with pytest.raises(LisaError, match=r"^checkpoint has LISA master_weights=False but this optimizer has True: "
+                                        r"resume with the options it was saved with$"):
         mixed.load_state_dict(plain.state_dict())
-    with pytest.raises(LisaError, match=r"^checkpoint has LISA master_weights=True but this optimizer has False: resume with the options it was saved with$"):
+    with pytest.raises(LisaError, match=r"^checkpoint has LISA master_weights=True but this optimizer has False: "
+                                        r"resume with the options it was saved with$"):
         plain.load_state_dict(mixed.state_dict())

@@ -6,7 +6,7 @@ from peft.tuners.lora import LoraLayer
 
 from conftest import batches, tiny_model
 from lisatune import LisaAdamW, LisaConfig, LisaError, find_layers
-from lisatune.methods import (METHODS, PAPER, LisaRecipe, GaloreOptions, LoraOptions, block_linears, build_method,
+from lisatune.methods import (METHODS, GaloreOptions, LisaRecipe, LoraOptions, block_linears, build_method,
                               default_targets)
 
 X = batches(1, seed=3)[0]  # one fixed batch: every method should overfit it
@@ -201,14 +201,15 @@ def test_options_are_validated_into_their_models():
     assert build_method("lisa", None).options == LisaRecipe()
     engine = LisaConfig(n_layers=3)
     assert build_method("lisa", engine).options is engine  # the engine's own config is kept as given
+    assert set(METHODS) == {"full", "lora", "galore", "lisa"}
 
 
 def test_lisa_recipe_defaults_and_the_paper_defaults_of_the_engine():
     recipe, paper = LisaRecipe(), LisaConfig()
     assert (recipe.embed_head_lr, paper.embed_head_lr) == (0.1, None)
-    assert {k: v for k, v in recipe.model_dump().items() if k not in PAPER} == \
-        {k: v for k, v in paper.model_dump().items() if k not in PAPER}
-    assert LisaRecipe(**PAPER).model_dump() == paper.model_dump()
+    assert {k: v for k, v in recipe.model_dump().items() if k != "embed_head_lr"} == \
+        {k: v for k, v in paper.model_dump().items() if k != "embed_head_lr"}
+    assert LisaRecipe(embed_head_lr=None).model_dump() == paper.model_dump()
     model = tiny_model("llama", 2)
     opt = build_method("lisa", {"n_layers": 1}).optimizer(model, lr=1e-2, weight_decay=0.0)
     assert [g["lr"] for g in opt.param_groups[:2]] == [pytest.approx(1e-3)] * 2  # embedding/head, norms

@@ -7,8 +7,8 @@ from .base import METHODS, Method, block_linears, build_method
 from .full import Full
 from .lora import Lora, LoraOptions, default_targets
 from .galore import Galore, GaloreOptions
-from .lisa import PAPER, Lisa, LisaRecipe
+from .lisa import Lisa, LisaRecipe
 
 __all__ = ["METHODS", "Method", "Full", "Lora", "Galore", "Lisa", "LoraOptions", "GaloreOptions", "LisaConfig",
-           "LisaRecipe", "PAPER",
+           "LisaRecipe",
            "build_method", "block_linears", "default_targets"]
