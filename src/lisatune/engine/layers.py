@@ -39,6 +39,18 @@ class LayerMap:
         return {k: v for k, v in parts.items() if v}
 
 
+def split_block(prefix: str, named: Named) -> tuple[dict[str, Named], Named]:
+    """A block's parameters (named `prefix.<child>...`) by direct child: the children holding a matrix (attention,
+    MLP), in model order, and the rest (norms, loose parameters), which belong to the block as a whole."""
+    by_child: dict[str, Named] = {}
+    for name, p in named:
+        child = name.removeprefix(prefix + ".").split(".", 1)[0]
+        by_child.setdefault(child, []).append((name, p))
+    subs = {c: ps for c, ps in by_child.items() if any(p.ndim >= 2 for _, p in ps)}
+    shared = [np for c, ps in by_child.items() if c not in subs for np in ps]
+    return subs, shared
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a wrapper that holds it as `.module` (DDP, LisaDDP, accelerate), else the model."""
     while isinstance(getattr(model, "module", None), nn.Module):

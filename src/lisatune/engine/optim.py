@@ -12,6 +12,11 @@ Groups are fixed (so LR schedulers and checkpoints see a stable layout):
 and, only with activation_warmup > 0 (so without it the layout, checkpoints and steps are exactly as before):
   4: sampled, activated at the last switch, with decay   5: the same, no decay
 
+Units. By default each transformer block is one sampled unit. With `units="module"` each block's direct
+submodules that hold a matrix (attention and MLP in a Llama block) are units of their own, and γ counts them;
+a block's other parameters (its norms) train while any of its units is active. Freezing and activation are
+per parameter, so a unit switching off leaves its block's norms on while a sibling unit stays active.
+
 Learning rates. `embed_head_lr` = m sets groups 0 and 1 to lr·m at construction, so a scheduler (which keeps
 each group's initial_lr) scales them like the rest: the always-on set always runs at m × the sampled lr.
 `activation_warmup` = N: with lr_t the lr the scheduler set for optimizer step t (0-based), a block activated
@@ -51,7 +56,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import LisaError
-from .layers import find_layers, unwrap
+from .layers import find_layers, split_block, unwrap
 from .options import LisaConfig
 from .sampling import Sampler
 
@@ -118,7 +123,7 @@ def decay_groups(params: list[nn.Parameter]) -> list[dict]:
 
 
 # What a checkpoint written before an option existed means by its absence.
-META_DEFAULTS = {"embed_head_lr": None, "activation_warmup": 0, "master_weights": False, "embed_head_state": "fp32"}
+META_DEFAULTS = {"units": "block", "embed_head_lr": None, "activation_warmup": 0, "master_weights": False, "embed_head_state": "fp32"}
 MASTER_DTYPES = (torch.bfloat16,)  # fp16 would also need loss scaling, which this optimizer does not do
 
 
@@ -190,19 +195,26 @@ class LisaOptimizer(torch.optim.Optimizer):
         eh = (lm.embedding if cfg.train_embedding else []) + (lm.head if cfg.train_head else [])
         always = [] if cfg.sample_embed_head else list(eh)
         always += (lm.norm if cfg.train_norm else []) + (lm.other if cfg.train_other else [])
-        self.unit_names = [f"block{i}" for i in range(lm.n_blocks)]
-        self._units = [list(b) for b in lm.blocks]
+        self.unit_names, self._units, self._unit_block = [], [], []  # the sampled units, and each one's block
+        for i, block in enumerate(lm.blocks):
+            subs, shared = split_block(f"{lm.blocks_path}.{i}", block) if cfg.units == "module" else ({}, [])
+            parts = {f"block{i}.{c}": named + shared for c, named in subs.items()} or {f"block{i}": list(block)}
+            for name, named in parts.items():
+                self.unit_names.append(name)
+                self._units.append(named)
+                self._unit_block.append(i)
         if cfg.sample_embed_head:
             if not eh:
                 raise LisaError("sample_embed_head needs train_embedding or train_head")
             self.unit_names.append("embed_head")
             self._units.append(list(eh))
+            self._unit_block.append(None)
         n_units = len(self._units)
         if cfg.policy != "bernoulli" and cfg.n_layers > n_units:
-            raise LisaError(
-                f"n_layers (γ) = {cfg.n_layers} exceeds the {lm.n_blocks} transformer blocks found at "
-                f"{lm.blocks_path}" + (" (+1 embed_head unit)" if cfg.sample_embed_head else "")
-            )
+            found = (f"{lm.n_blocks} transformer blocks found at {lm.blocks_path}" if cfg.units == "block" else
+                     f"{n_units - cfg.sample_embed_head} block submodules (units: module) found at {lm.blocks_path}")
+            raise LisaError(f"n_layers (γ) = {cfg.n_layers} exceeds the {found}"
+                            + (" (+1 embed_head unit)" if cfg.sample_embed_head else ""))
         self.sampler = Sampler(n_units, cfg.n_layers, cfg.policy, cfg.probability_list(), cfg.seed)
         check_master_weights(master_weights, always + [np for u in self._units for np in u])
         self.master_weights = master_weights
@@ -364,21 +376,26 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def _apply(self, target: tuple[int, ...], before: tuple[int, ...]) -> None:
         """Make `target` the active set; `before` is the previous switch's (which of target is newly activated)."""
-        old, new = set(self._active), set(target)
-        for u in sorted(old - new):
-            for _, p in self._units[u]:
+        old, new = self._params(self._active), self._params(target)
+        for i, p in old.items():
+            if i not in new:
                 self._freeze(p)
-        for u in sorted(new - old):
-            for _, p in self._units[u]:
+        for i, p in new.items():
+            if i not in old:
                 self._unfreeze(p)
         self._active = tuple(target)
         warm = len(self.param_groups) > 4
-        stay = [u for u in target if u in before] if warm else target
-        for g, units in ((2, stay), (4, [u for u in target if u not in before] if warm else ())):
+        prev = self._params(before) if warm else new
+        stay = [p for i, p in new.items() if i in prev]
+        for g, params in ((2, stay), (4, [p for i, p in new.items() if i not in prev])):
             if g < len(self.param_groups):
-                decay, no_decay = self._split([p for u in units for _, p in self._units[u]])
+                decay, no_decay = self._split(params)
                 self.param_groups[g]["params"] = decay
                 self.param_groups[g + 1]["params"] = no_decay
+
+    def _params(self, units: Iterable[int]) -> dict[int, nn.Parameter]:
+        """The parameters of `units` by id, each once (module units share their block's norms), in unit order."""
+        return {id(p): p for u in sorted(units) for _, p in self._units[u]}
 
     def _stepped(self, p: nn.Parameter) -> torch.Tensor:
         """The tensor the inner optimizer steps for the model's parameter p: its master, or p itself."""
@@ -434,15 +451,15 @@ class LisaOptimizer(torch.optim.Optimizer):
     # -- what it is doing ------------------------------------------------------------
     @property
     def active_blocks(self) -> list[int]:
-        """Indices of the transformer blocks active now (`active_layers` is the same)."""
-        return [u for u in self._active if u < self.layers.n_blocks]
+        """Indices of the transformer blocks active now, whole or in part (`active_layers` is the same)."""
+        return sorted({self._unit_block[u] for u in self._active} - {None})
 
     active_layers = active_blocks
 
     @property
     def active_units(self) -> list[str]:
-        """Names of the sampled units active now: "block3", ..., and "embed_head" when it is sampled
-        (`active_names` is the same)."""
+        """Names of the sampled units active now: "block3" (or with units: module "block3.mlp"), ..., and
+        "embed_head" when it is sampled (`active_names` is the same)."""
         return [self.unit_names[u] for u in self._active]
 
     active_names = active_units
@@ -509,7 +526,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         # "n_layers" stays the key of γ in checkpoints (and in the rank check): older checkpoints load.
         # The lr options shape the groups and the steps, so ranks and checkpoints must agree on them too.
         c = self.config
-        return {"seed": c.seed, "policy": c.policy, "n_layers": c.n_layers, "interval": c.interval,
+        return {"seed": c.seed, "policy": c.policy, "units": c.units, "n_layers": c.n_layers, "interval": c.interval,
                 "n_units": len(self._units), "probabilities": self.sampler.p.tolist() if self.sampler.p is not None else None,
                 "embed_head_lr": c.embed_head_lr, "activation_warmup": c.activation_warmup,
                 "master_weights": self.master_weights, "embed_head_state": c.embed_head_state}

@@ -32,6 +32,9 @@ class LisaConfig(Options):
     train_head: bool = True
     train_norm: bool = True  # the final norm and any other non-block language-model parameter
     sample_embed_head: bool = False  # embedding+head become one more sampled unit instead of always on
+    # What the sampler draws: whole blocks, or each block's matrix-holding submodules (attention, MLP) as units
+    # of their own; γ counts units either way. A block's norms train while any of its units is active.
+    units: Literal["block", "module"] = "block"
     train_other: bool = False  # parameters outside the language model (e.g. a vision tower)
     state_policy: Literal["drop", "offload", "keep"] = "drop"
     blocks_path: str | None = None  # dotted path to the block list, walked through registered submodules
