@@ -134,6 +134,28 @@ def test_fsdp2_matches_single_process_and_shards_optimizer_state(tmp_path):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_module_units_match_single_process(tmp_path, mode):
+    # units: module leaves part of a block (one FSDP2 unit) trainable and a block's norms on across a hand-over.
+    lisa = dict(ADAMW, units="module", n_layers=3)
+    r0, r1 = run_ranks(tmp_path, mode, lisa)
+    ref, ref_opt = single_run(lisa)
+    for a, b in zip(r0["snaps"], r1["snaps"]):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    sets = lambda h: [(e["switch"], e["step"], e["active"]) for e in h]  # noqa: E731
+    assert sets(r0["history"]) == sets(r1["history"]) == sets(ref_opt.history)
+    names = ref_opt.unit_names
+    for s, (start, end) in enumerate(zip(r0["snaps"], r0["snaps"][1:])):
+        on = {names[u].removeprefix("block") for u in r0["history"][s]["active"]}
+        for n in start:
+            unit = ".".join(n.split(".")[2:4]) if block_index(n) is not None and start[n].ndim >= 2 else None
+            if unit is not None and unit not in on:
+                assert torch.equal(start[n], end[n]), f"{n} moved in interval {s} though frozen"
+    final, want = r0["snaps"][-1], ref[-1]
+    assert max((final[n] - want[n]).abs().max().item() for n in want) <= 1e-4
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_different_seeds_raise_lisa_error_on_every_rank(tmp_path, mode):
     with pytest.raises(Exception) as info:
         launch(train_worker, str(tmp_path), mode, [0, 1], ADAMW, STEPS, BATCH, timeout_s=30)
