@@ -10,6 +10,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lisatune import LisaAdamW
 from lisatune.analysis.tiny import ARCHS, tiny_config
 from lisatune.analysis.tiny import tiny_model as _tiny_model
 
@@ -32,6 +33,19 @@ def train(model, opt, data, sched=None, accum=1):
                 sched.step()
             opt.zero_grad()
     return losses
+
+
+def lisa_and_adamw(blocks: int, data, lr=1e-2, weight_decay=0.1, **lisa):
+    """Two identical tiny models of `blocks` blocks trained on `data`, one by LisaAdamW(**lisa), one by plain AdamW (decay on
+    matrices only); returns (LISA's parameters, AdamW's parameters, the LisaAdamW) for equivalence tests."""
+    a, b = tiny_model(n_layers=blocks), tiny_model(n_layers=blocks)
+    opt = LisaAdamW(a, lr=lr, weight_decay=weight_decay, **lisa)
+    ref = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.ndim >= 2]},
+                             {"params": [p for p in b.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=lr, weight_decay=weight_decay)
+    train(a, opt, data)
+    train(b, ref, data)
+    return params(a), params(b), opt
 
 
 def params(model):

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, params, tiny_model, train
+from conftest import batches, lisa_and_adamw, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
 from lisatune.methods import build_method
 from lisatune.recipe.config import load_config
@@ -177,17 +177,9 @@ def test_all_blocks_with_warmup_equal_adamw_ramped_once_bitwise():
 @pytest.mark.parametrize("m", [None, 1.0])
 @pytest.mark.parametrize("interval", [1, 3])
 def test_all_blocks_without_the_options_equal_plain_adamw_bitwise(m, interval):
-    a, b = tiny_model(n_layers=4), tiny_model(n_layers=4)
-    lisa = LisaAdamW(a, n_layers=4, interval=interval, lr=1e-2, weight_decay=0.1, embed_head_lr=m,
-                     activation_warmup=0)
+    pa, pb, lisa = lisa_and_adamw(4, batches(12), n_layers=4, interval=interval, embed_head_lr=m,
+                                  activation_warmup=0)
     assert len(lisa.param_groups) == 4
-    ref = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.ndim >= 2]},
-                             {"params": [p for p in b.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=1e-2, weight_decay=0.1)
-    data = batches(12)
-    train(a, lisa, data)
-    train(b, ref, data)
-    pa, pb = params(a), params(b)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, params, tiny_model, train
+from conftest import batches, lisa_and_adamw, params, tiny_model, train
 from lisatune import LisaAdamW, LisaConfig, LisaError
 
 
@@ -16,15 +16,7 @@ def block_of(name, lm):
 @pytest.mark.parametrize("interval", [1, 3, 50])
 @pytest.mark.parametrize("policy", ["uniform", "cyclic"])
 def test_all_layers_and_any_interval_equal_plain_adamw_bitwise(interval, policy):
-    a, b = tiny_model(n_layers=4), tiny_model(n_layers=4)
-    lisa = LisaAdamW(a, n_layers=4, interval=interval, policy=policy, lr=1e-2, weight_decay=0.1)
-    ref = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.ndim >= 2]},
-                             {"params": [p for p in b.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=1e-2, weight_decay=0.1)
-    data = batches(20)
-    train(a, lisa, data)
-    train(b, ref, data)
-    pa, pb = params(a), params(b)
+    pa, pb, _ = lisa_and_adamw(4, batches(20), n_layers=4, interval=interval, policy=policy)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     assert any(not torch.equal(pa[n], params(tiny_model(n_layers=4))[n]) for n in pa)  # it did train
 

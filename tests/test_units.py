@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, params, tiny_model, train
+from conftest import batches, lisa_and_adamw, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
 from lisatune.recipe.config import load_config
 
@@ -81,15 +81,8 @@ def test_a_norm_shared_across_a_switch_keeps_its_state_and_lr():
 
 @pytest.mark.parametrize("interval", [1, 3])
 def test_all_units_equal_plain_adamw_bitwise(interval):
-    a, b = tiny_model(n_layers=3), tiny_model(n_layers=3)
-    lisa = LisaAdamW(a, units="module", n_layers=6, interval=interval, lr=1e-2, weight_decay=0.1)
-    ref = torch.optim.AdamW([{"params": [p for p in b.parameters() if p.ndim >= 2]},
-                             {"params": [p for p in b.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=1e-2, weight_decay=0.1)
-    data = batches(9)
-    train(a, lisa, data)
-    train(b, ref, data)
-    pa, pb = params(a), params(b)
+    pa, pb, lisa = lisa_and_adamw(3, batches(9), units="module", n_layers=6, interval=interval)
+    assert len(lisa.unit_names) == 6
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 
