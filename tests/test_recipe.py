@@ -1,6 +1,7 @@
 """`lisatune train` end to end on a tiny model: every method learns, resume is exact, bad input is refused."""
 import json
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -358,6 +359,23 @@ def test_report_to_wandb_writes_an_offline_run_inside_the_run_dir(tmp_path, asse
     [log] = run.glob("wandb/offline-run-*/run-*.wandb")  # W&B's own record of the run, to `wandb sync`
     assert all(key in log.read_bytes() for key in (b"eval_loss", b"grad_norm", b"tokens_per_s"))
     assert not (run / "tb").exists() and (run / "metrics.jsonl").is_file()
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, assets, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = write_config(tmp_path, assets, max_steps=4, save_every=2, keep_last=5, report_to=["wandb"])
+    train(load_config(str(cfg), []))
+    run = tmp_path / "run"
+    run_id = (run / "wandb-run-id").read_text().strip()
+    shutil.rmtree(run / "checkpoints/step-000004")  # as if the process died after step 2
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    train(load_config(str(cfg), ["train.resume=true"]))
+    parts = sorted(run.glob("wandb/offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith("-" + run_id) for p in parts)  # `wandb sync` joins them
+    train(load_config(str(cfg), ["train.overwrite=true"]))  # a fresh run is a new W&B run
+    assert (run / "wandb-run-id").read_text().strip() != run_id
 
 
 def test_report_to_wandb_without_wandb_is_one_line_before_the_model_loads(tmp_path, assets, monkeypatch):

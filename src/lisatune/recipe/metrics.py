@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Iterable
 
@@ -40,15 +41,32 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _wandb(run_dir: Path, config: dict | None):
+WANDB_ID = "wandb-run-id"  # in the run directory: a resumed run logs to the same W&B run
+
+
+def _wandb_id(run_dir: Path, resume: bool) -> str:
+    f = run_dir / WANDB_ID
+    try:
+        if resume and f.is_file() and f.read_text().strip():
+            return f.read_text().strip()
+        run_id = secrets.token_hex(4)  # W&B ids are [a-z0-9]
+        f.write_text(run_id + "\n")
+    except OSError as e:
+        raise LisaError(f"cannot write {f} ({os_reason(e)})") from None
+    return run_id
+
+
+def _wandb(run_dir: Path, config: dict | None, resume: bool):
     check_sinks(["wandb"])
     import wandb  # optional: only train.report_to [wandb] needs it
 
     # Offline unless WANDB_MODE says otherwise: nothing leaves the machine (`wandb sync <run>/wandb/offline-run-*`
-    # uploads it later). console off: our progress bar and log lines stay ours.
+    # uploads it later, each part of a resumed run into the same run). console off: our progress bar and log
+    # lines stay ours.
     try:
         return wandb.init(dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
                           project=os.environ.get("WANDB_PROJECT", "lisatune"), name=run_dir.name, config=config,
+                          id=_wandb_id(run_dir, resume), resume="allow",
                           settings=wandb.Settings(console="off", silent=True))
     except wandb.errors.Error as e:
         raise LisaError(f"train.report_to: wandb did not start ({e})") from None
@@ -68,7 +86,7 @@ class Metrics:
         except OSError as e:
             raise LisaError(f"cannot write {self.path} ({os_reason(e)})") from None
         self.tb = _tensorboard(run_dir) if "tensorboard" in report_to else None
-        self.wandb = _wandb(run_dir, config) if "wandb" in report_to else None
+        self.wandb = _wandb(run_dir, config, resume_step is not None) if "wandb" in report_to else None
 
     def write(self, step: int, **values) -> None:
         try:
