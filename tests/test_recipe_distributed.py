@@ -40,9 +40,11 @@ def assets(tmp_path_factory):
     return make_run_assets(tmp_path_factory.mktemp("dist_assets"))
 
 
-def write_config(root: Path, name: str, distributed: str, method: str = "lisa", **train) -> Path:
+def write_config(root: Path, name: str, distributed: str, method: str = "lisa", data: dict | None = None,
+                 **train) -> Path:
     cfg = {"model": {"source": str(root / "model")},
-           "data": {"format": "alpaca", "path": str(root / "train.jsonl"), "val_fraction": 0.25, "max_length": 64},
+           "data": {"format": "alpaca", "path": str(root / "train.jsonl"), "val_fraction": 0.25, "max_length": 64,
+                    **(data or {})},
            "method": method, "distributed": distributed,
            "lisa": {"n_layers": 2, "interval": 3},
            "train": {"output_dir": str(root / name), "lr": 1e-3, "batch_size": 2, "max_steps": 8, "warmup_steps": 1,
@@ -160,6 +162,26 @@ def test_ddp_resume_is_bitwise_equal_to_the_uninterrupted_run(assets, ddp_run):
     resumed = weights(ddp_run)
     assert resumed.keys() == whole.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert without_timing(rows(ddp_run)) == without_timing(whole_rows)
+
+
+PACKED = {"packing": True, "max_length": 128}
+
+
+@pytest.fixture(scope="module")
+def one_process_packed(assets):
+    train(load_config(str(write_config(assets, "single_packed", "none", data=PACKED, batch_size=4)), []))
+    return assets / "single_packed"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_packed_batches_train_like_one_process(assets, one_process_packed, mode):
+    # Each rank takes half of every global batch of packed rows; the loss is normalised by the global token count.
+    r = torchrun(write_config(assets, f"{mode}_packed", mode, data=PACKED))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(assets / f"{mode}_packed"), weights(one_process_packed)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= ATOL
+    got, want = rows(assets / f"{mode}_packed"), rows(one_process_packed)
+    assert [g["loss"] for g in got if "loss" in g] == pytest.approx([w["loss"] for w in want if "loss" in w], rel=1e-6)
 
 
 def test_several_processes_with_distributed_none_fail_with_one_line(assets):

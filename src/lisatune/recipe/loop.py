@@ -194,8 +194,10 @@ def setup(cfg: BaseModel) -> Run | dict:
 
     method = build_method(cfg.method, cfg.method_options())
     model = prepare_model(mode, method.prepare(model).to(accelerator.device))  # fsdp: sharded before the optimizer
-    flat = check_packing(model) if cfg.data.packing else False  # every rank: a forward under FSDP is collective
     optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed)
+    # After the optimizer has frozen what it does not train: FSDP2 sets itself up at its first forward (this
+    # probe's), and a probe before LISA's freezing made its packed runs train differently from one process.
+    flat = check_packing(model) if cfg.data.packing else False  # every rank: a forward under FSDP is collective
     forward = wrap_model(mode, model, optimizer)  # ddp: the wrapper (after LISA has frozen the model)
     per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
