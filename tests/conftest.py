@@ -48,6 +48,18 @@ def lisa_and_adamw(blocks: int, data, lr=1e-2, weight_decay=0.1, **lisa):
     return params(a), params(b), opt
 
 
+def fp32_master_step(masters, ref) -> None:
+    """The textbook fp32-master step of optimizer `ref` over the masters of (bf16 weight, fp32 master) pairs:
+    cast the bf16 grads into the masters, step, round into the weights."""
+    with torch.no_grad():
+        for p, m in masters:
+            m.grad = p.grad.float()
+        ref.step()
+        for p, m in masters:
+            p.copy_(m)
+            p.grad = None
+
+
 def params(model):
     """A copy of every parameter, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}

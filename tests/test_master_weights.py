@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, params, tiny_model, train
+from conftest import batches, fp32_master_step, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
 from lisatune.engine import tensor_bytes
 
@@ -55,17 +55,6 @@ def test_masters_and_state_are_exactly_the_active_sets_at_every_step(state_polic
     assert any(not torch.equal(m, model.get_parameter(n).float()) for n, m in opt.masters().items())  # fp32 bits
 
 
-def reference_step(model, masters, ref):
-    """The textbook fp32-master AdamW: cast the bf16 grads into the masters, step, round into the weights."""
-    with torch.no_grad():
-        for p, m in masters:
-            m.grad = p.grad.float()
-        ref.step()
-        for p, m in masters:
-            p.copy_(m)
-            p.grad = None
-
-
 @pytest.mark.parametrize("interval", [1, 3])
 def test_all_layers_equal_a_reference_fp32_master_adamw_bitwise(interval):
     a, b = tiny_model(n_layers=4, dtype=BF16), tiny_model(n_layers=4, dtype=BF16)
@@ -81,7 +70,7 @@ def test_all_layers_equal_a_reference_fp32_master_adamw_bitwise(interval):
     train(plain, bf16_only, data)
     for x in data:
         b(input_ids=x, labels=x).loss.backward()
-        reference_step(b, masters, ref)
+        fp32_master_step(masters, ref)
     pa, pb = params(a), params(b)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     ref_masters = {n: m for (n, _), (_, m) in zip(b.named_parameters(), masters)}

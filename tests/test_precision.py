@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import batches, make_run_assets, tiny_model
+from conftest import batches, fp32_master_step, make_run_assets, tiny_model
 from lisatune.errors import LisaError
 from lisatune.methods import build_method
 from lisatune.methods.full import MasterAdamW
@@ -88,13 +88,7 @@ def test_master_adamw_equals_the_textbook_fp32_master_adamw_and_resumes_bitwise(
         opt.step()
         opt.zero_grad()
         b(input_ids=x, labels=x).loss.backward()
-        with torch.no_grad():
-            for p, m in masters:
-                m.grad = p.grad.float()
-            ref.step()
-            for p, m in masters:
-                p.copy_(m)
-                p.grad = None
+        fp32_master_step(masters, ref)
         if i == 4:  # a resumed copy continues from here
             sd = {"model": {k: v.clone() for k, v in a.state_dict().items()}, "opt": opt.state_dict()}
             sd["opt"]["masters"] = [m.clone() for m in sd["opt"]["masters"]]
