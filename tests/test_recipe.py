@@ -373,7 +373,8 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, assets, monkeypatch)
     (run / "summary.json").unlink()
     train(load_config(str(cfg), ["train.resume=true"]))
     parts = sorted(run.glob("wandb/offline-run-*"))
-    assert len(parts) == 2 and all(p.name.endswith("-" + run_id) for p in parts)  # `wandb sync` joins them
+    # offline-run-<time>-<id>, with "-1" added when both parts start in the same second: `wandb sync` joins them
+    assert len(parts) == 2 and all(p.name.split("-")[3] == run_id for p in parts), (run_id, parts)
     train(load_config(str(cfg), ["train.overwrite=true"]))  # a fresh run is a new W&B run
     assert (run / "wandb-run-id").read_text().strip() != run_id
 

@@ -14,16 +14,12 @@ UNITS = {"llama": (["self_attn", "mlp"], ["input_layernorm", "post_attention_lay
          "gpt_neox": (["attention", "mlp"], ["input_layernorm", "post_attention_layernorm"])}
 
 
-def blocks_path(opt):
-    return opt.layers.blocks_path
-
-
 @pytest.mark.parametrize("arch", sorted(UNITS))
 def test_each_block_splits_into_its_matrix_submodules(arch):
     opt = LisaAdamW(tiny_model(arch, n_layers=3), units="module", n_layers=2)
     subs, shared = UNITS[arch]
     assert opt.unit_names == [f"block{i}.{s}" for i in range(3) for s in subs]
-    path = blocks_path(opt)
+    path = opt.layers.blocks_path
     for u, name in enumerate(opt.unit_names):
         i, sub = name.removeprefix("block").split(".")
         owners = {n.removeprefix(f"{path}.{i}.").split(".")[0] for n, _ in opt._units[u]}
@@ -50,7 +46,7 @@ def test_only_the_active_units_and_their_blocks_norms_train():
         active, blocks = list(opt.active_units), opt.active_blocks
         assert blocks == sorted({int(a.removeprefix("block").split(".")[0]) for a in active})
         train(model, opt, batches(3, seed=switch))
-        path = blocks_path(opt)
+        path = opt.layers.blocks_path
         expect = {n for n, _ in model.named_parameters() if not n.startswith(path + ".")}  # E, H, final norm
         for name in active:
             i, sub = name.removeprefix("block").split(".")

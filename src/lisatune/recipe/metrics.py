@@ -47,8 +47,9 @@ WANDB_ID = "wandb-run-id"  # in the run directory: a resumed run logs to the sam
 def _wandb_id(run_dir: Path, resume: bool) -> str:
     f = run_dir / WANDB_ID
     try:
-        if resume and f.is_file() and f.read_text().strip():
-            return f.read_text().strip()
+        kept = f.read_text().strip() if resume and f.is_file() else ""
+        if kept:
+            return kept
         run_id = secrets.token_hex(4)  # W&B ids are [a-z0-9]
         f.write_text(run_id + "\n")
     except OSError as e:
