@@ -26,6 +26,11 @@ def shard_model(model: nn.Module, blocks_path: str | None = None, **fully_shard_
     A frozen block is then a whole unit: it is all-gathered for forward/backward but has no gradient to
     reduce-scatter, and LisaAdamW (built after this, on the DTensor parameters) holds state only for the
     local shards of the active blocks. Returns the model (sharded in place).
+
+    Build LisaAdamW before the model's first forward: FSDP2 initializes lazily on it, and a forward before
+    LISA's freeze made packed runs diverge from one process (tests/test_recipe_distributed.py pins the order).
+    With an `mp_policy`, a block frozen at that first forward may leave its reduce dtype unresolved when it is
+    later sampled (pytorch/pytorch#186998, fixed for uniform-dtype groups by #187376).
     """
     if not initialized():
         raise LisaError("shard_model needs torch.distributed to be initialized (init_process_group)")
