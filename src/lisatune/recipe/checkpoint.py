@@ -200,18 +200,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         return final
 
     def write_or_explain() -> Path:
-        # A full disk or a read-only directory: one line. atomic_dir has removed the partial `.tmp-*`
-        # directory, so nothing incomplete is ever taken for a checkpoint.
+        # Any failure while writing is a failed write: a full disk or a read-only directory (OSError), safetensors'
+        # own error, torch.save's RuntimeError ("unexpected pos") on a full disk, ... atomic_dir has removed the
+        # partial `.tmp-*` directory, so nothing incomplete is ever taken for a checkpoint.
         try:
             return write()
-        except OSError as e:
+        except LisaError:
+            raise
+        except Exception as e:
+            reason = os_reason(e) if isinstance(e, OSError) else first_line(e)
             raise LisaError(f"cannot write checkpoint step-{int(step):06d} in {Path(run_dir) / 'checkpoints'} "
-                            f"({os_reason(e)}); the earlier checkpoints are intact") from None
-        except Exception as e:  # safetensors reports a failed write as its own error type
-            if type(e).__name__ != "SafetensorError":
-                raise
-            raise LisaError(f"cannot write checkpoint step-{int(step):06d} in {Path(run_dir) / 'checkpoints'} "
-                            f"({first_line(e)}); the earlier checkpoints are intact") from None
+                            f"({reason}); the earlier checkpoints are intact") from None
 
     return on_rank0(write_or_explain)
 
