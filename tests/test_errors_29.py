@@ -65,3 +65,77 @@ def test_a_full_disk_inside_torch_save_keeps_the_last_good_checkpoint(tmp_path, 
     rc, _, err = cli(capsys, "train", cfg, "--resume")
     assert rc == 0, err
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+# -- 2. run files rewritten atomically, never through a link ----------------------------------------------------
+KILL_MID_REWRITE = """
+import os, signal, sys
+from pathlib import Path
+from lisatune.recipe.metrics import Metrics
+real_write = os.write
+def half_then_kill(fd, data):  # the rewrite has put half its bytes on disk when the process is killed
+    real_write(fd, bytes(data)[:len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+os.write = half_then_kill
+Metrics(Path(sys.argv[1]), [], resume_step=2)
+"""
+
+
+def test_a_kill_while_metrics_jsonl_is_rewritten_loses_no_row(tmp_path, assets, capsys):
+    from conftest import SUBPROCESS_ENV
+    import subprocess
+    import sys
+    cfg, run = finished_run(tmp_path, assets, save_every=2, keep_last=5, eval_every=2)
+    complete = (run / "metrics.jsonl").read_text()
+    as_if_killed_before(run, 2)
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_REWRITE, str(run)], env=SUBPROCESS_ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr  # killed mid-rewrite, as the red team's SIGKILL
+    assert (run / "metrics.jsonl").read_text() == complete  # every row is still there
+    assert [p.name for p in run.glob(".tmp-metrics.jsonl-*")]  # the half-written copy was a temporary file
+    rc, _, err = cli(capsys, "train", cfg, "--resume")
+    assert rc == 0, err
+    assert not list(run.glob(".tmp-*"))  # the dead process's temporary file is cleaned up
+    steps = lambda text: [(r["step"], sorted(r)) for r in map(json.loads, text.splitlines())]
+    assert steps((run / "metrics.jsonl").read_text()) == steps(complete)  # rows up to 2 kept, 3-4 again, once
+
+
+def test_an_exception_mid_rewrite_keeps_the_file_and_no_temp(tmp_path, assets, monkeypatch):
+    from lisatune.recipe.metrics import Metrics
+    _, run = finished_run(tmp_path, assets)
+    complete = (run / "metrics.jsonl").read_text()
+    real_write = os.write
+
+    def fail_half_way(fd, data):
+        real_write(fd, bytes(data)[:len(data) // 2])
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the rewrite
+
+    monkeypatch.setattr(os, "write", fail_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        Metrics(run, [], resume_step=2)
+    monkeypatch.undo()
+    assert (run / "metrics.jsonl").read_text() == complete
+    assert not list(run.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "config.yaml", "checkpoints/step-000004"])
+def test_a_run_file_that_is_a_link_out_of_the_run_is_refused_and_its_target_untouched(tmp_path, assets, capsys,
+                                                                                      name):
+    cfg, run = finished_run(tmp_path, assets, save_every=2, keep_last=5)
+    outside = tmp_path / "precious"
+    link = run / name
+    if link.is_dir():
+        shutil.copytree(link, outside)
+        shutil.rmtree(link)
+    else:
+        outside.write_text(link.read_text())
+        link.unlink()
+    link.symlink_to(outside)
+    if name != "summary.json":  # as if killed after the step-2 checkpoint: a resume rewrites metrics.jsonl
+        (run / "summary.json").unlink()
+        shutil.rmtree(run / "final")
+    before, outside_before = snapshot(run), snapshot(tmp_path / "precious") or outside.read_bytes()
+    line = assert_one_line(*cli(capsys, "train", cfg, "--resume")[::2], f"{link} is a symbolic link (to {outside})")
+    assert "never reads or writes a run's files through a link" in line
+    assert snapshot(run) == before
+    assert (snapshot(outside) or outside.read_bytes()) == outside_before

@@ -35,9 +35,9 @@ from ..distributed import (drop_tied, fill_tied, full_model_state_dict, full_opt
 from ..engine import unwrap
 from ..errors import LisaError
 from ..schema import os_reason
+from .files import TMP_PREFIX, fsync_path
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-TMP_PREFIX = ".tmp-"
 MODEL, OPTIMIZER, SCHEDULER, RNG, STATE = (
     "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 MANIFEST = "sha256"  # the key of trainer_state.json holding {file name: sha256 hex digest}
@@ -60,14 +60,6 @@ def _processes(n: int) -> str:
 
 
 # -- atomic directories (also used by models.save_model) ---------------------------------
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for f in files:

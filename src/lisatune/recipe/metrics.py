@@ -10,6 +10,7 @@ from typing import Iterable
 
 from ..errors import LisaError
 from ..schema import is_number, os_reason
+from .files import open_append, write_atomic
 
 SINKS = ("tensorboard", "wandb")  # train.report_to's choices; metrics.jsonl is always written
 
@@ -51,7 +52,7 @@ def _wandb_id(run_dir: Path, resume: bool) -> str:
         if kept:
             return kept
         run_id = secrets.token_hex(4)  # W&B ids are [a-z0-9]
-        f.write_text(run_id + "\n")
+        write_atomic(f, run_id + "\n")
     except OSError as e:
         raise LisaError(f"cannot write {f} ({os_reason(e)})") from None
     return run_id
@@ -80,12 +81,13 @@ class Metrics:
         self.path = run_dir / "metrics.jsonl"
         try:
             if resume_step is not None and self.path.exists():
-                # Lines written after the checkpoint we resume from would be repeated: drop them.
+                # Lines written after the checkpoint we resume from would be repeated: drop them. Atomically:
+                # a kill mid-rewrite must leave every row (an emptied file lost them for good).
                 keep = [r for r in _rows(self.path.read_text()) if r.get("step", 0) <= resume_step]
-                self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            self.file = self.path.open("a")
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         except OSError as e:
-            raise LisaError(f"cannot write {self.path} ({os_reason(e)})") from None
+            raise LisaError(f"cannot read {self.path} ({os_reason(e)})") from None
+        self.file = open_append(self.path)  # never through a link
         self.tb = _tensorboard(run_dir) if "tensorboard" in report_to else None
         self.wandb = _wandb(run_dir, config, resume_step is not None) if "wandb" in report_to else None
 

@@ -20,6 +20,7 @@ from ..integrations.harness import PREFIX as LM_EVAL
 from ..schema import flatten, os_reason, read_yaml
 from .checkpoint import checkpoint_step, clean_tmp, latest_checkpoint, read_state
 from .config import TrainConfig
+from .files import refuse_links, write_atomic
 
 log = logging.getLogger("lisatune")
 
@@ -70,7 +71,7 @@ def prepare_run_dir(cfg: BaseModel, fingerprint: dict | None = None) -> Path | N
             check_same_run(cfg, out / "config.yaml")
             check_same_data(ckpt, fingerprint, t.data_may_change)
             if not is_run_dir(out):  # made by a lisatune without the marker: it is one
-                _io(f"write to output_dir '{out}'", (out / MARKER).write_text, "a lisatune run directory\n")
+                write_atomic(out / MARKER, "a lisatune run directory\n")
             return ckpt
         if t.resume is True:
             raise LisaError(f"--resume: output_dir '{out}' has no complete checkpoint to resume from")
@@ -101,9 +102,9 @@ def create_run_dir(cfg: BaseModel) -> Path:
             raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it")
         _io(f"delete the previous run in output_dir '{out}'", shutil.rmtree, out)
     _io(f"create output_dir '{out}'", lambda: out.mkdir(parents=True, exist_ok=True))
-    _io(f"write to output_dir '{out}'", (out / MARKER).write_text, "a lisatune run directory\n")
+    write_atomic(out / MARKER, "a lisatune run directory\n")
     saved = out / "config.yaml"
-    _io(f"write {saved}", saved.write_text, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(saved, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return out
 
 
@@ -152,6 +153,8 @@ def read_summary(run: Path) -> dict | None:
 def start(cfg: BaseModel, fingerprint: dict | None = None) -> tuple[Path | None, dict | None]:
     """Rank 0: prepare the run directory; (checkpoint to resume, the summary if that run already finished)."""
     run = Path(cfg.train.output_dir)
+    if cfg.train.resume or not cfg.train.overwrite:  # (--overwrite alone deletes the links, never their targets)
+        refuse_links(run)  # before anything in it is read or written
     summary = read_summary(run)
     last = latest_checkpoint(run) if summary is not None else None
     # Finished: summary.json is written last, and no checkpoint is newer than the step it reports. With
@@ -168,9 +171,7 @@ def write_summary(run: Path, summary: dict) -> dict:
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     summary = {**summary, "train_loss_first": sum(losses[:5]) / max(1, len(losses[:5])),
                "train_loss_last": sum(losses[-5:]) / max(1, len(losses[-5:]))}
-    tmp = run / f".tmp-summary.json-{os.getpid()}"
-    _io(f"write {run / 'summary.json'}", tmp.write_text, json.dumps(summary, indent=1))
-    os.replace(tmp, run / "summary.json")  # atomic: a kill leaves the old file or the new one
+    write_atomic(run / "summary.json", json.dumps(summary, indent=1))  # a kill leaves the old file or the new one
     return summary
 
 
