@@ -139,3 +139,54 @@ def test_a_run_file_that_is_a_link_out_of_the_run_is_refused_and_its_target_unto
     assert "never reads or writes a run's files through a link" in line
     assert snapshot(run) == before
     assert (snapshot(outside) or outside.read_bytes()) == outside_before
+
+
+# -- 3. trainer_state.json validated as a whole; a check's key deleted from a current checkpoint is refused --------
+def edit_state(ckpt: Path, **changes):
+    f = ckpt / "trainer_state.json"
+    state = json.loads(f.read_text())
+    for k, v in changes.items():
+        state.pop(k) if v is DELETE else state.__setitem__(k, v)
+    f.write_text(json.dumps(state))
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"first_eval": "abc"}, "trainer_state.json: 'first_eval' must be null or a mapping of metric names to numbers"),
+    ({"first_eval": {"eval_loss": "1.2"}}, "'first_eval' must be null or a mapping of metric names to numbers"),
+    ({"last_eval": [1]}, "'last_eval' must be null or a mapping"),
+    ({"micro_step": -1}, "'micro_step' must be an integer >= 0"),
+    ({"data_fingerprint": "x"}, "'data_fingerprint' must be null or a mapping of data sources to sha256 digests"),
+    ({"world_size": 0}, "'world_size' must be an integer >= 1"),
+    ({"sha256": ["model.safetensors"]}, "'sha256' must map file names to sha256 digests"),
+    ({"checkpoint_format": "1"}, "'checkpoint_format' must be an integer >= 1"),
+    ({"checkpoint_format": 99}, "was written by a newer lisatune (checkpoint format 99"),
+    ({"sha256": DELETE}, "trainer_state.json has no 'sha256' manifest, which every checkpoint of format 1 carries"),
+    ({"data_fingerprint": DELETE}, "trainer_state.json has no 'data_fingerprint', which lisatune train writes"),
+])
+def test_a_bad_trainer_state_is_one_line_before_training(tmp_path, assets, capsys, monkeypatch, changes, message):
+    cfg, run = finished_run(tmp_path, assets, save_every=2, keep_last=5)
+    as_if_killed_before(run, 2)
+    ckpt = run / "checkpoints" / "step-000002"
+    edit_state(ckpt, **changes)
+    monkeypatch.setattr(loop, "load_model", lambda *a: pytest.fail("the model loaded: the state was checked late"))
+    before = snapshot(run)
+    line = assert_one_line(*cli(capsys, "train", cfg, "--resume")[::2], message)
+    assert str(ckpt) in line
+    assert snapshot(run) == before
+
+
+def test_an_older_checkpoint_without_the_marker_warns_and_resumes(tmp_path, assets, capsys, caplog):
+    cfg, run = finished_run(tmp_path, assets, save_every=2, keep_last=5)
+    as_if_killed_before(run, 2)
+    edit_state(run / "checkpoints" / "step-000002", checkpoint_format=DELETE, sha256=DELETE,
+               data_fingerprint=DELETE)
+    rc, _, err = cli(capsys, "train", cfg, "--resume")
+    assert rc == 0, err
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("predates checksums" in m and "loaded unverified" in m for m in warned), warned
+    assert any("predates data fingerprints" in m for m in warned), warned
+    assert all("\n" not in m for m in warned)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4

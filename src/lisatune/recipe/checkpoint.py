@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -37,10 +38,15 @@ from ..errors import LisaError
 from ..schema import os_reason
 from .files import TMP_PREFIX, fsync_path
 
+log = logging.getLogger("lisatune")
+
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 MODEL, OPTIMIZER, SCHEDULER, RNG, STATE = (
     "model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 MANIFEST = "sha256"  # the key of trainer_state.json holding {file name: sha256 hex digest}
+# trainer_state.json's format marker. A checkpoint without it predates it (and may predate the manifest: loaded
+# with a warning); one with it must carry every check of its format, so deleting a check's key is refused.
+FORMAT_KEY, FORMAT = "checkpoint_format", 1
 
 
 def sha256_file(path: Path) -> str:
@@ -155,9 +161,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     if keep_last is not None and keep_last < 1:
         raise LisaError(f"keep_last must be >= 1 or None (got {keep_last})")
     n = world()
-    state = {**(extra or {}), "step": int(step), **({"world_size": n} if n > 1 else {})}
-    if MANIFEST in state:
-        raise LisaError(f"checkpoint extra may not use the key '{MANIFEST}' (it holds the files' checksums)")
+    if extra and {MANIFEST, FORMAT_KEY} & set(extra):
+        raise LisaError(f"checkpoint extra may not use the keys '{MANIFEST}' (the files' checksums) or "
+                        f"'{FORMAT_KEY}' (the format marker)")
+    state = {**(extra or {}), "step": int(step), FORMAT_KEY: FORMAT, **({"world_size": n} if n > 1 else {})}
     try:
         json.dumps(state)
     except (TypeError, ValueError) as e:
@@ -217,7 +224,11 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
     if not path.is_dir():
         raise LisaError(f"checkpoint '{path}' does not exist")
     state = read_state(path)
-    sums = state.pop(MANIFEST, None)  # absent in checkpoints written before the manifest: not verified
+    sums = state.pop(MANIFEST, None)  # absent only in checkpoints written before the manifest (read_state)
+    state.pop(FORMAT_KEY, None)
+    if sums is None:
+        log.warning("checkpoint '%s' predates checksums (no '%s' in %s): its files are loaded unverified",
+                    path, MANIFEST, STATE)
     written_by = state.get("world_size", 1)
     if written_by != world():
         raise LisaError(f"checkpoint '{path}' was written by {_processes(written_by)}, this run has "
@@ -283,13 +294,36 @@ def read_state(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise LisaError(f"checkpoint '{path}': {STATE} is unreadable ({first_line(e)}){remedy}") from None
     step = state.get("step") if isinstance(state, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not _count(step):
         raise LisaError(f"checkpoint '{path}': {STATE} has no integer 'step' >= 0{remedy}")
+    # The keys this module writes, each checked as a whole here: a bad one is one line before anything loads.
+    fmt = state.get(FORMAT_KEY)
+    if fmt is not None and (not _count(fmt) or fmt < 1):
+        raise LisaError(f"checkpoint '{path}': {STATE}: '{FORMAT_KEY}' must be an integer >= 1 (got {fmt!r})"
+                        f"{remedy}")
+    if fmt is not None and fmt > FORMAT:
+        raise LisaError(f"checkpoint '{path}' was written by a newer lisatune (checkpoint format {fmt}; this one "
+                        f"reads up to {FORMAT}): upgrade lisatune to resume it")
+    sums = state.get(MANIFEST)
+    if sums is None and fmt is not None:
+        raise LisaError(f"checkpoint '{path}': {STATE} has no '{MANIFEST}' manifest, which every checkpoint of "
+                        f"format {fmt} carries: its files cannot be verified{remedy}")
+    if sums is not None and not (isinstance(sums, dict) and all(isinstance(v, str) for v in sums.values())):
+        raise LisaError(f"checkpoint '{path}': {STATE}: '{MANIFEST}' must map file names to sha256 digests"
+                        f"{remedy}")
+    ws = state.get("world_size", 1)
+    if not _count(ws) or ws < 1:
+        raise LisaError(f"checkpoint '{path}': {STATE}: 'world_size' must be an integer >= 1 (got {ws!r}){remedy}")
     m = STEP_DIR.match(path.name)
     if m and int(m.group(1)) != step:
         raise LisaError(f"checkpoint '{path}': {STATE} says step {step}, its directory name says step "
                         f"{int(m.group(1))}{remedy}")
     return state
+
+
+def _count(v: Any) -> bool:
+    """An integer >= 0 (not a bool, which JSON's true would be)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def checkpoint_step(path: Path) -> int:

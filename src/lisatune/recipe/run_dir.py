@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from ..errors import LisaError
 from ..integrations.harness import PREFIX as LM_EVAL
-from ..schema import flatten, os_reason, read_yaml
-from .checkpoint import checkpoint_step, clean_tmp, latest_checkpoint, read_state
+from ..schema import flatten, is_number, os_reason, read_yaml
+from .checkpoint import FORMAT_KEY, STATE, checkpoint_step, clean_tmp, latest_checkpoint, read_state
 from .config import TrainConfig
 from .files import refuse_links, write_atomic
 
@@ -69,6 +69,7 @@ def prepare_run_dir(cfg: BaseModel, fingerprint: dict | None = None) -> Path | N
         ckpt = latest_checkpoint(out)
         if t.resume and ckpt is not None:
             check_same_run(cfg, out / "config.yaml")
+            check_run_state(ckpt)
             check_same_data(ckpt, fingerprint, t.data_may_change)
             if not is_run_dir(out):  # made by a lisatune without the marker: it is one
                 write_atomic(out / MARKER, "a lisatune run directory\n")
@@ -122,11 +123,46 @@ def check_same_run(cfg: BaseModel, saved: Path) -> None:
                             "(use a new output_dir for a different run)")
 
 
+def _metrics(v) -> bool:
+    return v is None or isinstance(v, dict) and all(isinstance(k, str) and is_number(x) for k, x in v.items())
+
+
+def _digests(v) -> bool:
+    return v is None or isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
+# The keys the recipe (loop.checkpoint) adds to trainer_state.json, and what each must be.
+RUN_STATE = {"first_eval": (_metrics, "null or a mapping of metric names to numbers"),
+             "last_eval": (_metrics, "null or a mapping of metric names to numbers"),
+             "micro_step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+             "data_fingerprint": (_digests, "null or a mapping of data sources to sha256 digests")}
+
+
+def check_run_state(ckpt: Path) -> None:
+    """The whole trainer_state.json of a checkpoint to resume, before the model loads: a bad value (an edited or
+    corrupted file) is one line naming the key, not a traceback after training (checkpoint.read_state checks
+    the keys it writes itself)."""
+    state = read_state(ckpt)
+    for key, (ok, what) in RUN_STATE.items():
+        if key in state and not ok(state[key]):
+            raise LisaError(f"checkpoint '{ckpt}': {STATE}: '{key}' must be {what} (got {state[key]!r:.60}) "
+                            "(delete that directory to resume from the checkpoint before it)")
+
+
 def check_same_data(ckpt: Path, fingerprint: dict | None, allow: bool) -> None:
     """The training data must be the data the checkpoint was trained on (its content, not its path)."""
-    old = read_state(ckpt).get("data_fingerprint")
+    state = read_state(ckpt)
+    if "data_fingerprint" not in state:
+        if state.get(FORMAT_KEY) is not None:  # its format always writes one: the key was deleted
+            raise LisaError(f"checkpoint '{ckpt}': {STATE} has no 'data_fingerprint', which lisatune train writes "
+                            f"into every checkpoint of format {state[FORMAT_KEY]}: the training data cannot be checked "
+                            "(delete that directory to resume from the checkpoint before it)")
+        log.warning("checkpoint '%s' predates data fingerprints: resuming without checking that the training data "
+                    "is unchanged", ckpt)
+        return
+    old = state["data_fingerprint"]
     if not isinstance(old, dict) or fingerprint is None or old == fingerprint:
-        return  # a checkpoint from before fingerprints: nothing to compare
+        return
     changed = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
     what = ", ".join(f"{k} {str(old.get(k))[:12]}… -> {str(fingerprint.get(k))[:12]}…" for k in changed)
     if allow:
