@@ -190,3 +190,59 @@ def test_an_older_checkpoint_without_the_marker_warns_and_resumes(tmp_path, asse
     assert any("predates data fingerprints" in m for m in warned), warned
     assert all("\n" not in m for m in warned)
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+# -- 4. the resume hint is the whole command; a finished run says so ----------------------------------------------
+def test_the_resume_hint_after_sigterm_names_this_run_and_resumes_it(tmp_path, assets, capsys, monkeypatch):
+    import shlex
+    import signal
+    cfg = write_config(tmp_path, assets)  # its own output_dir: tmp_path/run, which this run does not use
+    out = tmp_path / "other dir"
+    real = loop.train_step
+
+    def terminated_at_2(run, stop):
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run, stop)
+
+    monkeypatch.setattr(loop, "train_step", terminated_at_2)
+    rc, stdout, err = cli(capsys, "train", cfg, "--set", "train.seed=3", "--set", f"train.output_dir={out}",
+                          "--set", "lisa.interval=2")
+    assert rc == 130, err
+    hint = stdout.split("continue with: ")[1].strip()
+    assert shlex.split(hint) == ["lisatune", "train", str(cfg), "--set", "train.seed=3", "--set",
+                                 f"train.output_dir={out}", "--set", "lisa.interval=2", "--resume"]
+    monkeypatch.setattr(loop, "train_step", real)
+    rc, stdout, err = cli(capsys, *shlex.split(hint)[1:])  # run as printed
+    assert rc == 0, err
+    assert "already complete" not in stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert not (tmp_path / "run").exists()  # the config's own output_dir was never touched
+
+
+def test_a_second_interrupt_is_one_line_with_the_command(tmp_path, assets, capsys, monkeypatch):
+    cfg = write_config(tmp_path, assets)
+
+    def second_ctrl_c(run, stop):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_step", second_ctrl_c)
+    rc, _, err = cli(capsys, "train", cfg, "--output-dir", tmp_path / "x")
+    ours = [ln for ln in err.splitlines() if ln.startswith("lisatune:")]  # not the progress bars
+    assert rc == 130 and "Traceback" not in err and len(ours) == 1, err
+    assert ours[0].endswith(f"no checkpoint was written; start again with: lisatune train {cfg} --output-dir "
+                                f"{tmp_path / 'x'}")
+
+
+@pytest.mark.parametrize("state,message", [
+    ("finished", "holds a finished run; to start a new one, pass --overwrite (replaces it) or choose another "
+                 "output_dir (--output-dir DIR)"),
+    ("unfinished", "holds an unfinished run (last checkpoint step-000002); pass --resume to continue it"),
+])
+def test_running_a_run_again_says_whether_it_finished(tmp_path, assets, capsys, state, message):
+    cfg, run = finished_run(tmp_path, assets, save_every=2, keep_last=5)
+    if state == "unfinished":
+        as_if_killed_before(run, 2)
+    before = snapshot(run)
+    assert_one_line(*cli(capsys, "train", cfg)[::2], f"output_dir '{run}' {message}")
+    assert snapshot(run) == before

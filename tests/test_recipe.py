@@ -176,7 +176,7 @@ def test_an_output_dir_holding_another_run_is_refused_unless_overwrite(tmp_path,
     cfg = write_config(tmp_path, assets, max_steps=2)
     train(load_config(str(cfg), []))
     before = weights(tmp_path / "run")
-    with pytest.raises(LisaError, match="holds another run; pass --overwrite to replace it or --resume"):
+    with pytest.raises(LisaError, match="holds a finished run; to start a new one, pass --overwrite"):
         train(load_config(str(cfg), ["lisa.seed=5"]))
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "run").items())  # nothing lost
     with pytest.raises(LisaError, match="cannot resume .*lisa.seed was 0, now 5"):

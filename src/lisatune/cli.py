@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import get_args
@@ -16,6 +17,7 @@ from .data import DataConfig, gsm_eval_items, load_splits
 from .data.sources import OWN_READER
 from .errors import LisaError
 from .integrations import harness
+from .recipe.checkpoint import latest_checkpoint
 from .recipe.config import load_config
 from .recipe.evaluate import eval_loss, gsm_accuracy
 from .recipe.generate import register as register_generate
@@ -27,6 +29,18 @@ from .schema import OneLineParser, cli_column, cli_int, os_reason, read_text
 from .study import register as register_study
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def train_command(args, resume: bool) -> str:
+    """This `lisatune train` as a command to paste: the config, every --set and --output-dir (so it names this
+    run's directory, not the config's), and --resume if asked; --resume/--overwrite of this one left out."""
+    parts = ["lisatune", "train"] + ([args.config] if args.config else [])
+    for s in args.set or []:
+        if s.partition("=")[0].strip() not in ("train.resume", "train.overwrite"):
+            parts += ["--set", s]
+    if args.output_dir:
+        parts += ["--output-dir", args.output_dir]
+    return shlex.join(parts + (["--resume"] if resume else []))
 
 
 def cmd_train(args) -> int:
@@ -43,7 +57,15 @@ def cmd_train(args) -> int:
         s = train(cfg)
     except Interrupted as e:
         if rank0:
-            print(f"lisatune: {e}; continue with: lisatune train {args.config or ''} --resume".replace("  ", " "))
+            print(f"lisatune: {e}; continue with: {train_command(args, resume=True)}")
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint of this step
+        if rank0:
+            last = latest_checkpoint(cfg.train.output_dir)
+            print("lisatune: stopped by a second interrupt; " +
+                  (f"the last checkpoint is {last}; continue with: {train_command(args, resume=True)}" if last else
+                   f"no checkpoint was written; start again with: {train_command(args, resume=False)}"),
+                  file=sys.stderr)
         return 130
     if not rank0:
         return 0
@@ -171,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except LisaError as e:
         print(f"lisatune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves a checkpoint first)
+        print("lisatune: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

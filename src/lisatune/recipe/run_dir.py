@@ -83,6 +83,13 @@ def prepare_run_dir(cfg: BaseModel, fingerprint: dict | None = None) -> Path | N
             raise LisaError(f"output_dir '{out}' is not empty and is not a lisatune run directory; "
                             "choose another output_dir")
         if not t.overwrite:
+            if read_summary(out) is not None:  # finished: --resume would only report it
+                raise LisaError(f"output_dir '{out}' holds a finished run; to start a new one, pass --overwrite "
+                                "(replaces it) or choose another output_dir (--output-dir DIR)")
+            if ckpt is not None:
+                raise LisaError(f"output_dir '{out}' holds an unfinished run (last checkpoint "
+                                f"{ckpt.name}); pass --resume to continue it, --overwrite to replace it, or choose "
+                                "another output_dir")
             raise LisaError(f"output_dir '{out}' holds another run; pass --overwrite to replace it "
                             "or --resume to continue it")
     elif t.resume is True:
