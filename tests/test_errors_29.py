@@ -246,3 +246,71 @@ def test_running_a_run_again_says_whether_it_finished(tmp_path, assets, capsys, 
     before = snapshot(run)
     assert_one_line(*cli(capsys, "train", cfg)[::2], f"output_dir '{run}' {message}")
     assert snapshot(run) == before
+
+
+# -- 5. lm-eval task files: code only with an opt-in; their errors name the file ---------------------------------
+MC_TASK = """task: {name}
+include: {shipped}
+custom_dataset: !function {module}.choices
+"""
+RUNS_CODE = """from pathlib import Path
+Path({marker!r}).write_text("task code ran")
+from lisatune.tasks.gsm import choices
+"""
+
+
+@pytest.fixture
+def code_task(tmp_path):
+    """A task folder whose task imports Python that creates a file: what it must not do without an opt-in."""
+    from lisatune.integrations import harness
+    tasks, marker = tmp_path / "tasks", tmp_path / "ran"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text(MC_TASK.format(name="mine", shipped=harness.TASKS_DIR / "lisatune_gsm_mc.yaml",
+                                                    module="mycode"))
+    (tasks / "mycode.py").write_text(RUNS_CODE.format(marker=str(marker)))
+    return tasks, marker
+
+
+def test_task_code_runs_only_with_the_opt_in(tmp_path, assets, capsys, code_task):
+    pytest.importorskip("lm_eval")
+    tasks, marker = code_task
+    before = snapshot(tmp_path)
+    args = ["eval", assets / "model", "--tasks", "mine", "--include-path", tasks, "--limit", "1"]
+    line = assert_one_line(*cli(capsys, *args)[::2], f"lm-eval task file {tasks / 'mine.yaml'}:3: "
+                           "'!function mycode.choices' imports and runs Python code")
+    assert "--allow-task-code" in line
+    assert not marker.exists() and snapshot(tmp_path) == before
+    cfg = write_config(tmp_path, assets, eval_tasks=["mine"], eval_include_path=str(tasks), eval_limit=1)
+    before = snapshot(tmp_path)
+    assert_one_line(*cli(capsys, "train", cfg)[::2], "train.eval_allow_task_code: true")
+    assert not marker.exists() and snapshot(tmp_path) == before
+    rc, out, err = cli(capsys, "--quiet", *args, "--allow-task-code")  # opted in: it runs
+    assert rc == 0, err
+    assert marker.read_text() == "task code ran" and "lm_eval/mine/acc" in json.loads(out)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("task: broken\ndataset_path: [unclosed\n", "bad.yaml:3: not valid YAML"),
+    ("task: x\nprocess_docs: !function nowhere.fn\n", "bad.yaml:2: '!function nowhere.fn': no module nowhere.py "
+                                                        "beside it, nor an installed one"),
+    ("task: x\nprocess_docs: !custom 1\n", "bad.yaml:2: YAML tag '!custom' is not allowed"),
+    ("task: x\nprocess_docs: !!python/name:os.system\n", "YAML tag 'tag:yaml.org,2002:python/name:os.system'"),
+])
+def test_a_broken_task_file_is_one_line_naming_it(tmp_path, assets, capsys, content, message):
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "bad.yaml").write_text(content)
+    before = snapshot(tmp_path)
+    assert_one_line(*cli(capsys, "eval", assets / "model", "--tasks", "broken", "--include-path", tasks,
+                         "--allow-task-code")[::2], f"lm-eval task file {tasks / 'bad.yaml'}")
+    assert_one_line(*cli(capsys, "eval", assets / "model", "--tasks", "broken", "--include-path", tasks,
+                         "--allow-task-code")[::2], message)
+    assert snapshot(tmp_path) == before
+
+
+def test_the_opt_in_without_an_include_path_is_refused(tmp_path, assets, capsys):
+    assert_one_line(*cli(capsys, "eval", assets / "model", "--tasks", "lisatune_gsm", "--allow-task-code")[::2],
+                    "--allow-task-code allows the code of task files under --include-path, which is not given")
+    cfg = write_config(tmp_path, assets, eval_tasks=["lisatune_gsm"], eval_allow_task_code=True)
+    assert_one_line(*cli(capsys, "train", cfg)[::2], "train.eval_allow_task_code: it allows the code of task files")

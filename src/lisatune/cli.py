@@ -84,8 +84,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     if args.tasks is not None:
         return cmd_eval_tasks(args)
-    if args.include_path or args.limit:
-        raise LisaError("--include-path and --limit are for lm-eval tasks: give --tasks too")
+    if args.include_path or args.limit or args.allow_task_code:
+        raise LisaError("--include-path, --limit and --allow-task-code are for lm-eval tasks: give --tasks too")
     if args.max_examples is not None and args.max_examples < 1:
         raise LisaError(f"--max-examples must be >= 1 (got {args.max_examples})")
     columns: dict[str, str] = {}
@@ -122,8 +122,11 @@ def cmd_eval_tasks(args) -> int:
     """`lisatune eval MODEL --tasks A,B`: lm-evaluation-harness tasks instead of the loss."""
     if args.data:
         raise LisaError("--data is not used with --tasks: lm-eval tasks bring their own documents")
+    if args.allow_task_code and not args.include_path:
+        raise LisaError("--allow-task-code allows the code of task files under --include-path, which is not given")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    names = {"where": "--tasks", "option": "--include-path"}
+    names = {"where": "--tasks", "option": "--include-path", "allow_code": args.allow_task_code,
+             "code_option": "--allow-task-code"}
     harness.task_manager(tasks, args.include_path, **names)  # an unknown task is found before the model loads
     model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     res = harness.run_tasks(model, tok, tasks, args.include_path, limit=args.limit, batch_size=args.batch_size,
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "loss: lisatune_gsm, lisatune_gsm_mc (shipped), or any under --include-path or lm-eval's own")
     e.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAML files (with --tasks)")
     e.add_argument("--limit", type=cli_int(1), metavar="N", help="documents per lm-eval task (with --tasks)")
+    e.add_argument("--allow-task-code", action="store_true", help="run the Python that task files under "
+                   "--include-path import with '!function' (refused without it, as trust_remote_code)")
     e.set_defaults(func=cmd_eval)
 
     register_generate(sub)  # `lisatune generate MODEL [--prompt TEXT]`

@@ -11,14 +11,17 @@ an evaluation in the middle of a run leaves the run's random streams alone.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
 from typing import Iterator
 
+import yaml
+
 from ..data import DataConfig
 from ..errors import LisaError
-from ..schema import is_number
+from ..schema import is_number, read_text
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # lisatune's own tasks, always on the include path
 PREFIX = "lm_eval/"  # of the metric names run_tasks returns
@@ -41,14 +44,87 @@ def _include_paths(include_path: str | None, option: str) -> list[str]:
     return [str(TASKS_DIR)] + ([include_path] if include_path is not None else [])
 
 
+FUNCTION = "!function"  # lm-eval's tag: imports a Python file beside the YAML (or a module) and runs it
+_IGNORE_DIRS = {"__pycache__", ".ipynb_checkpoints"}  # as lm-eval's index skips them
+_SAFE_TAGS = set(yaml.SafeLoader.yaml_constructors) - {None}
+
+
+def _tagged(node: yaml.Node) -> Iterator[yaml.Node]:
+    """Every node of a composed YAML document (composing builds nodes only: nothing is constructed or run)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:  # an alias: the same node again
+            continue
+        seen.add(id(n))
+        yield n
+        if isinstance(n, yaml.SequenceNode):
+            todo += n.value
+        elif isinstance(n, yaml.MappingNode):
+            todo += [x for pair in n.value for x in pair]
+
+
+def _check_task_file(f: Path, allow_code: bool, code_option: str, seen: set[Path]) -> None:
+    f = f.resolve()
+    if f in seen or f.is_relative_to(TASKS_DIR):  # lisatune's own tasks (included by a user's) are lisatune's code
+        return
+    seen.add(f)
+    text = read_text(f, "lm-eval task file")
+    try:
+        doc = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:  # lm-eval's index skips such a file, and the task then looks unknown
+        mark = getattr(e, "problem_mark", None)
+        at = f"{f}:{mark.line + 1}" if mark else str(f)
+        raise LisaError(f"lm-eval task file {at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if doc is None:
+        return
+    for n in _tagged(doc):
+        at = f"{f}:{n.start_mark.line + 1}"
+        if n.tag == FUNCTION:
+            if not allow_code:
+                raise LisaError(f"lm-eval task file {at}: '{FUNCTION} {n.value}' imports and runs Python code; "
+                                f"refused unless you allow task code ({code_option}), as for a model's "
+                                "trust_remote_code")
+            module = str(n.value).rpartition(".")[0]
+            beside = f.parent / f"{module.replace('.', '/')}.py"
+            if not module or not (beside.is_file() or importlib.util.find_spec(module.split(".")[0])):
+                raise LisaError(f"lm-eval task file {at}: '{FUNCTION} {n.value}': no module "
+                                f"{beside.name if module else '(none given)'} beside it, nor an installed one")
+        elif n.tag.startswith("!") or n.tag.startswith("tag:yaml.org,2002:") and n.tag not in _SAFE_TAGS:
+            raise LisaError(f"lm-eval task file {at}: YAML tag '{n.tag}' is not allowed")
+    if isinstance(doc, yaml.MappingNode):  # lm-eval merges `include:` files (relative to this one) into it
+        for key, value in doc.value:
+            if key.value == "include":
+                names = value.value if isinstance(value, yaml.SequenceNode) else [value]
+                for inc in names:
+                    if isinstance(inc, yaml.ScalarNode):
+                        _check_task_file(f.parent / inc.value, allow_code, code_option, seen)
+
+
+def check_task_files(include_path: str | None, allow_code: bool = False,
+                     code_option: str = "allow_code=True") -> None:
+    """Every task YAML under `include_path` (and every file they include), before lm-eval reads them: valid YAML
+    (an error names the file and line, not "unknown task"), and no `!function`, which imports and runs Python
+    from the folder, unless `allow_code` (the user's opt-in, `code_option` in messages); with it, each
+    function's module must exist. lisatune's own tasks (TASKS_DIR) are part of lisatune and not checked."""
+    if include_path is None:
+        return
+    seen: set[Path] = set()
+    for f in sorted(Path(include_path).glob("**/*.yaml")):
+        if not _IGNORE_DIRS & set(f.parts):
+            _check_task_file(f, allow_code, code_option, seen)
+
+
 def task_manager(tasks: list[str], include_path: str | None = None, metadata: dict | None = None,
-                 where: str = "tasks", option: str = "include path"):
+                 where: str = "tasks", option: str = "include path", allow_code: bool = False,
+                 code_option: str = "allow_code=True"):
     """A TaskManager that knows every name in `tasks`, or a LisaError naming the first unknown one.
 
     The include paths alone are indexed first (in well under a second); lm-eval's thousands of built-in
-    tasks only when a name is not found there."""
+    tasks only when a name is not found there. Task files with code: check_task_files."""
     _, _, TaskManager = _lm_eval()
     paths = _include_paths(include_path, option)
+    check_task_files(include_path, allow_code, code_option)
     if not tasks:
         raise LisaError(f"{where}: no task given")
     local = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
@@ -100,14 +176,17 @@ def _quiet_lm_eval(progress: bool) -> Iterator[None]:
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: str | None = None, *, limit: int | None = None,
                    batch_size: int = 8, data: DataConfig | None = None, log_samples: bool = False, progress: bool = True,
-                   where: str = "tasks", option: str = "include path") -> dict:
+                   where: str = "tasks", option: str = "include path", allow_code: bool = False,
+                   code_option: str = "allow_code=True") -> dict:
     """lm_eval.simple_evaluate of `tasks` on `model` (train mode restored after); lm-eval's result dict.
 
     data: a run's data section; if it is GSM, the shipped tasks ask its held-out problems (else the default
     section's, those of `lisatune eval --format gsm`). progress: lm-eval's progress bars. `where`/`option`:
-    the names of the task list and the include path in errors (e.g. train.eval_tasks)."""
+    the names of the task list and the include path in errors (e.g. train.eval_tasks). allow_code: run the
+    `!function` code of task files under include_path (the user's opt-in, named `code_option`)."""
     lm_eval, HFLM, _ = _lm_eval()
-    manager = task_manager(tasks, include_path, task_metadata(tokenizer, data), where, option)
+    manager = task_manager(tasks, include_path, task_metadata(tokenizer, data), where, option, allow_code,
+                           code_option)
     was_training = model.training
     with _quiet_lm_eval(progress):
         try:
@@ -116,6 +195,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: str | None 
                 lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=log_samples,
                 apply_chat_template=bool(tokenizer.chat_template), random_seed=None, numpy_random_seed=None,
                 torch_random_seed=None)
+        except (ImportError, SyntaxError) as e:  # a task's `!function` module that does not import
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LisaError(f"{where}: an lm-eval task's code does not import ({type(e).__name__}: {line})") from None
         finally:
             model.train(was_training)
 

@@ -60,6 +60,9 @@ class TrainOptions(BaseModel):
     # lisatune_gsm (generation) and lisatune_gsm_mc (log-likelihood), tasks in eval_include_path, lm-eval's.
     eval_tasks: list[StrictStr] = []
     eval_include_path: str | None = None  # a folder of lm-eval task YAML files
+    # Their `!function` entries import and run Python from that folder: refused unless this opt-in is true
+    # (as a model's trust_remote_code).
+    eval_allow_task_code: StrictBool = False
     eval_limit: Steps | None = None  # documents per task (none: every one)
     save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
     # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
@@ -108,6 +111,9 @@ class TrainOptions(BaseModel):
     def _harness(self):
         if self.eval_include_path is not None and not self.eval_tasks:
             raise ValueError("eval_include_path: set train.eval_tasks too (the tasks to run from it)")
+        if self.eval_allow_task_code and self.eval_include_path is None:
+            raise ValueError("eval_allow_task_code: it allows the code of task files in train.eval_include_path, "
+                             "which is not set")
         return self
 
     @field_validator("max_grad_norm")

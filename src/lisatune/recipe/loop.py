@@ -182,7 +182,7 @@ def setup(cfg: BaseModel) -> Run | dict:
     check_sinks(t.sinks())  # what is not installed is found before the model loads, not after
     if t.eval_tasks:  # an unknown task too, not at the first evaluation
         on_rank0(lambda: harness.task_manager(t.eval_tasks, t.eval_include_path, where="train.eval_tasks",
-                                              option="train.eval_include_path"))
+                                              option="train.eval_include_path", **task_code(t)))
 
     mixed = t.precision == "bf16-mixed"
     model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "bf16"}) if mixed else cfg.model)
@@ -340,10 +340,15 @@ def evaluate(run: Run, at: int) -> dict:
         res |= on_rank0(lambda: harness.run_tasks(
             run.model, run.tokenizer, t.eval_tasks, t.eval_include_path, limit=t.eval_limit,
             batch_size=t.eval_batch_size, data=run.cfg.data, progress=False, where="train.eval_tasks",
-            option="train.eval_include_path"))
+            option="train.eval_include_path", **task_code(t)))
     run.metrics.write(at, **res)
     run.eval_seconds += time.perf_counter() - tick
     return res
+
+
+def task_code(t) -> dict:
+    """Whether lm-eval task files may run their `!function` code: the run's opt-in, and its name in errors."""
+    return {"allow_code": t.eval_allow_task_code, "code_option": "train.eval_allow_task_code: true"}
 
 
 def checkpoint(run: Run) -> Path:
