@@ -108,7 +108,7 @@ def record_lrs(opt):
 
     def step(closure=None):
         group_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-        seen.append({u: {group_of[id(p)] for _, p in opt._units[u]} for u in opt._active})
+        seen.append({u: {group_of[id(p)] for _, p in opt.units.params[u]} for u in opt.active})
         seen[-1]["always"] = {group_of[id(p)] for g in opt.param_groups[:2] for p in g["params"]}
         return inner_step(closure)
 

@@ -14,7 +14,7 @@ BF16 = torch.bfloat16
 def trained(opt):
     """The model's parameters trained now: the always-on set and the active units."""
     always = [p for n, p in opt.layers.embedding + opt.layers.head + opt.layers.norm]
-    return always + [p for u in opt._active for _, p in opt._units[u]]
+    return always + [p for u in opt.active for _, p in opt.units.params[u]]
 
 
 def adam_bytes(ps):

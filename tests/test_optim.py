@@ -111,13 +111,13 @@ def test_offloaded_state_is_restored_on_reactivation():
     opt = LisaAdamW(model, n_layers=1, interval=1, lr=1e-3, state_policy="offload", policy="cyclic")
     data = batches(7)
     train(model, opt, data[:2])
-    parked = dict(opt._parked)
+    parked = dict(opt.parked_states())
     assert len(parked) == 2 * 9 and all(int(st["step"]) == 1 for st in parked.values())  # 2 blocks of 9 tensors
     train(model, opt, data[2:3])  # the third block's turn; then a new cycle reactivates a parked block
     p = opt.layers.blocks[opt.active_layers[0]][0][1]
-    assert int(opt.state[p]["step"]) == 1 and opt._name[id(p)] not in opt._parked
+    assert int(opt.state[p]["step"]) == 1 and opt.name_of(p) not in opt.parked_states()
     train(model, opt, data[3:4])
-    st = opt.state[p] if p in opt.state else opt._parked[opt._name[id(p)]]
+    st = opt.state[p] if p in opt.state else opt.parked_states()[opt.name_of(p)]
     assert int(st["step"]) == 2  # continued, not restarted
 
 

@@ -53,9 +53,9 @@ def test_state_bytes_are_8bit_for_the_always_on_set_and_fp32_for_blocks_at_every
     opt = LisaAdamW(model, n_layers=2, interval=3, lr=1e-2, embed_head_state="8bit", seed=1)
     assert opt.state_bytes() == 0
     for x in batches(12, vocab=VOCAB):
-        stepped = [p for u in opt._active for _, p in opt._units[u]]
+        stepped = [p for u in opt.active for _, p in opt.units.params[u]]
         train(model, opt, [x])
-        kept = [p for p in stepped if any(p is q for u in opt._active for _, q in opt._units[u])]
+        kept = [p for p in stepped if any(p is q for u in opt.active for _, q in opt.units.params[u])]
         assert opt.state_bytes() == eight_bit_bytes(always_on(opt)) + adam_bytes(kept)
         assert opt.history[-1]["state_bytes"] >= opt.state_bytes()
     emb = opt.layers.embedding[0][1]

@@ -22,16 +22,16 @@ def test_each_block_splits_into_its_matrix_submodules(arch):
     path = opt.layers.blocks_path
     for u, name in enumerate(opt.unit_names):
         i, sub = name.removeprefix("block").split(".")
-        owners = {n.removeprefix(f"{path}.{i}.").split(".")[0] for n, _ in opt._units[u]}
+        owners = {n.removeprefix(f"{path}.{i}.").split(".")[0] for n, _ in opt.units.params[u]}
         assert owners == {sub, *shared}
     every = {id(p) for b in opt.layers.blocks for _, p in b}
-    assert {id(p) for u in opt._units for _, p in u} == every
+    assert {id(p) for u in opt.units.params for _, p in u} == every
 
 
 def test_block_units_are_unchanged_by_default():
     opt = LisaAdamW(tiny_model(n_layers=3), n_layers=2)
     assert opt.unit_names == ["block0", "block1", "block2"]
-    assert [[n for n, _ in u] for u in opt._units] == [[n for n, _ in b] for b in opt.layers.blocks]
+    assert [[n for n, _ in u] for u in opt.units.params] == [[n for n, _ in b] for b in opt.layers.blocks]
 
 
 def changed(before, model):
@@ -54,7 +54,7 @@ def test_only_the_active_units_and_their_blocks_norms_train():
                        or n.startswith(f"{path}.{i}.") and "layernorm" in n}
         assert changed(before, model) == expect, f"switch {switch}: {active}"
     train(model, opt, batches(1))
-    held = {opt._name[id(p)] for p in opt.state}  # frozen units' state is freed, shared norms' kept
+    held = {opt.name_of(p) for p in opt.state}  # frozen units' state is freed, shared norms' kept
     assert held == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -72,7 +72,7 @@ def test_a_norm_shared_across_a_switch_keeps_its_state_and_lr():
     stayed = {id(p) for g in opt.param_groups[2:4] for p in g["params"]}
     assert id(norm) in stayed and id(norm) not in ramped
     (u,) = seq[hand]
-    assert {id(p) for _, p in opt._units[u] if p.ndim >= 2} <= ramped  # the unit that just activated ramps
+    assert {id(p) for _, p in opt.units.params[u] if p.ndim >= 2} <= ramped  # the unit that just activated ramps
 
 
 @pytest.mark.parametrize("interval", [1, 3])

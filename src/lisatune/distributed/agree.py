@@ -1,15 +1,18 @@
-"""All ranks hold the same active set: proved with one small collective, installed as a global switch hook.
+"""All ranks hold the same active set: proved with one small collective, a switch hook on the optimizer.
 
-Every rank computes the same active sets (the sampler is a pure function of seed and switch index). Importing
-lisatune.distributed registers `verify_active_set` with every LisaOptimizer, so it runs at construction, at
-every switch and after load_state_dict, and raises LisaError naming the ranks that disagree instead of letting
-them hang or silently train different layers. It costs nothing outside torch.distributed.
+Every rank computes the same active sets (the sampler is a pure function of seed and switch index).
+`attach_rank_check` registers `verify_active_set` on one optimizer (LisaAdamW does it when it is built under
+torch.distributed, LisaDDP for an optimizer that lacks it), so it runs at once, at every switch and after
+load_state_dict, and raises LisaError naming the ranks that disagree instead of letting them hang or silently
+train different layers. It costs nothing outside torch.distributed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.distributed as dist
+from torch.utils.hooks import RemovableHandle
 
 from ..engine import LisaOptimizer
 from ..errors import LisaError
@@ -38,8 +41,12 @@ def verify_active_set(opt: LisaOptimizer, group=None) -> None:
                     f"LISA settings and step together): {lines}")
 
 
-def _check(opt: LisaOptimizer) -> None:
-    verify_active_set(opt, opt.process_group)
-
-
-HANDLE = LisaOptimizer.register_global_switch_hook(_check)
+def attach_rank_check(opt: LisaOptimizer, group=None) -> RemovableHandle | None:
+    """Check now and at every switch that the ranks of `group` agree; the handle is kept as `opt.rank_check`.
+    Nothing to do outside torch.distributed, or when `opt` already has its check."""
+    if not initialized() or getattr(opt, "rank_check", None) is not None:
+        return None
+    check = functools.partial(verify_active_set, group=group)
+    check(opt)
+    opt.rank_check = opt.register_switch_hook(check)
+    return opt.rank_check

@@ -13,6 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from ..engine import LisaOptimizer
 from ..errors import LisaError
+from .agree import attach_rank_check
 
 
 class LisaDDP(nn.Module):
@@ -39,6 +40,7 @@ class LisaDDP(nn.Module):
         for bad in ("find_unused_parameters", "static_graph"):
             if ddp_kwargs.get(bad):
                 raise LisaError(f"LisaDDP re-wraps at each switch and needs no {bad}")
+        attach_rank_check(optimizer)  # (LisaAdamW has it already; a bare engine optimizer gets it here)
         self.module = model
         self.optimizer = optimizer
         self.comm_hook = comm_hook

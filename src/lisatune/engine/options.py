@@ -44,7 +44,8 @@ class LisaConfig(Options):
     activation_warmup: StrictInt = 0
     # Optimizer state of the always-on set (groups 0, 1): fp32 AdamW, or 8-bit blockwise AdamW (bitsandbytes).
     embed_head_state: Literal["fp32", "8bit"] = "fp32"
-    # How frozen blocks' nn.Linear weights are held: as they are, or quantized (lisatune.quant, bitsandbytes).
+    # How frozen blocks' nn.Linear weights are held: as they are, or quantized (bitsandbytes; held by LisaAdamW,
+    # which attaches the quantization to its instance: the engine alone holds weights as given).
     frozen_weights: Literal["full", "int8", "nf4"] = "full"
 
     @model_validator(mode="before")

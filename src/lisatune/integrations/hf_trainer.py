@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..engine import LisaAdamW
+from ..optimizer import LisaAdamW
 
 
 def lisa_optimizers(model, args, **lisa_options) -> tuple[LisaAdamW, None]:

@@ -3,12 +3,13 @@
 Importing this package registers every method (in this order: the CLI and errors list them so).
 """
 from ..engine import LisaConfig
+from ..optimizer import LisaAdamW
 from .base import METHODS, Method, block_linears, build_method
 from .full import Full
 from .lora import Lora, LoraOptions, default_targets
 from .galore import Galore, GaloreOptions
 from .lisa import Lisa, LisaRecipe
 
-__all__ = ["METHODS", "Method", "Full", "Lora", "Galore", "Lisa", "LoraOptions", "GaloreOptions", "LisaConfig",
+__all__ = ["METHODS", "Method", "Full", "Lora", "Galore", "Lisa", "LoraOptions", "GaloreOptions", "LisaAdamW", "LisaConfig",
            "LisaRecipe",
            "build_method", "block_linears", "default_targets"]

@@ -1,9 +1,10 @@
 """LISA: the engine (LisaAdamW) behind the common method interface; options are a LisaRecipe."""
 from __future__ import annotations
 
-from .. import quant  # noqa: F401  (installs lisa.frozen_weights: int8 | nf4, a switch hook)
 from ..engine import LisaConfig, LisaOptimizer, reject_peft, unwrap
+from ..optimizer import LisaAdamW
 from .base import Method
+
 
 class LisaRecipe(LisaConfig):
     """The engine's options with lisatune's default lr for the always-on set; `embed_head_lr: null` (or 1.0) is
@@ -31,11 +32,11 @@ class Lisa(Method):
         return model
 
     def make_optimizer(self, model, hyper):
-        return LisaOptimizer(model, self.options, **hyper)
+        return LisaAdamW(model, self.options, **hyper)
 
     def master_optimizer(self, model, hyper):
         # fp32 masters and state for the active set only: the engine makes and frees them at the switches
-        return LisaOptimizer(model, self.options, master_weights=True, **hyper)
+        return LisaAdamW(model, self.options, master_weights=True, **hyper)
 
     def status(self, optimizer):
         opt = optimizer

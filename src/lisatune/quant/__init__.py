@@ -1,7 +1,7 @@
 """Quantized memory for LISA: frozen blocks' nn.Linear weights held in int8 / nf4 (`lisa.frozen_weights`).
 
-Importing it installs the engine's global switch hook that does the work (lisatune's `lisa` method imports it).
+Nothing happens on import: LisaAdamW attaches FrozenWeights to the optimizer instance it builds.
 """
-from .frozen import FrozenWeights, quantize_linears
+from .frozen import FrozenWeights, attach_frozen_weights, quantize_linears
 
-__all__ = ["FrozenWeights", "quantize_linears"]
+__all__ = ["FrozenWeights", "attach_frozen_weights", "quantize_linears"]

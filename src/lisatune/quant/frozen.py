@@ -1,6 +1,7 @@
 """`lisa.frozen_weights: int8 | nf4`: frozen blocks' nn.Linear weights live quantized (bitsandbytes).
 
-A global switch hook of the engine (at construction, at each switch and after load_state_dict): every nn.Linear
+A switch hook on one optimizer instance (attach_frozen_weights: at once, at each switch and after
+load_state_dict), registered by whoever builds the optimizer (LisaAdamW): every nn.Linear
 of a frozen block is replaced in its parent by a bitsandbytes Linear8bitLt (int8, threshold 0) or Linear4bit
 (nf4) built from its high-precision weight; an active block gets its original nn.Linear back, with the same
 Parameter objects the optimizer holds, so it trains exactly as with `full`. The high-precision copies live in
@@ -13,8 +14,8 @@ touched: state_bytes() is the same as with `full`.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,11 @@ def quantized_weight(bnb, w: torch.Tensor, kind: str, device: torch.device) -> n
     else:
         q = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
     return q.to(device)
+
+
+def requantize(w: torch.Tensor, kind: str, device: torch.device) -> nn.Parameter:
+    """quantized_weight without a module object to carry (a partial of it stays deep-copyable)."""
+    return quantized_weight(_bitsandbytes(kind), w, kind, device)
 
 
 def quantized_module(cls: type, lin: nn.Linear, kind: str, dtype: torch.dtype) -> nn.Module:
@@ -116,8 +122,8 @@ class _FullStateDict:
 class FrozenWeights:
     """The quantized frozen blocks of one LisaOptimizer (its `frozen_weights` attribute)."""
 
-    def __init__(self, opt: LisaOptimizer):
-        self.kind = kind = opt.config.frozen_weights
+    def __init__(self, opt: LisaOptimizer, kind: str):
+        self.kind = kind
         sharded = next((n for b in opt.layers.blocks for n, p in b if hasattr(p, "to_local")), None)
         if sharded:
             raise LisaError(f"lisa.frozen_weights: {kind} does not support FSDP2 (sharded) parameters ({sharded})")
@@ -157,7 +163,9 @@ class FrozenWeights:
             w.data = host  # the device copy is freed
             q = quantized_module(self._cls, lin, self.kind, w.dtype)
             q.__dict__["lisa_full"] = w  # not registered: the model's parameters are the quantized ones
-            q.__dict__["lisa_quantize"] = lambda full, name=name: self._quantize(name, full)
+            # a partial, not a method of self: a reference from the model back here would be a cycle that keeps
+            # every block alive after `del model, opt` until the garbage collector runs
+            q.__dict__["lisa_quantize"] = functools.partial(requantize, kind=self.kind, device=self._device[name])
             q.weight = self._quantize(name, host)
             setattr(parent, attr, q)
         self._quantized.add(i)
@@ -187,15 +195,15 @@ class FrozenWeights:
                 self._freeze(i)
 
 
-def _on_switch(opt: Any) -> None:
-    if opt.config.frozen_weights == "full":
-        return
-    if opt.frozen_weights is None:
-        opt.frozen_weights = FrozenWeights(opt)
-    opt.frozen_weights.sync(opt)
+def _not_cast_note(record: logging.LogRecord) -> bool:
+    # Int8 matmuls cast fp32/bf16 inputs to fp16 by design; bitsandbytes logs that on every call.
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-# Int8 matmuls cast fp32/bf16 inputs to fp16 by design; bitsandbytes logs that on every call.
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda r: not r.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
-_handle = LisaOptimizer.register_global_switch_hook(_on_switch)
+def attach_frozen_weights(opt: LisaOptimizer, kind: str) -> FrozenWeights:
+    """Hold `opt`'s frozen blocks quantized from now on: synced at once, at every switch and after loading."""
+    fw = FrozenWeights(opt, kind)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_note)  # (once: filters are a set)
+    fw.sync(opt)
+    opt.register_switch_hook(fw.sync)
+    return fw

@@ -35,7 +35,7 @@ from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, 
 from .evaluate import eval_loss, gsm_accuracy
 from .loss import pick_loss, standard_loss
 from .metrics import Metrics, NoMetrics, check_sinks
-from .models import load_model, save_model
+from .models import check_positions, load_model, save_model
 from .packing import check_packing
 from .progress import bar, console
 from .run_dir import create_run_dir, describe_eval, start, write_summary
@@ -187,6 +187,7 @@ def setup(cfg: BaseModel) -> Run | dict:
     mixed = t.precision == "bf16-mixed"
     model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "bf16"}) if mixed else cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer)
+    check_positions(model, train_set + val_set, cfg.data.max_length, "data.max_length")
     if len(train_set) < t.batch_size * world:
         raise LisaError(f"data: {len(train_set)} {'packed sequences' if cfg.data.packing else 'training examples'}, "
                         f"fewer than train.batch_size={t.batch_size}" + (f" × {world} processes" if world > 1 else ""))
@@ -288,7 +289,7 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
 def no_switch_log(record: logging.LogRecord) -> bool:
     """A log filter dropping LisaOptimizer's switch line. Its checkpoints pair step s with the active set
     sampled for s // K, so it samples at every K-th step, the last one too; the recipe hides that one."""
-    return record.funcName != "_switch"
+    return not hasattr(record, "lisa_switch")  # the engine tags its switch line so
 
 
 def lr_cause(run: Run) -> str:

@@ -1,0 +1,26 @@
+"""LisaAdamW: the engine's LisaOptimizer with what lives above the engine attached to the instance it builds.
+
+    opt = LisaAdamW(model, n_layers=2, interval=20, lr=1e-5, frozen_weights="nf4")
+
+* `frozen_weights: int8 | nf4`: the frozen blocks' linears held quantized (lisatune.quant's FrozenWeights, kept
+  as `opt.frozen_weights`, synced at every switch);
+* under torch.distributed, the check that every rank holds the same active set (`opt.rank_check`).
+This is the optimizer `lisatune train`, the Trainer integration and the README use; the engine alone is
+LisaOptimizer, which holds weights as they are.
+"""
+from __future__ import annotations
+
+from .distributed.agree import attach_rank_check
+from .engine import LisaConfig, LisaOptimizer
+from .quant.frozen import attach_frozen_weights
+
+
+class LisaAdamW(LisaOptimizer):
+    holds = ("full", "int8", "nf4")
+
+    def __init__(self, model, config: LisaConfig | None = None, **kwargs):
+        super().__init__(model, config, **kwargs)
+        kind = self.config.frozen_weights
+        self.frozen_weights = attach_frozen_weights(self, kind) if kind != "full" else None
+        self.rank_check = None
+        attach_rank_check(self)
