@@ -314,3 +314,49 @@ def test_the_opt_in_without_an_include_path_is_refused(tmp_path, assets, capsys)
                     "--allow-task-code allows the code of task files under --include-path, which is not given")
     cfg = write_config(tmp_path, assets, eval_tasks=["lisatune_gsm"], eval_allow_task_code=True)
     assert_one_line(*cli(capsys, "train", cfg)[::2], "train.eval_allow_task_code: it allows the code of task files")
+
+
+# -- 6. max_length against the model's positions ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2_128(tmp_path_factory):
+    """A GPT-2 with 128 learned positions (an example longer than that is an IndexError at the forward), and data
+    with one example of several hundred tokens."""
+    from conftest import RECORDS, tiny_tokenizer
+    from lisatune.analysis.tiny import tiny_config
+    root = tmp_path_factory.mktemp("gpt2")
+    tok = tiny_tokenizer(chat=True)
+    cfg = tiny_config("gpt2", 2, max_positions=128)
+    cfg.vocab_size = len(tok)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    long = {"instruction": "Repeat.", "output": " ".join(["the answer is five"] * 120)}
+    (root / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS + [long]))
+    return root
+
+
+def test_max_length_beyond_the_models_positions_is_one_line(tmp_path, assets, gpt2_128, capsys):
+    cfg = write_config(tmp_path, assets, data={"path": str(gpt2_128 / "long.jsonl"), "max_length": 1024})
+    line = assert_one_line(*cli(capsys, "train", cfg, "--set", f"model.source={gpt2_128 / 'model'}")[::2],
+                           "data.max_length: 1024 tokens, but the model has 128 positions (n_positions in its config)")
+    assert "set data.max_length <= 128" in line
+    assert not (tmp_path / "run").exists()
+    before = snapshot(tmp_path)
+    assert_one_line(*cli(capsys, "eval", gpt2_128 / "model", "--format", "alpaca", "--data",
+                         gpt2_128 / "long.jsonl", "--max-length", "1024")[::2],
+                    "--max-length: 1024 tokens, but the model has 128 positions")
+    assert snapshot(tmp_path) == before
+    rc, out, err = cli(capsys, "eval", gpt2_128 / "model", "--format", "alpaca", "--data", gpt2_128 / "long.jsonl",
+                       "--max-length", "128")  # within the positions: the long example is dropped, as always
+    assert rc == 0, err
+
+
+def test_a_rotary_model_beyond_its_positions_warns_in_one_line(caplog):
+    from lisatune.analysis.tiny import tiny_model
+    from lisatune.recipe.models import check_positions
+    long = [{"input_ids": list(range(200))}]
+    check_positions(tiny_model("llama", 2, max_positions=128), long, 256, "data.max_length")  # runs on: no error
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.max_length: 256 tokens, but the model has 128 positions (max_position_embeddings in its config) and "
+        "an example is 200 tokens long: positions beyond those it was trained on"]
+    with pytest.raises(Exception, match="set data.max_length <= 128"):
+        check_positions(tiny_model("gpt2", 2, max_positions=128), long, 256, "data.max_length")

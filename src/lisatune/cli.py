@@ -22,7 +22,7 @@ from .recipe.config import load_config
 from .recipe.evaluate import eval_loss, gsm_accuracy
 from .recipe.generate import register as register_generate
 from .recipe.loop import Interrupted, train
-from .recipe.models import ModelConfig, load_model
+from .recipe.models import ModelConfig, check_positions, load_model
 from .recipe.progress import console
 from .recipe.run_dir import describe_eval
 from .schema import OneLineParser, cli_column, cli_int, os_reason, read_text
@@ -110,6 +110,7 @@ def cmd_eval(args) -> int:
         model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
         train, val = load_splits(dcfg, tok)
         examples = (val if args.format == "gsm" else train + val)[: args.max_examples]
+        check_positions(model, examples, dcfg.max_length, "--max-length")
         res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)
         if args.format == "gsm" and args.gsm_samples:
             acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)

@@ -308,6 +308,47 @@ def _plain_copy(quantized):
     return model.eval()  # as from_pretrained returns it
 
 
+# Where a config keeps the number of positions the model can embed (learned position tables index by position);
+# GPT-2's own key first (its config also answers to max_position_embeddings, an alias).
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(model) -> tuple[int, str] | None:
+    """(the model's longest sequence, the config key saying so), or None where the config gives none."""
+    config = getattr(unwrap(model), "config", None)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def learned_positions(model, limit: int) -> bool:
+    """Whether the model looks positions up in a table (GPT-2's wpe, OPT's embed_positions, with its offset of 2):
+    a longer sequence is then an IndexError. Rotary models compute positions and run on, beyond their training."""
+    model = unwrap(model)
+    tokens = model.get_input_embeddings()
+    return any(isinstance(m, torch.nn.Embedding) and m is not tokens and limit <= m.num_embeddings <= limit + 2
+               for m in model.modules())
+
+
+def check_positions(model, examples: list[dict], max_length: int, field: str) -> None:
+    """No example (or packed sequence) may be longer than a position table has rows: it would fail at the first
+    forward (an IndexError inside the position embedding), or later, in the middle of a run. Rotary models only
+    warn: they run beyond max_position_embeddings, on positions they were not trained on."""
+    limit = position_limit(model)
+    if limit is None or max_length <= limit[0]:
+        return
+    longest = max((len(e["input_ids"]) for e in examples), default=0)
+    if longest <= limit[0]:
+        return
+    what = (f"{field}: {max_length} tokens, but the model has {limit[0]} positions ({limit[1]} in its config) and "
+            f"an example is {longest} tokens long")
+    if learned_positions(model, limit[0]):
+        raise LisaError(f"{what}; set {field} <= {limit[0]}")
+    log.warning("%s: positions beyond those it was trained on", what)
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write a Hugging Face model directory (safetensors) atomically; replaces an existing model
     directory (the old one is deleted only once the new one is in place)."""
