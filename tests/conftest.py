@@ -1,8 +1,22 @@
 """Tiny models built from configs (no network), shared by the tests."""
 import json
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read once, when `datasets` is imported: never the Hub
+
+# Everything the suite and its subprocesses put in a temp folder (pytest's tmp_path, torch.multiprocessing's
+# error files, torchrun's torchelastic_* folders) goes under one folder, removed when the session ends.
+SYSTEM_TMP = tempfile.gettempdir()
+SUITE_TMP = tempfile.mkdtemp(prefix="lisatune-tests-")
+os.environ["TMPDIR"] = SUITE_TMP
+tempfile.tempdir = None  # read TMPDIR again
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SUITE_TMP, ignore_errors=True)
+
 
 import datasets
 import pytest

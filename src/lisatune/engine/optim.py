@@ -81,6 +81,9 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.config = cfg = config
         self.layers = find_layers(model, cfg.blocks_path)
         self.units = units = build_units(self.layers, cfg)
+        # Where masters, parked state and quantized weights are made; a model moved since is caught at step().
+        self._probe = next(n for n, _ in model.named_parameters())
+        self._device = model.get_parameter(self._probe).device
         self.sampler = Sampler(len(units), cfg.n_layers, cfg.policy, cfg.probability_list(), cfg.seed)
         check_master_weights(master_weights, units.trainable())
         self.master_weights = master_weights
@@ -115,6 +118,10 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     # -- the algorithm ---------------------------------------------------------------
     def step(self, closure: Callable | None = None):
+        moved = self.module.get_parameter(self._probe).device
+        if moved != self._device:
+            raise LisaError(f"the model moved to {moved} after LisaAdamW was built on {self._device}: "
+                            "build the optimizer after model.to(device)")
         with warmup(self.param_groups, self.config, self._step):
             if self.master_weights or self.embed_head_optimizer is not None:
                 loss = None

@@ -1,0 +1,43 @@
+"""Device invariants of the CUDA path, guarded on CPU: a model moved after the optimizer was built is one
+line at the next step; the Trainer path puts the model on its device first and refuses several processes;
+offloading parked state never moves AdamW's `step` counter (fused/capturable AdamW keep it on the device)."""
+import pytest
+import torch
+import transformers as T
+from conftest import batches, tiny_model, train
+
+from lisatune import LisaAdamW, LisaError
+from lisatune.engine.parking import Parking
+from lisatune.integrations.hf_trainer import lisa_optimizers
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_a_model_moved_after_the_optimizer_was_built_is_one_line_at_the_next_step(master):
+    model = tiny_model(n_layers=3, dtype=torch.bfloat16 if master else torch.float32)
+    opt = LisaAdamW(model, n_layers=1, interval=2, lr=1e-3, master_weights=master)
+    train(model, opt, batches(1))
+    model.to("meta")  # stands for .to("cuda") after the optimizer exists
+    with pytest.raises(LisaError, match=r"^the model moved to meta after LisaAdamW was built on cpu: build the "
+                                        r"optimizer after model.to\(device\)$"):
+        opt.step()
+
+
+def test_the_trainer_path_moves_the_model_first_and_refuses_several_processes(tmp_path, monkeypatch):
+    args = T.TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    model = tiny_model(n_layers=2)
+    moved = []
+    monkeypatch.setattr(type(model), "to", lambda self, *a, **k: moved.append(a) or self)
+    opt, _ = lisa_optimizers(model, args, n_layers=1, interval=2)
+    assert moved == [(args.device,)] and opt.steps_done == 0
+    monkeypatch.setattr(T.TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(LisaError, match=r"^lisa_optimizers: the Trainer under 2 processes would not synchronise"):
+        lisa_optimizers(tiny_model(n_layers=2), args, n_layers=1, interval=2)
+
+
+def test_offload_leaves_the_step_counter_where_the_optimizer_keeps_it():
+    step = torch.tensor(3.0, device="meta")  # stands for fused AdamW's counter on the GPU: it must not move
+    parking = Parking("offload")
+    parking.park("w", {"step": step, "exp_avg": torch.ones(2)})
+    assert parking.states["w"]["step"] is step
+    back = parking.restore("w", torch.zeros(2))
+    assert back["step"] is step and torch.equal(back["exp_avg"], torch.ones(2)) and not parking.states
