@@ -311,9 +311,10 @@ def test_a_broken_task_file_is_one_line_naming_it(tmp_path, assets, capsys, cont
 
 def test_the_opt_in_without_an_include_path_is_refused(tmp_path, assets, capsys):
     assert_one_line(*cli(capsys, "eval", assets / "model", "--tasks", "lisatune_gsm", "--allow-task-code")[::2],
-                    "--allow-task-code allows the code of task files under --include-path, which is not given")
+                    "--allow-task-code has no effect without --include-path (it allows the code of task files there)")
     cfg = write_config(tmp_path, assets, eval_tasks=["lisatune_gsm"], eval_allow_task_code=True)
-    assert_one_line(*cli(capsys, "train", cfg)[::2], "train.eval_allow_task_code: it allows the code of task files")
+    assert_one_line(*cli(capsys, "train", cfg)[::2], "train.eval_allow_task_code has no effect without "
+                    "train.eval_include_path")
 
 
 # -- 6. max_length against the model's positions ------------------------------------------------------------------
@@ -360,3 +361,48 @@ def test_a_rotary_model_beyond_its_positions_warns_in_one_line(caplog):
         "an example is 200 tokens long: positions beyond those it was trained on"]
     with pytest.raises(Exception, match="set data.max_length <= 128"):
         check_positions(tiny_model("gpt2", 2, max_positions=128), long, 256, "data.max_length")
+
+
+# -- 7. an option given where it has no effect is refused (one validation step) -----------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (["data.split=test"], "data.split has no effect with data.path '{assets}/train.jsonl', a single file (one split"),
+    (["data.val_split=test"], "data.val_split has no effect without data.val_path"),
+    (["data.val_fraction=0", "data.val_path={assets}/train.jsonl", "data.val_split=dev"],
+     "data.val_split has no effect with data.val_path '{assets}/train.jsonl', a single file"),
+    (["train.eval_limit=5"], "train.eval_limit has no effect without train.eval_tasks"),
+])
+def test_a_train_option_without_effect_is_refused(tmp_path, assets, capsys, overrides, message):
+    cfg = write_config(tmp_path, assets)
+    args = [a for o in overrides for a in ("--set", o.format(assets=assets))]
+    assert_one_line(*cli(capsys, "train", cfg, *args)[::2], message.format(assets=assets) + "")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gsm_split_and_a_saved_configs_defaults_are_told_apart(tmp_path, assets, capsys):
+    from lisatune.recipe.config import TrainConfig, validate_config
+    with pytest.raises(Exception, match="data.split has no effect with format gsm"):
+        load_config(None, ["data.split=test"])
+    # A saved config.yaml names every option, at its default: that is not "given where it has no effect".
+    cfg = load_config(str(write_config(tmp_path, assets)), [])
+    assert validate_config(cfg.model_dump(mode="json"), "config.yaml") == cfg
+    assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "alpaca", "--data", "{assets}/train.jsonl", "--split", "test"],
+     "--split has no effect with --data '{assets}/train.jsonl', a single file (one split: all of it)"),
+    (["--tasks", "lisatune_gsm", "--split", "test"], "--split has no effect with --tasks"),
+    (["--tasks", "lisatune_gsm", "--max-examples", "3"], "--max-examples has no effect with --tasks (--limit N"),
+    (["--tasks", "lisatune_gsm", "--format", "gsm"], "--format has no effect with --tasks"),
+    (["--tasks", "lisatune_gsm", "--max-length", "64"], "--max-length has no effect with --tasks"),
+    (["--tasks", "lisatune_gsm", "--gsm-samples", "2"], "--gsm-samples has no effect with --tasks"),
+    (["--format", "alpaca", "--data", "{assets}/train.jsonl", "--gsm-samples", "2"],
+     "--gsm-samples has no effect with format alpaca"),
+    (["--limit", "2"], "--limit has no effect without --tasks"),
+    (["--columns", "instruction=q"], "--columns has no effect with format gsm"),
+])
+def test_an_eval_option_without_effect_is_refused(tmp_path, assets, capsys, args, message):
+    before = snapshot(tmp_path)
+    assert_one_line(*cli(capsys, "eval", assets / "model", *[a.format(assets=assets) for a in args])[::2],
+                    message.format(assets=assets))
+    assert snapshot(tmp_path) == before

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from .analysis.commands import register as register_analysis
 from .data import DataConfig, gsm_eval_items, load_splits
-from .data.sources import OWN_READER
+from .data.sources import FILE_SUFFIXES, OWN_READER
 from .errors import LisaError
 from .integrations import harness
 from .recipe.checkpoint import latest_checkpoint
@@ -25,10 +25,11 @@ from .recipe.loop import Interrupted, train
 from .recipe.models import ModelConfig, check_positions, load_model
 from .recipe.progress import console
 from .recipe.run_dir import describe_eval
-from .schema import OneLineParser, cli_column, cli_int, os_reason, read_text
+from .schema import OneLineParser, cli_column, cli_int, no_effect, os_reason, read_text
 from .study import register as register_study
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+GSM_SAMPLES = 16  # lisatune eval --gsm-samples' default
 
 
 def train_command(args, resume: bool) -> str:
@@ -81,11 +82,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def eval_ignored(args) -> str | None:
+    """What `lisatune eval` was given that would do nothing, as one line (else None): the loss options with
+    --tasks, lm-eval's without, a split of a single file, the GSM options with another format."""
+    tasks, fmt = args.tasks is not None, args.format or "gsm"
+    single = args.data is not None and (Path(args.data).suffix.lower() in FILE_SUFFIXES or Path(args.data).is_file())
+    with_tasks = "with --tasks (lm-eval tasks bring their own documents, prompts and lengths)"
+    return no_effect([
+        (tasks and args.format is not None, "--format", with_tasks),
+        (tasks and args.data is not None, "--data", with_tasks),
+        (tasks and args.split is not None, "--split", with_tasks),
+        (tasks and bool(args.columns), "--columns", with_tasks),
+        (tasks and args.max_length is not None, "--max-length", with_tasks),
+        (tasks and args.max_examples is not None, "--max-examples", "with --tasks (--limit N: documents per task)"),
+        (tasks and args.gsm_samples is not None, "--gsm-samples", "with --tasks (the GSM answers are the task "
+                                                                  "lisatune_gsm)"),
+        (not tasks and args.include_path is not None, "--include-path", "without --tasks (the lm-eval tasks to run)"),
+        (not tasks and args.limit is not None, "--limit", "without --tasks (documents per lm-eval task; the loss's "
+                                                          "is --max-examples)"),
+        (args.allow_task_code and args.include_path is None, "--allow-task-code", "without --include-path (it allows "
+                                                                                  "the code of task files there)"),
+        (not tasks and fmt == "gsm" and args.data is not None, "--data", "with format gsm (it generates its problems)"),
+        (not tasks and fmt == "gsm" and args.split is not None, "--split", "with format gsm (it generates its "
+                                                                           "problems)"),
+        (not tasks and fmt == "gsm" and bool(args.columns), "--columns", "with format gsm (it generates its problems)"),
+        (not tasks and fmt != "gsm" and args.gsm_samples is not None, "--gsm-samples", f"with format {fmt} (it "
+                                                                                       "answers GSM problems)"),
+        (not tasks and single and args.split is not None, "--split", f"with --data '{args.data}', a single file "
+                                                                     "(one split: all of it)"),
+    ])
+
+
 def cmd_eval(args) -> int:
+    ignored = eval_ignored(args)
+    if ignored:
+        raise LisaError(ignored)
     if args.tasks is not None:
         return cmd_eval_tasks(args)
-    if args.include_path or args.limit or args.allow_task_code:
-        raise LisaError("--include-path, --limit and --allow-task-code are for lm-eval tasks: give --tasks too")
     if args.max_examples is not None and args.max_examples < 1:
         raise LisaError(f"--max-examples must be >= 1 (got {args.max_examples})")
     columns: dict[str, str] = {}
@@ -93,27 +126,27 @@ def cmd_eval(args) -> int:
         if field in columns:
             raise LisaError(f"--columns: field '{field}' is given twice")
         columns[field] = column
-    data = {"format": args.format, "max_length": args.max_length, "columns": columns}
+    fmt = args.format or "gsm"
+    data = {"format": fmt, "columns": columns,
+            **({"max_length": args.max_length} if args.max_length is not None else {})}
     if args.split is not None:
         data["split"] = args.split
-    if args.format != "gsm":
+    if fmt != "gsm":
         if not args.data:
-            raise LisaError(f"--data FILE is needed for format '{args.format}'")
+            raise LisaError(f"--data FILE is needed for format '{fmt}'")
         data["path"] = args.data
-    elif args.data or args.split or args.columns:
-        given = next(o for o, v in (("--data", args.data), ("--split", args.split), ("--columns", args.columns)) if v)
-        raise LisaError(f"{given} is for every format but gsm; format 'gsm' generates its problems")
     dcfg = DataConfig.build(**data)  # --split and --columns are data.split and data.columns, read as train reads them
     if dcfg.path is not None and Path(dcfg.path).suffix.lower() in (*OWN_READER, ".txt"):
         read_text(dcfg.path, "--data")  # before the model loads: a missing or binary file is found in no time
     with console():
         model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
         train, val = load_splits(dcfg, tok)
-        examples = (val if args.format == "gsm" else train + val)[: args.max_examples]
+        examples = (val if fmt == "gsm" else train + val)[: args.max_examples]
         check_positions(model, examples, dcfg.max_length, "--max-length")
         res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)
-        if args.format == "gsm" and args.gsm_samples:
-            acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[: args.gsm_samples], batch_size=args.batch_size)
+        gsm_samples = GSM_SAMPLES if args.gsm_samples is None else args.gsm_samples
+        if fmt == "gsm" and gsm_samples:
+            acc = gsm_accuracy(model, tok, gsm_eval_items(dcfg)[:gsm_samples], batch_size=args.batch_size)
             res |= {k: v for k, v in acc.items() if k != "samples"}
     print(json.dumps(res, indent=1))
     return 0
@@ -121,10 +154,6 @@ def cmd_eval(args) -> int:
 
 def cmd_eval_tasks(args) -> int:
     """`lisatune eval MODEL --tasks A,B`: lm-evaluation-harness tasks instead of the loss."""
-    if args.data:
-        raise LisaError("--data is not used with --tasks: lm-eval tasks bring their own documents")
-    if args.allow_task_code and not args.include_path:
-        raise LisaError("--allow-task-code allows the code of task files under --include-path, which is not given")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     names = {"where": "--tasks", "option": "--include-path", "allow_code": args.allow_task_code,
              "code_option": "--allow-task-code"}
@@ -155,17 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="eval loss / perplexity (and GSM exact match), or lm-eval tasks, of a model")
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
-    e.add_argument("--format", default="gsm", choices=get_args(DataConfig.model_fields["format"].annotation))
+    # The loss options default to None, so that one given with --tasks (where it does nothing) is refused.
+    e.add_argument("--format", help="data format (default: gsm)", choices=get_args(DataConfig.model_fields["format"].annotation))
     e.add_argument("--data", help="data file, saved dataset directory or Hub dataset name (every format but gsm)")
     e.add_argument("--split", help="split of a Hub dataset or saved DatasetDict, e.g. test or 'train[:500]' "
                                    "(as data.split; default: train)")
     e.add_argument("--columns", nargs="+", action="extend", type=cli_column, metavar="FIELD=COLUMN",
                    help="the dataset's column for a field of the format, e.g. instruction=prompt (as data.columns)")
-    e.add_argument("--max-length", type=cli_int(8), default=DataConfig.model_fields["max_length"].default,
-                   help="tokens; longer examples are dropped (default: training's, %(default)s)")
+    e.add_argument("--max-length", type=cli_int(8), help="tokens; longer examples are dropped (default: "
+                   f"training's, {DataConfig.model_fields['max_length'].default})")
     e.add_argument("--max-examples", type=int, metavar="N", help="evaluate the loss on the first N examples only")
     e.add_argument("--batch-size", type=cli_int(1), default=8)
-    e.add_argument("--gsm-samples", type=cli_int(0), default=16, help="held-out GSM problems to answer (0: loss only)")
+    e.add_argument("--gsm-samples", type=cli_int(0), help=f"held-out GSM problems to answer (0: loss only; default "
+                   f"{GSM_SAMPLES})")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--tasks", metavar="NAMES", help="lm-evaluation-harness tasks, comma-separated, instead of the "
                    "loss: lisatune_gsm, lisatune_gsm_mc (shipped), or any under --include-path or lm-eval's own")

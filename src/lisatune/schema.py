@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, get_args
+from typing import Annotated, Any, Callable, ClassVar, Iterable, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError
@@ -151,6 +151,12 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         at = f"{where}:{mark.line + 1}" if mark else where
         raise LisaError(f"{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def no_effect(rules: Iterable[tuple[bool, str, str]]) -> str | None:
+    """The one validation step for options given where they do nothing (accepted and ignored, the run would not
+    be the one asked for): `rules` are (given where it has no effect, option, why); the first one's message."""
+    return next((f"{option} has no effect {why}; leave it out" for given, option, why in rules if given), None)
 
 
 def os_reason(e: OSError) -> str:

@@ -5,16 +5,18 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
                       create_model, field_validator, model_validator)
 
 from ..data import DataConfig
+from ..data.sources import FILE_SUFFIXES
 from ..distributed.launch import MODES
 from ..errors import LisaError
 from ..methods import METHODS
-from ..schema import Number, YamlTagError, format_error, parse_yaml, read_yaml
+from ..schema import Number, YamlTagError, format_error, no_effect, parse_yaml, read_yaml
 from .metrics import SINKS
 from .models import ModelConfig
 
@@ -111,9 +113,6 @@ class TrainOptions(BaseModel):
     def _harness(self):
         if self.eval_include_path is not None and not self.eval_tasks:
             raise ValueError("eval_include_path: set train.eval_tasks too (the tasks to run from it)")
-        if self.eval_allow_task_code and self.eval_include_path is None:
-            raise ValueError("eval_allow_task_code: it allows the code of task files in train.eval_include_path, "
-                             "which is not set")
         return self
 
     @field_validator("max_grad_norm")
@@ -166,8 +165,38 @@ class RunConfig(BaseModel):
                              "fsdp shards (none or ddp)")
         return self
 
+    @model_validator(mode="after")
+    def _no_effect(self):
+        train = getattr(self, "train", None)
+        ignored = ignored_options(self.data, train) if train is not None else None
+        if ignored:
+            raise ValueError(ignored)
+        return self
+
     def method_options(self) -> BaseModel | None:
         return getattr(self, self.method, None)
+
+
+def _single_file(path: str | None) -> bool:
+    return path is not None and (Path(path).suffix.lower() in FILE_SUFFIXES or Path(path).is_file())
+
+
+def ignored_options(d: DataConfig, t: TrainOptions) -> str | None:
+    """Options set (to other than their default: a saved config.yaml gives every one) where they do nothing, as
+    one line, else None: the run would silently not be the one asked for."""
+    split = "(one split: all of it; data.split picks one of a Hub dataset or a saved DatasetDict)"
+    return no_effect([
+        (d.split != "train" and d.format == "gsm", "data.split", "with format gsm (it generates its problems)"),
+        (d.split != "train" and _single_file(d.path), "data.split", f"with data.path '{d.path}', a single file {split}"),
+        (d.val_split != "validation" and d.val_path is None, "data.val_split",
+         "without data.val_path (it picks val_path's split; data.val_fraction holds out part of data.path)"),
+        (d.val_split != "validation" and _single_file(d.val_path), "data.val_split",
+         f"with data.val_path '{d.val_path}', a single file {split}"),
+        (t.eval_limit is not None and not t.eval_tasks, "train.eval_limit",
+         "without train.eval_tasks (documents per lm-eval task)"),
+        (t.eval_allow_task_code and t.eval_include_path is None, "train.eval_allow_task_code",
+         "without train.eval_include_path (it allows the code of task files there)"),
+    ])
 
 
 # One section per method with options (lisa, lora, galore), named after it, from the registry; train last.
