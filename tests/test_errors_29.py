@@ -406,3 +406,12 @@ def test_an_eval_option_without_effect_is_refused(tmp_path, assets, capsys, args
     assert_one_line(*cli(capsys, "eval", assets / "model", *[a.format(assets=assets) for a in args])[::2],
                     message.format(assets=assets))
     assert snapshot(tmp_path) == before
+
+
+# -- 8. smaller ones ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_a_finite_number_ge_0(tmp_path, assets, capsys, value):
+    before = snapshot(tmp_path)
+    assert_one_line(*cli(capsys, "generate", assets / "model", "--prompt", "hi", f"--temperature={value}")[::2],
+                    "--temperature must be a finite number >= 0")
+    assert snapshot(tmp_path) == before

@@ -6,6 +6,7 @@ instruction prompt of a base model), so a fine-tuned model is asked the way it w
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -59,8 +60,8 @@ def chat(model, tokenizer, lines, max_new_tokens: int, temperature: float, syste
 def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise LisaError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
-    if args.temperature < 0:
-        raise LisaError(f"--temperature must be >= 0 (got {args.temperature}; 0 is greedy)")
+    if not math.isfinite(args.temperature) or args.temperature < 0:  # nan passed `< 0` and sampled garbage
+        raise LisaError(f"--temperature must be a finite number >= 0 (got {args.temperature}; 0 is greedy)")
     model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     torch.manual_seed(args.seed)
