@@ -65,7 +65,7 @@ def test_chat_answers_each_stdin_line_with_the_conversation_so_far(assets, cli, 
 def test_bad_options_and_no_chat_template_are_one_line_errors(assets, tmp_path, cli):
     model = str(assets / "model")
     for args, message in [(["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-                          (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0")]:
+                          (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0")]:
         code, _, err = cli("generate", model, *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     base = tmp_path / "base"
