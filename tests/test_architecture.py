@@ -125,3 +125,53 @@ def test_helpers_exist_once():
         where = [str(p.relative_to(PKG)) for p, s in src.items() if re.search(pattern, s, re.M)]
         assert len(where) <= 1, (pattern, where)
     assert not [p for p, s in src.items() if 'getattr(model, "module", model)' in s]
+
+
+def hook_slots(source: str) -> list[str]:
+    """Class-level hook containers, and hooks registered when a module is imported."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            for st in node.body:
+                targets = st.targets if isinstance(st, ast.Assign) else [st.target] if isinstance(st, ast.AnnAssign) else []
+                found += [f"{node.name}.{t.id}" for t in targets if isinstance(t, ast.Name) and "hook" in t.id.lower()]
+    module = ast.parse(source)
+    for st in module.body:  # module level only: a function may register hooks on the objects it is given
+        for call in (n for n in ast.walk(st) if isinstance(n, ast.Call)):
+            name = ast.unparse(call.func)
+            if not isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and \
+                    re.search(r"register\w*hook", name):
+                found.append(name)
+    return found
+
+
+def test_no_class_level_hook_lists_and_no_hooks_installed_on_import():
+    offenders = {str(p.relative_to(PKG)): hook_slots(p.read_text()) for p in PKG.rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_hook_check_can_fail():
+    planted = ("class Opt:\n    _global_switch_hooks = {}\n\n"
+               "HANDLE = Opt.register_global_switch_hook(print)\n")
+    assert hook_slots(planted) == ["Opt._global_switch_hooks", "Opt.register_global_switch_hook"]
+
+
+ABOVE_ENGINE = re.compile(r"lisatune\.(?!engine\b|errors\b|schema\b)\w+")
+
+
+def test_no_engine_module_names_a_package_above_it():
+    """Not even in a docstring or an error message: the engine does not know what is built on it."""
+    named = {str(p.relative_to(PKG)): ABOVE_ENGINE.findall(p.read_text()) for p in (PKG / "engine").rglob("*.py")}
+    assert {k: v for k, v in named.items() if v} == {}
+    assert ABOVE_ENGINE.findall("implemented by lisatune.quant; see lisatune.engine.optim") == ["lisatune.quant"]
+
+
+def test_lisatune_help_answers_without_importing_torch():
+    """The front door is light: `lisatune --help` imports no torch (each subcommand's module is imported when it
+    runs; the whole library takes about 6 s to import here, --help 0.2 s: a timing for the notes, not a test)."""
+    code = ("import sys, contextlib, io\nfrom lisatune.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules, 'train' in out.getvalue())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False", "True"]

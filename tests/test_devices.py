@@ -7,8 +7,10 @@ import transformers as T
 from conftest import batches, tiny_model, train
 
 from lisatune import LisaAdamW, LisaError
+from lisatune.analysis.meter import reachable_tensors
 from lisatune.engine.parking import Parking
 from lisatune.integrations.hf_trainer import lisa_optimizers
+from lisatune.methods import build_method
 
 
 @pytest.mark.parametrize("master", [False, True])
@@ -41,3 +43,24 @@ def test_offload_leaves_the_step_counter_where_the_optimizer_keeps_it():
     assert parking.states["w"]["step"] is step
     back = parking.restore("w", torch.zeros(2))
     assert back["step"] is step and torch.equal(back["exp_avg"], torch.ones(2)) and not parking.states
+
+
+def tensors_off_their_device(opt) -> list[str]:
+    """Every tensor reachable from each parameter's optimizer state (projector objects included) that is not on
+    that parameter's device; `step` counters may stay on the host, as torch keeps them."""
+    return [f"{k}: {t.device}" for p, st in opt.state.items() for k, v in st.items() if k != "step"
+            for t in reachable_tensors(v) if t.device != p.device]
+
+
+@pytest.mark.parametrize("method, options", [("galore", {"rank": 8, "update_proj_gap": 2}), ("lisa", {}),
+                                             ("lisa", {"embed_head_state": "8bit"}), ("lisa", {"state_policy": "keep"})])
+def test_after_loading_every_state_tensor_is_on_its_parameters_device(method, options):
+    m = build_method(method, {"n_layers": 2, "interval": 2, **options} if method == "lisa" else options)
+    model = m.prepare(tiny_model(n_layers=4))
+    opt = m.optimizer(model, 1e-3)
+    train(model, opt, batches(3))
+    sd = opt.state_dict()
+    again = m.prepare(tiny_model(n_layers=4)).to("meta")  # stands for the GPU the resumed run is on
+    resumed = m.optimizer(again, 1e-3)
+    resumed.load_state_dict(sd)
+    assert resumed.state and tensors_off_their_device(resumed) == []

@@ -59,7 +59,18 @@ class Galore(Method):
                   "scale": o.scale, "proj_type": o.proj_type}
         opt = GaLoreAdamW(decay_groups(rest) + [galore], **hyper, no_deprecation_warning=True)
         opt.register_step_post_hook(_own_projections)
+        opt.register_load_state_dict_post_hook(_projectors_to_params)
         return opt
+
+
+def _projectors_to_params(opt) -> None:
+    """torch moves loaded state tensors to their parameter's device, but not a tensor inside an object: a resumed
+    projector's matrix would stay where it was read (the CPU) and the first step that reuses it would fail."""
+    for p, st in opt.state.items():
+        proj = st.get("projector")
+        m = getattr(proj, "ortho_matrix", None)
+        if isinstance(m, torch.Tensor) and m.device != p.device:
+            proj.ortho_matrix = m.to(p.device)
 
 
 def _own_projections(opt, *_):

@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="complete a prompt, or chat over stdin, with a model")
+    g = sub.add_parser("generate")  # (its line in `lisatune --help`: cli.COMMANDS)
     g.add_argument("model", help="model directory (e.g. runs/default/final), .gguf file, or 'smollm2'")
     g.add_argument("--prompt", help="one prompt, answered once; without it: a chat, one turn per stdin line")
     g.add_argument("--system", help="a system message (models with a chat template)")

@@ -52,7 +52,7 @@ def cmd_study(args) -> int:
 
 
 def register(subparsers) -> None:
-    s = subparsers.add_parser("study", help="run a grid of training runs (resumable) and write a report")
+    s = subparsers.add_parser("study")  # (its line in `lisatune --help`: cli.COMMANDS)
     s.add_argument("study", help="study file (YAML): base config, runs/grid, seeds, sweep")
     s.add_argument("--report-only", action="store_true", help="only regenerate report.md and plots from results_dir")
     s.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
