@@ -104,3 +104,59 @@ def test_lisatune_train_runs_a_hub_id_offline_from_hf_home(tmp_path, assets):
     start = T.AutoModelForCausalLM.from_pretrained(assets / "model")
     assert first_weight(final).shape == first_weight(start).shape
     assert not torch.equal(first_weight(final), first_weight(start))  # trained from the cached snapshot
+
+
+# -- 2. the logged lr is the blocks' lr ----------------------------------------------------------------------
+def write_config(tmp_path, assets, name="run", method="lisa", **train):
+    cfg = {"model": {"source": str(assets / "model")},
+           "data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "val_fraction": 0.25, "max_length": 64},
+           "method": method, "lisa": {"n_layers": 2, "interval": 3},
+           "train": {"output_dir": str(tmp_path / name), "lr": 1e-2, "batch_size": 4, "max_steps": 6,
+                     "gsm_eval_samples": 0, **({"report_to": []} | train)}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_rows(summary) -> list[dict]:
+    return [r for r in map(json.loads, Path(summary["metrics"]).read_text().splitlines()) if "loss" in r]
+
+
+def test_the_logged_lr_is_train_lr_after_the_schedule_and_the_embed_head_lr_its_own_field(tmp_path, assets,
+                                                                                           monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import lisatune.recipe.loop as loop
+    from lisatune.recipe.config import load_config
+    postfixes, real_bar = [], loop.bar
+
+    def recording_bar(*a, **kw):
+        b = real_bar(*a, **kw)
+        set_postfix = b.set_postfix
+        b.set_postfix = lambda **f: (postfixes.append(f), set_postfix(**f))
+        return b
+
+    monkeypatch.setattr(loop, "bar", recording_bar)
+    s = loop.train(load_config(str(write_config(tmp_path, assets, schedule="constant", report_to=["tensorboard"])),
+                               []))
+    rows = train_rows(s)
+    assert [(r["lr"], r["lr_embed_head"]) for r in rows] == [(1e-2, pytest.approx(1e-3))] * 6  # embed_head_lr 0.1
+    assert postfixes[0]["lr"] == "1.00e-02" and postfixes[0]["lr_eh"] == "1.00e-03"
+    tb = EventAccumulator(str(tmp_path / "run" / "tb"))
+    tb.Reload()
+    assert [round(e.value, 6) for e in tb.Scalars("lr_embed_head")] == [1e-3] * 6
+    assert [round(e.value, 6) for e in tb.Scalars("lr")] == [1e-2] * 6
+
+    cosine = train_rows(loop.train(load_config(str(write_config(tmp_path, assets, "cos", warmup_steps=2)), [])))
+    lrs = [r["lr"] for r in cosine]
+    assert lrs[0] == pytest.approx(1e-2 * 2 / 3) and lrs[1] == pytest.approx(1e-2)  # warmup to train.lr itself
+    assert lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] < 1e-3
+    assert [r["lr_embed_head"] for r in cosine] == pytest.approx([0.1 * x for x in lrs])
+
+
+@pytest.mark.parametrize("method,options", [("full", []), ("lisa", ["--set", "lisa.embed_head_lr=null"])])
+def test_without_a_scaled_group_there_is_only_lr(tmp_path, assets, method, options):
+    from lisatune.recipe.config import load_config
+    from lisatune.recipe.loop import train
+    rows = train_rows(train(load_config(str(write_config(tmp_path, assets, method=method, max_steps=2,
+                                                         schedule="constant")), options[1::2])))
+    assert [r["lr"] for r in rows] == [1e-2, 1e-2] and not any("lr_embed_head" in r for r in rows)

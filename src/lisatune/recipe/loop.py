@@ -149,6 +149,7 @@ def train(cfg: BaseModel) -> dict:
                 if run.step % t.log_every == 0 or run.step == run.total:
                     run.metrics.write(run.step, **row, **run.memory.interval())  # peaks since the last row
                 steps.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                                  **({"lr_eh": f"{row['lr_embed_head']:.2e}"} if "lr_embed_head" in row else {}),
                                   tok_s=f"{row['tokens_per_s']:.0f}",
                                   **({"active": row["active"]} if "active" in row else {}))
                 steps.update(1)
@@ -280,10 +281,23 @@ def train_step(run: Run, stop: StopRequest) -> tuple[dict, bool]:
     loss_sum, tokens, stopping = all_sum(loss_sum, tokens, stop.requested)  # a signal on any rank stops all
     run.tokens_seen += tokens
     dt = time.perf_counter() - tick
-    row = {"loss": loss_sum / run.world, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+    row = {"loss": loss_sum / run.world, **lr_row(run), "grad_norm": grad_norm,
            "tokens_per_s": tokens / dt, "step_s": dt, **run.method.status(run.optimizer),
            **({"active": trained["active"]} if "active" in trained else {})}
     return row, bool(stopping)
+
+
+def lr_row(run: Run) -> dict:
+    """`lr`: train.lr after the schedule (the lr of the blocks / every group the method steps at train.lr), never
+    that of a group the method scales; `lr_embed_head`: the lr of the groups at another one (LISA's always-on
+    embedding, head and norms at lisa.embed_head_lr × lr), present only when there are such groups.
+    Every group's lr is its own initial lr × the schedule's one factor, so the method's layout does not matter."""
+    now, base, lr = run.scheduler.get_last_lr(), run.scheduler.base_lrs, run.cfg.train.lr
+    row = {"lr": lr * now[0] / base[0]}
+    scaled = [n for n, b in zip(now, base) if not math.isclose(b, lr, rel_tol=1e-9)]
+    if scaled:
+        row["lr_embed_head"] = scaled[0]
+    return row
 
 
 def no_switch_log(record: logging.LogRecord) -> bool:
@@ -298,7 +312,7 @@ def lr_cause(run: Run) -> str:
     if run.step == run.start_step:
         return "before any update of this run, so not the lr: the model's weights or the data give it"
     t = run.cfg.train
-    now = run.scheduler.get_last_lr()[0]
+    now = lr_row(run)["lr"]
     clip = "" if t.max_grad_norm is not None else " or clip with train.max_grad_norm"
     return f"the updates diverged at train.lr={t.lr:g} (now {now:.3g}): lower train.lr{clip}"
 
