@@ -64,14 +64,20 @@ def full_optimizer_state_dict(opt) -> dict:
 
 def load_full_optimizer_state_dict(opt, state_dict: dict) -> None:
     """Load a full (single-process format) optimizer state dict (LisaAdamW or a plain torch optimizer such as
-    AdamW); under FSDP2 each rank keeps its own shard."""
+    AdamW); under FSDP2 each rank keeps its own shard, of the state and of bf16-mixed's fp32 masters."""
+    def shard(p: torch.Tensor, v: Any) -> Any:
+        if not (is_dtensor(p) and torch.is_tensor(v) and not is_dtensor(v) and v.shape == p.shape):
+            return v
+        return distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)  # each rank slices its own
+
+    lisa = state_dict.get("lisa")
+    if lisa and lisa.get("masters"):
+        masters = {n: shard(opt.module.get_parameter(n), m) for n, m in lisa["masters"].items()}
+        state_dict = {**state_dict, "lisa": {**lisa, "masters": masters}}
     opt.load_state_dict(state_dict)
 
     def shard_like(p: torch.Tensor, st: dict) -> dict:
-        if not is_dtensor(p):
-            return st
-        return {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
-                if torch.is_tensor(v) and not is_dtensor(v) and v.shape == p.shape else v for k, v in st.items()}
+        return {k: shard(p, v) for k, v in st.items()}
 
     if hasattr(opt, "map_states"):  # a LisaOptimizer: active and parked states
         opt.map_states(shard_like)

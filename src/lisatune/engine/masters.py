@@ -25,7 +25,8 @@ MASTER_DTYPES = (torch.bfloat16,)  # fp16 would also need loss scaling, which no
 
 
 def check_master_weights(master_weights: Any, named: Iterable[tuple[str, nn.Parameter]]) -> None:
-    """master_weights is a bool, and with it every parameter that may train is bf16 (a plain tensor)."""
+    """master_weights is a bool, and with it every parameter that may train is bf16 (a plain tensor, or an FSDP2
+    DTensor: its master is then an fp32 DTensor sharded like it, and so is its state)."""
     if not isinstance(master_weights, bool):
         raise LisaError(f"master_weights must be true or false (got {master_weights!r})")
     if not master_weights:
@@ -34,8 +35,6 @@ def check_master_weights(master_weights: Any, named: Iterable[tuple[str, nn.Para
         if p.dtype not in MASTER_DTYPES:
             raise LisaError(f"master_weights needs bfloat16 weights, but {name} is {p.dtype} (an fp32 model "
                             "already steps in fp32: drop master_weights, or load the model in bfloat16)")
-        if hasattr(p, "to_local"):
-            raise LisaError(f"master_weights does not support sharded (FSDP2 DTensor) parameters ({name})")
 
 
 def clear_grads(params: Iterable[torch.Tensor], set_to_none: bool = True) -> None:
@@ -73,7 +72,9 @@ class Masters:
         del self.weight[name], self._synced[name], self._name[id(m)]
 
     def bytes(self) -> int:
-        return sum(m.numel() * m.element_size() for m in self.of.values())
+        """Bytes held by this process (an FSDP2 master counts its local shard)."""
+        return sum((m.to_local() if hasattr(m, "to_local") else m).numel() * m.element_size()
+                   for m in self.of.values())
 
     @torch.no_grad()
     def load(self, saved: dict[str, torch.Tensor]) -> None:

@@ -153,8 +153,9 @@ class RunConfig(BaseModel):
         if "dtype" in self.model.model_fields_set and self.model.dtype != "bf16":
             raise ValueError(f"train.precision: bf16-mixed keeps the weights in bf16, but model.dtype is "
                              f"{self.model.dtype} (set model.dtype: bf16 or leave it out)")
-        if self.distributed == "fsdp":
-            raise ValueError("train.precision: bf16-mixed does not support distributed: fsdp yet (none or ddp)")
+        if self.distributed == "fsdp" and self.method != "lisa":  # LISA's masters are sharded like its weights
+            raise ValueError(f"train.precision: bf16-mixed under distributed: fsdp is built for method lisa, not "
+                             f"'{self.method}' (none or ddp)")
         return self
 
     @model_validator(mode="after")
