@@ -175,3 +175,12 @@ def test_lisatune_help_answers_without_importing_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules, 'train' in out.getvalue())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "False", "True"]
+
+
+def test_first_line_is_one_line_even_of_an_empty_message():
+    from lisatune.errors import first_line
+    wrapped = ValueError("An error occurred while generating the dataset\nmore")
+    wrapped.__cause__ = KeyError()
+    assert (first_line(RuntimeError("a\nb")), first_line(RuntimeError("")), first_line(wrapped)) == \
+        ("a", "RuntimeError", "An error occurred while generating the dataset")
+    assert first_line(wrapped, cause=True) == "KeyError"

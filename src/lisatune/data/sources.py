@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 from .config import FIELDS
 from .records import read_records
 
@@ -97,15 +97,15 @@ def _load_file(p: Path, option: str) -> Dataset:
             with open(p, newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), [])
         except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise LisaError(f"{option} '{p}': not a readable CSV file ({_first_line(e)})") from None
+            raise LisaError(f"{option} '{p}': not a readable CSV file ({first_line(e, cause=True)})") from None
         kw["features"] = Features({c: Value("string") for c in header})
     try:
         with _quiet_datasets():
             return load_dataset(builder, data_files=str(p), split="train", **kw)  # one file is one split
     except Exception as e:  # pyarrow / pandas / datasets errors have no common base
-        if "corresponds to no data" in _first_line(e):  # how datasets says a file holds no rows
+        if "corresponds to no data" in first_line(e, cause=True):  # how datasets says a file holds no rows
             raise LisaError(f"{p}: the dataset is empty") from None
-        raise LisaError(f"{option} '{p}': not a readable {builder} file ({_first_line(e)})") from None
+        raise LisaError(f"{option} '{p}': not a readable {builder} file ({first_line(e, cause=True)})") from None
 
 
 def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str]:
@@ -114,7 +114,7 @@ def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str
             ds = load_from_disk(str(p))
     except Exception as e:
         raise LisaError(f"{option} '{path}' is a directory but not one written by save_to_disk "
-                        f"({_first_line(e)})") from None
+                        f"({first_line(e, cause=True)})") from None
     if isinstance(ds, DatasetDict):
         if split not in ds:
             raise LisaError(f"{option} '{path}' has no split '{split}' (splits: {', '.join(ds)}); "
@@ -129,11 +129,4 @@ def _load_hub(name: str, option: str, split: str) -> Dataset:
             return load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, unknown split, a gated dataset...
         raise LisaError(f"{option} '{name}' is neither a local path nor a loadable Hugging Face Hub dataset "
-                        f"(split '{split}': {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    while e.__cause__ is not None:  # "An error occurred while generating the dataset" wraps what went wrong
-        e = e.__cause__
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+                        f"(split '{split}': {first_line(e, cause=True)})") from None

@@ -20,7 +20,7 @@ from typing import Iterator
 import yaml
 
 from ..data import DataConfig
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 from ..schema import is_number, read_text
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # lisatune's own tasks, always on the include path
@@ -196,7 +196,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: str | None 
                 apply_chat_template=bool(tokenizer.chat_template), random_seed=None, numpy_random_seed=None,
                 torch_random_seed=None)
         except (ImportError, SyntaxError) as e:  # a task's `!function` module that does not import
-            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            line = first_line(e)
             raise LisaError(f"{where}: an lm-eval task's code does not import ({type(e).__name__}: {line})") from None
         finally:
             model.train(was_training)

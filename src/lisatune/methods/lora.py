@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from transformers.pytorch_utils import Conv1D
 
 from ..engine import decay_groups
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 from ..schema import Number
 from .base import Method, block_linears, trainable
 
@@ -64,7 +64,7 @@ class Lora(Method):
                 return get_peft_model(model, cfg)
         except ValueError as e:  # e.g. no module matches target_modules
             names = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in mods}))
-            raise LisaError(f"lora: {str(e).splitlines()[0]} (linear layers in the blocks: {names})") from None
+            raise LisaError(f"lora: {first_line(e)} (linear layers in the blocks: {names})") from None
 
     def make_optimizer(self, model, hyper):
         if not _is_peft(model):  # else every base weight would be trained

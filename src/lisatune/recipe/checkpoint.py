@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..distributed import (drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict, gather_to_rank0,
                            load_full_model_state_dict, load_full_optimizer_state_dict, on_rank0, rank, world)
 from ..engine import unwrap
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 from ..schema import os_reason
 from .files import TMP_PREFIX, fsync_path
 
@@ -367,11 +367,6 @@ def read_torch(path: Path, name: str) -> Any:
         return torch.load(path / name, map_location="cpu", weights_only=True)
     except Exception as e:
         raise LisaError(f"checkpoint '{path}': {name} is corrupt or unsafe ({first_line(e)})") from None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -- random number generators --------------------------------------------------------------

@@ -32,7 +32,7 @@ from pydantic import StrictBool
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..engine import unwrap
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 from ..schema import Options, decode_text, os_reason
 from .checkpoint import atomic_dir, clean_tmp
 
@@ -132,18 +132,12 @@ def hub_snapshot(cfg: ModelConfig) -> Path:
                         f"model ({reason})") from None
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def set_attention(model, name: str) -> None:
     """model.attn_implementation: one line naming the field when transformers refuses (not installed, dtype)."""
     try:
         model.set_attn_implementation(name)
     except (ImportError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LisaError(f"model.attn_implementation: {name} is not usable here ({first})") from None
+        raise LisaError(f"model.attn_implementation: {name} is not usable here ({first_line(e)})") from None
 
 
 def enable_checkpointing(model) -> None:
@@ -267,7 +261,7 @@ def _load_dir(path: Path, cfg: ModelConfig):
         tok = AutoTokenizer.from_pretrained(path, **kw)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, RuntimeError, ...): one line
         raise LisaError(f"{where} is not a loadable model directory "
-                        f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+                        f"({first_line(e)})") from None
     return model, tok
 
 
@@ -319,7 +313,7 @@ def _check_weights(path: Path, files: list[Path], config: dict, where: str) -> N
                     shapes[key] = tuple(st.get_slice(key).get_shape())
         except Exception as e:  # SafetensorError: a truncated or corrupt file
             raise LisaError(f"{where}: {f.name} is corrupt or truncated ({size} bytes; "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+                            f"{first_line(e)})") from None
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
@@ -339,7 +333,7 @@ def _load_gguf(path: Path):
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError) as e:
         raise LisaError(f"model.source '{path}' is not a loadable GGUF model "
-                        f"({str(e).strip().splitlines()[0]})") from None
+                        f"({first_line(e)})") from None
     return _plain_copy(gguf), tok
 
 
