@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/error_catalogue.py          # a few minutes at most on 2 CPU cores
 
-Every case runs `lisatune ...` in this process on a tiny model and data (tests/conftest.py: make_run_assets) in a
+Every case runs `lisatune ...` in this process on a tiny model and data (tests/helpers.py: make_run_assets) in a
 temporary directory, and must exit with status 2 and print exactly one error line, no traceback; else the script
 fails. Temporary paths are shown as <tmp>.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
-from conftest import make_run_assets  # noqa: E402
+from helpers import make_run_assets  # noqa: E402
 from lisatune.cli import main  # noqa: E402
 from lisatune.recipe import checkpoint as ckpt_mod  # noqa: E402
 from lisatune.recipe.checkpoint import save_checkpoint  # noqa: E402

@@ -29,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lisatune import LisaOptimizer
-from lisatune.analysis.meter import PhaseMemory
+from lisatune.recipe.meter import PhaseMemory
 from lisatune.analysis.plan import Setting, parse_method, plan_memory
 from lisatune.analysis.shapes import shape_config
 from lisatune.analysis.tiny import tiny_model

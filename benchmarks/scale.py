@@ -122,7 +122,7 @@ HEAD = """# Memory at scale: `lisatune plan` on the paper's settings
 
 `lisatune plan` predicts the memory of one fine-tuning step from a model's config alone: the model is
 built on the meta device (no weights, no download), prepared by the real method (peft for LoRA,
-LisaAdamW for LISA) and run forward and backward on meta token ids, and `analysis/meter.py` counts what
+LisaAdamW for LISA) and run forward and backward on meta token ids, and `recipe/meter.py` counts what
 `lisatune bench memory` counts on a real run. On tiny models of three architectures (llama, gpt2, qwen2)
 and every method, `tests/test_plan.py` holds weights, gradients and optimizer state equal to a real
 measurement to the byte, activations equal (the test allows 5 %), the predicted peak within 10 % of the

@@ -20,7 +20,7 @@ import time
 import torch
 
 from lisatune.analysis.memory import load_bench_model
-from lisatune.analysis.meter import optimizer_state_bytes
+from lisatune.recipe.meter import optimizer_state_bytes
 from lisatune import LisaAdamW
 
 

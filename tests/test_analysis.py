@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from conftest import batches, tiny_model
+from helpers import batches, tiny_model
 from lisatune import LisaAdamW
 from lisatune.analysis import commands
 from lisatune.analysis.memory import check_flat, measure_method
-from lisatune.analysis.meter import (ActivationMeter, optimizer_state_bytes,
+from lisatune.recipe.meter import (ActivationMeter, optimizer_state_bytes,
                                       unique_bytes)
 from lisatune.analysis.norms import probabilities, scale_to_sum
 from lisatune.analysis.speed import run_speed
@@ -213,7 +213,7 @@ class FakeCuda:
 
 
 def test_phase_memory_attributes_each_peak_to_its_phase_and_resets_per_interval(monkeypatch):
-    from lisatune.analysis.meter import PhaseMemory
+    from lisatune.recipe.meter import PhaseMemory
     cuda = FakeCuda().install(monkeypatch)
     model = tiny_model("llama", 4)
     opt = LisaAdamW(model, n_layers=2, interval=2, lr=1e-3)
@@ -246,7 +246,7 @@ def test_phase_memory_attributes_each_peak_to_its_phase_and_resets_per_interval(
 
 
 def test_phase_memory_on_cpu_reports_rss_and_no_phases():
-    from lisatune.analysis.meter import PhaseMemory
+    from lisatune.recipe.meter import PhaseMemory
     mem = PhaseMemory("cpu", None)
     with mem.phase("forward"):
         torch.ones(4 * MIB)  # 16 MiB for a moment

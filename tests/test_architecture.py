@@ -184,3 +184,28 @@ def test_first_line_is_one_line_even_of_an_empty_message():
     assert (first_line(RuntimeError("a\nb")), first_line(RuntimeError("")), first_line(wrapped)) == \
         ("a", "RuntimeError", "An error occurred while generating the dataset")
     assert first_line(wrapped, cause=True) == "KeyError"
+
+
+def package_pairs(g: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Pairs of lisatune's packages (lisatune.X) each of which imports the other somewhere."""
+    top = lambda m: ".".join(m.split(".")[:2])  # noqa: E731
+    edges = {(top(m), top(d)) for m, ds in g.items() for d in ds if top(m) != top(d)}
+    return sorted((a, b) for a, b in edges if a < b and (b, a) in edges and "lisatune" not in (a, b))
+
+
+def test_no_two_packages_import_each_other():
+    assert package_pairs(graph()) == []
+
+
+def test_the_package_pair_check_can_fail():
+    g = {"lisatune.recipe.loop": {"lisatune.analysis.meter"}, "lisatune.analysis.plan": {"lisatune.recipe.loss"}}
+    assert package_pairs(g) == [("lisatune.analysis", "lisatune.recipe")]
+
+
+def test_tests_share_helpers_not_conftest():
+    """pytest's conftest.py is for fixtures and hooks; what tests import lives in tests/helpers.py."""
+    tests = Path(__file__).resolve().parent
+    bench = tests.parent / "benchmarks"
+    importers = [str(p.relative_to(tests.parent)) for p in [*tests.rglob("*.py"), *bench.glob("*.py")]
+                 if re.search(r"^\s*(from conftest import|import conftest)", p.read_text(), re.M)]
+    assert importers == []

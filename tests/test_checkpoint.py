@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import batches, tiny_model
+from helpers import batches, tiny_model
 from lisatune import LisaAdamW, LisaError
 from lisatune.recipe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -108,7 +108,7 @@ def test_latest_checkpoint_ignores_temp_and_incomplete_dirs(tmp_path):
 KILLED_WRITER = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from conftest import tiny_model
+from helpers import tiny_model
 from lisatune.recipe import checkpoint
 run, marker = sys.argv[2], sys.argv[3]
 model = tiny_model(n_layers=2)

@@ -16,7 +16,7 @@ from lisatune.data import gsm as gsm_module
 from lisatune.data import sources
 from lisatune.errors import LisaError
 
-from conftest import EOS, tiny_tokenizer
+from helpers import EOS, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():

@@ -4,10 +4,10 @@ offloading parked state never moves AdamW's `step` counter (fused/capturable Ada
 import pytest
 import torch
 import transformers as T
-from conftest import batches, tiny_model, train
+from helpers import batches, tiny_model, train
 
 from lisatune import LisaAdamW, LisaError
-from lisatune.analysis.meter import reachable_tensors
+from lisatune.recipe.meter import reachable_tensors
 from lisatune.engine.parking import Parking
 from lisatune.integrations.hf_trainer import lisa_optimizers
 from lisatune.methods import build_method

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import batches, tiny_model
+from helpers import batches, tiny_model
 from dist_scripts.workers import build, diverge_worker, launch, load_worker, resume_worker, snapshot, train_steps, train_worker
 from lisatune import LisaAdamW, LisaError
 from lisatune.distributed import LisaDDP, verify_active_set

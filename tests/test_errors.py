@@ -16,7 +16,7 @@ import torch
 import transformers as T
 import yaml
 
-from conftest import make_run_assets, tiny_model
+from helpers import make_run_assets, tiny_model
 from lisatune.cli import main
 from lisatune.data import DataConfig, data_fingerprint
 from lisatune.errors import LisaError

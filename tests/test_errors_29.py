@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 from test_errors import assert_one_line, cli, snapshot, write_config
-from conftest import make_run_assets
+from helpers import make_run_assets
 from lisatune.recipe import loop
 from lisatune.recipe.checkpoint import load_checkpoint, verify
 from lisatune.recipe.config import load_config
@@ -82,7 +82,7 @@ Metrics(Path(sys.argv[1]), [], resume_step=2)
 
 
 def test_a_kill_while_metrics_jsonl_is_rewritten_loses_no_row(tmp_path, assets, capsys):
-    from conftest import SUBPROCESS_ENV
+    from helpers import SUBPROCESS_ENV
     import subprocess
     import sys
     cfg, run = finished_run(tmp_path, assets, save_every=2, keep_last=5, eval_every=2)
@@ -322,7 +322,7 @@ def test_the_opt_in_without_an_include_path_is_refused(tmp_path, assets, capsys)
 def gpt2_128(tmp_path_factory):
     """A GPT-2 with 128 learned positions (an example longer than that is an IndexError at the forward), and data
     with one example of several hundred tokens."""
-    from conftest import RECORDS, tiny_tokenizer
+    from helpers import RECORDS, tiny_tokenizer
     from lisatune.analysis.tiny import tiny_config
     root = tmp_path_factory.mktemp("gpt2")
     tok = tiny_tokenizer(chat=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import make_run_assets, tiny_tokenizer
+from helpers import make_run_assets, tiny_tokenizer
 from lisatune.cli import main
 from lisatune.data import encode_prompt
 

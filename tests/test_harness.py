@@ -10,7 +10,7 @@ import yaml
 
 pytest.importorskip("lm_eval")
 
-from conftest import RECORDS, tiny_tokenizer  # noqa: E402
+from helpers import RECORDS, tiny_tokenizer  # noqa: E402
 from lisatune.analysis.tiny import tiny_model  # noqa: E402
 from lisatune.data import DataConfig, gsm_eval_items  # noqa: E402
 from lisatune.errors import LisaError  # noqa: E402

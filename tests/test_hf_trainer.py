@@ -10,7 +10,7 @@ import torch
 import transformers as T
 from torch.utils.data import Dataset
 
-from conftest import batches, tiny_model, tiny_tokenizer
+from helpers import batches, tiny_model, tiny_tokenizer
 from lisatune.analysis.tiny import tiny_config
 from lisatune.integrations.hf_trainer import LisaLogCallback, lisa_optimizers
 

@@ -4,7 +4,7 @@ import torch
 import transformers as T
 from torch import nn
 
-from conftest import ARCHS, tiny_model
+from helpers import ARCHS, tiny_model
 from lisatune import LisaError, find_layers
 
 EXPECTED_PATH = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",

@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, lisa_and_adamw, params, tiny_model, train
+from helpers import batches, lisa_and_adamw, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
 from lisatune.methods import build_method
 from lisatune.recipe.config import load_config

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import ARCHS, tiny_model
+from helpers import ARCHS, tiny_model
 from lisatune.recipe import loss as L
 
 

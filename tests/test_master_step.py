@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from conftest import tiny_model
+from helpers import tiny_model
 
 from lisatune import LisaAdamW
-from lisatune.analysis.meter import AllocationMeter
+from lisatune.recipe.meter import AllocationMeter
 from lisatune.engine import Masters
 from lisatune.methods.full import MasterAdamW
 

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, fp32_master_step, params, tiny_model, train
+from helpers import batches, fp32_master_step, params, tiny_model, train
 from lisatune import LisaAdamW, LisaError
 from lisatune.engine import tensor_bytes
 

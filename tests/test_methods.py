@@ -4,7 +4,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from conftest import batches, tiny_model
+from helpers import batches, tiny_model
 from lisatune import LisaAdamW, LisaConfig, LisaError, find_layers
 from lisatune.methods import (METHODS, GaloreOptions, LisaRecipe, LoraOptions, block_linears, build_method,
                               default_targets)

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, models as tm, pre_tokenizers
 
-from conftest import tiny_model
+from helpers import tiny_model
 from lisatune import LisaError
 from lisatune.recipe import models
 from lisatune.recipe.models import ModelConfig, load_model, save_model

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from conftest import batches, lisa_and_adamw, params, tiny_model, train
+from helpers import batches, lisa_and_adamw, params, tiny_model, train
 from lisatune import LisaAdamW, LisaConfig, LisaError
 
 

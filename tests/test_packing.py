@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from conftest import RECORDS, make_run_assets, tiny_model, tiny_tokenizer
+from helpers import RECORDS, make_run_assets, tiny_model, tiny_tokenizer
 from lisatune.data import DataConfig, collate, load_splits
 from lisatune.data.pack import first_fit, pack
 from lisatune.data.render import IGNORE

@@ -1,5 +1,5 @@
 """`lisatune plan` against real measurements: the planner (meta device, no weights) and `bench memory`
-(real tiny models) count the same bytes through analysis/meter.py."""
+(real tiny models) count the same bytes through recipe/meter.py."""
 import argparse
 import json
 import re
@@ -12,7 +12,7 @@ import transformers as T
 from lisatune import LisaAdamW
 from lisatune.analysis import commands
 from lisatune.analysis.memory import measure_method
-from lisatune.analysis.meter import (ActivationMeter, AllocationMeter, grad_bytes, optimizer_state_bytes,
+from lisatune.recipe.meter import (ActivationMeter, AllocationMeter, grad_bytes, optimizer_state_bytes,
                                       unique_bytes, weight_bytes)
 from lisatune.analysis.plan import GIB, Setting, parse_method, parse_size, plan_memory
 from lisatune.analysis.shapes import PARAMS, SHAPES, shape_config

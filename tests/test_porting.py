@@ -12,7 +12,7 @@ import torch
 import transformers as T
 import yaml
 
-from conftest import SUBPROCESS_ENV, make_run_assets
+from helpers import SUBPROCESS_ENV, make_run_assets
 from lisatune.errors import LisaError
 from lisatune.recipe.models import ModelConfig, load_model
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import batches, fp32_master_step, make_run_assets, tiny_model
+from helpers import batches, fp32_master_step, make_run_assets, tiny_model
 from lisatune.errors import LisaError
 from lisatune.methods import build_method
 from lisatune.methods.full import MasterAdamW

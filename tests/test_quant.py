@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import batches, params, tiny_model, train
+from helpers import batches, params, tiny_model, train
 import lisatune.quant  # noqa: F401  (installs lisa.frozen_weights)
 from lisatune import LisaAdamW, LisaError
-from lisatune.analysis.meter import ActivationMeter, optimizer_state_bytes, weight_bytes
+from lisatune.recipe.meter import ActivationMeter, optimizer_state_bytes, weight_bytes
 from lisatune.analysis.tiny import tiny_config
 from lisatune.quant.frozen import quantized_module, quantized_weight
 from lisatune.quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes

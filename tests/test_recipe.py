@@ -15,7 +15,7 @@ import transformers as T
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SUBPROCESS_ENV, make_run_assets
+from helpers import SUBPROCESS_ENV, make_run_assets
 from lisatune.recipe.checkpoint import latest_checkpoint, load_checkpoint
 from lisatune.errors import LisaError
 from lisatune.recipe.loop import train
@@ -67,7 +67,7 @@ def test_on_cuda_metrics_carry_the_allocator_peak_per_interval_and_the_summary_p
     """The recipe's phases, through meter.PhaseMemory with a fake CUDA allocator: every reading a new peak."""
     import itertools
     import lisatune.recipe.loop as recipe
-    from lisatune.analysis.meter import PhaseMemory
+    from lisatune.recipe.meter import PhaseMemory
     ticks = itertools.count(1)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(ticks) * 2**20)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 10**6 * 2**20)
@@ -289,7 +289,7 @@ def test_eval_command_caps_examples_and_defaults_to_the_training_max_length(asse
 
 def test_eval_reads_a_split_and_columns_as_train_does(tmp_path, assets, capsys, cli_main):
     from datasets import Dataset, DatasetDict
-    from conftest import RECORDS
+    from helpers import RECORDS
     renamed = [{"prompt": r["instruction"], "answer": r["output"]} for r in RECORDS]
     DatasetDict({"train": Dataset.from_list(renamed), "test": Dataset.from_list(renamed[:5])}).save_to_disk(
         str(tmp_path / "dict"))

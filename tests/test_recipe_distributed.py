@@ -22,7 +22,7 @@ import transformers as T
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SUBPROCESS_ENV, make_run_assets
+from helpers import SUBPROCESS_ENV, make_run_assets
 from lisatune.distributed import launch_mode, prepare_model
 from lisatune.errors import LisaError
 from lisatune.recipe.loop import train

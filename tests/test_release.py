@@ -5,7 +5,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import batches, tiny_model, train
+from helpers import batches, tiny_model, train
 
 from lisatune import LisaAdamW
 from lisatune.methods import build_method

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import lisatune.study.runner
-from conftest import make_run_assets
+from helpers import make_run_assets
 from lisatune.cli import main
 from lisatune.errors import LisaError
 from lisatune.study import load_study, run_study, write_report

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
-from conftest import SUITE_TMP, SYSTEM_TMP
+from helpers import SUITE_TMP, SYSTEM_TMP
 
 
 def _fail(rank: int) -> None:

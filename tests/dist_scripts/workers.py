@@ -53,7 +53,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def build(mode: str, seed: int, lisa: dict, ddp_kwargs: dict | None = None, arch_layers: int = 6):
     """(plain model, module to call, LisaAdamW) for mode 'single', 'ddp' (LisaDDP) or 'fsdp' (FSDP2)."""
-    from conftest import tiny_model
+    from helpers import tiny_model
     from lisatune import LisaAdamW
     from lisatune.distributed import LisaDDP, shard_model
     model = tiny_model(n_layers=arch_layers, dtype=torch.bfloat16 if lisa.get("master_weights") else torch.float32)
@@ -87,7 +87,7 @@ def train_steps(run, opt, data, rank: int, world: int, model=None, snaps: list |
 
 def train_worker(rank, world, out, mode, seeds, lisa, steps, batch):
     """Train `steps` global batches; save weights at every switch boundary, history and state bytes."""
-    from conftest import batches
+    from helpers import batches
     model, run, opt = build(mode, seeds[rank], lisa)
     snaps = [snapshot(model)]
     peak = 0
@@ -104,7 +104,7 @@ def train_worker(rank, world, out, mode, seeds, lisa, steps, batch):
 
 def resume_worker(rank, world, out, mode, lisa, steps, batch, stop):
     """The uninterrupted run; then train to `stop`, save_checkpoint, rebuild everything, load, train on."""
-    from conftest import batches
+    from helpers import batches
     from lisatune.recipe.checkpoint import load_checkpoint, save_checkpoint
     data = batches(steps, seed=1, batch=batch)
     model, run, opt = build(mode, 0, lisa)
@@ -134,7 +134,7 @@ def load_worker(rank, world, out, mode, lisa):
 
 def diverge_worker(rank, world, out, mode, lisa, steps, batch):
     """Rank 1's sampler goes its own way after the first interval (as a rank-local RNG would)."""
-    from conftest import batches
+    from helpers import batches
     model, run, opt = build(mode, 0, lisa)
     if rank == 1:
         own = opt.sampler.active

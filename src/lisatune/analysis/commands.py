@@ -17,7 +17,7 @@ from ..errors import LisaError
 from ..recipe.models import SMOLLM2, smollm2_path
 from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
-from .meter import token_batches
+from ..recipe.meter import token_batches
 from .norms import run_norms
 from .plan import EH_STATES, PRECISIONS, WEIGHTS, Setting, run_plan, to_json
 from .shapes import SHAPES

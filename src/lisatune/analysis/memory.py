@@ -45,7 +45,7 @@ from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
 from ..recipe.loss import held_hidden_grads, pick_loss
 from ..recipe.models import ModelConfig, cached_source, enable_checkpointing, load_model
-from .meter import (MIB, PHASES, ActivationMeter, PhaseMemory, checkpointed_blocks, grad_bytes, maxrss_bytes,
+from ..recipe.meter import (MIB, PHASES, ActivationMeter, PhaseMemory, checkpointed_blocks, grad_bytes, maxrss_bytes,
                     optimizer_state_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes, token_batches, unique_bytes,
                     weight_bytes)
 from .plots import pyplot, save_figure

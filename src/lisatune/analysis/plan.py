@@ -63,7 +63,7 @@ from ..quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes
 from ..recipe.loss import CHUNK_ELEMENTS, fused_loss, head_of, held_hidden_grads, standard_loss
 from ..recipe.models import enable_checkpointing
 from ..schema import parse_yaml
-from .meter import MIB, ActivationMeter, checkpointed_blocks, grad_bytes, unique_bytes, weight_bytes
+from ..recipe.meter import MIB, ActivationMeter, checkpointed_blocks, grad_bytes, unique_bytes, weight_bytes
 from .shapes import SHAPES, shape_config
 
 GIB = 2**30

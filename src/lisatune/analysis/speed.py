@@ -32,7 +32,7 @@ from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
 from ..recipe.models import cached_source
 from .memory import DEFAULT_METHODS, load_bench_model, parse_method
-from .meter import token_batches
+from ..recipe.meter import token_batches
 from .plots import pyplot, save_figure
 
 SPEED_METHODS = ["full", "lora", "galore", "lisa", "lisa-frozen"]

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from pydantic import BaseModel
 
 from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
-from ..analysis.meter import PhaseMemory
+from .meter import PhaseMemory
 from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
                            wrap_model)

@@ -15,7 +15,7 @@ import yaml
 import torch
 
 from .. import __version__
-from ..analysis.meter import peak_rss_mib, reset_peak_rss
+from ..recipe.meter import peak_rss_mib, reset_peak_rss
 from ..errors import LisaError
 from ..recipe.checkpoint import latest_checkpoint
 from ..recipe.config import load_config

@@ -1,6 +1,7 @@
 """The meter every measurement and prediction shares: exact bytes of tensors held, activations saved for
 backward, and the process's resident memory. `bench memory`, `bench speed`, `norms`, the study runner and
-`lisatune plan` count with these functions, so that no two of them can count differently.
+`lisatune plan` count with these functions, so that no two of them can count differently. It lives with the loop
+(which meters each phase of a step with PhaseMemory), so that training imports nothing of measurement's.
 
 `meta=True` counts tensors on the meta device too, at the bytes their storage would hold (shape x dtype):
 `lisatune plan` runs the real forward and backward of a model built on the meta device and counts what a
