@@ -16,7 +16,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from helpers import batches, tiny_model
-from dist_scripts.workers import build, diverge_worker, launch, load_worker, resume_worker, snapshot, train_steps, train_worker
+from dist_scripts.workers import (build, diverge_worker, launch, load_worker, resume_worker, slow_rank0_worker, snapshot,
+                                  train_steps, train_worker)
 from lisatune import LisaAdamW, LisaError
 from lisatune.distributed import LisaDDP, verify_active_set
 
@@ -267,3 +268,15 @@ def test_fsdp2_with_bf16_master_weights_resumes_bitwise(tmp_path):
     assert all(torch.equal(ranks[0]["final"][n], straight["final"][n]) for n in straight["final"])
     assert all(torch.equal(ranks[0]["final"][n], ranks[1]["final"][n]) for n in straight["final"])
     assert ranks[0]["history"] == straight["history"]
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_waiting_past_the_timeout_for_rank_0s_work_is_one_line_naming_the_setting(tmp_path):
+    """#27: rank-0-only work (a checkpoint write, lm-eval) that outlasts the process group's timeout ends the run
+    with one line naming train.collective_timeout on the waiting rank, not a backend traceback or a hang."""
+    with pytest.raises(Exception) as info:
+        launch(slow_rank0_worker, str(tmp_path), 6, timeout_s=2)
+    msg = str(info.value)
+    assert "LisaError: rank 1 stopped waiting for rank 0's work" in msg or \
+        "LisaError: rank 0 stopped waiting for rank 0's work" in msg
+    assert "train.collective_timeout" in msg

@@ -8,6 +8,7 @@ the 1-process run 6.5e-7 for DDP and 6.5e-7 for FSDP2, against a largest weight 
 1e-5 (15× the measurement, 1/450 of the movement); per-step losses agree to 1e-6 relative.
 Resume on the same number of processes is bitwise (measured for DDP and FSDP2; DDP is tested here).
 """
+import datetime
 import json
 import shutil
 import socket
@@ -120,8 +121,9 @@ def check_like_one_process(run: Path, ref: Path, mode: str) -> None:
     assert summary["loss"] == {"ddp": "fused", "fsdp": "model"}[mode]
     assert json.loads((ref / "summary.json").read_text())["loss"] == "fused"
     ckpt = run / "checkpoints" / "step-000008"
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt",
-                                               "rng_rank1.pt", "trainer_state.json"}
+    names = {p.name for p in ckpt.iterdir()}  # and, since #28, config.json + tokenizer: a model directory too
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json",
+            "config.json", "tokenizer.json"} <= names and not any(n.startswith("rng_rank2") for n in names)
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
 
 
@@ -214,3 +216,25 @@ def test_launch_mode():
     assert launch_mode("ddp", 1) == "none"  # one process: nothing to synchronise (logged as a warning)
     with pytest.raises(LisaError, match="2 processes were launched but distributed is 'none'"):
         launch_mode("none", 2)
+
+
+def test_the_process_group_gets_the_configured_collective_timeout(monkeypatch, tmp_path):
+    """#27: train.collective_timeout reaches the process group (accelerate's InitProcessGroupKwargs), so rank-0-only
+    work longer than NCCL's default 10 minutes does not kill the run."""
+    from lisatune.recipe import loop
+    from lisatune.recipe.config import load_config
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def accelerator(cpu, kwargs_handlers):
+        seen["timeout"] = [h.timeout for h in kwargs_handlers]
+        raise Stop
+
+    monkeypatch.setattr(loop, "Accelerator", accelerator)
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.collective_timeout=7200"])
+    with pytest.raises(Stop):
+        loop.setup(cfg)
+    assert seen["timeout"] == [datetime.timedelta(seconds=7200)]
+    assert load_config(None, []).train.collective_timeout == 3600

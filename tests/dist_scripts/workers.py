@@ -140,3 +140,10 @@ def diverge_worker(rank, world, out, mode, lisa, steps, batch):
         own = opt.sampler.active
         opt.sampler.active = lambda s: own(s) if s == 0 else own(s + 1000)
     train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
+
+
+def slow_rank0_worker(rank, world, out, seconds):
+    """Rank 0's on_rank0 work outlasts the process group's timeout while rank 1 waits for its result."""
+    import time
+    from lisatune.distributed import on_rank0
+    on_rank0(lambda: time.sleep(seconds))

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 
 
 def initialized() -> bool:
@@ -73,7 +73,13 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
         except Exception as e:
             dist.broadcast_object_list([("crash", f"{type(e).__name__}: {e}")], src=0)
             raise
-    dist.broadcast_object_list(box, src=0)
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as e:  # a rank waited past the process group's timeout, or its peer is gone (gloo raises
+        # a plain RuntimeError, NCCL a DistError, which is one)
+        raise LisaError(f"rank {dist.get_rank()} stopped waiting for rank 0's work (a checkpoint, an evaluation): "
+                        f"{first_line(e)}; a slow file system or long lm-eval tasks need a longer "
+                        "train.collective_timeout") from None
     kind, value = box[0]
     if kind == "lisa":
         raise LisaError(value)

@@ -70,6 +70,9 @@ class TrainOptions(BaseModel):
     # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
     save_final_state: StrictBool = True
     keep_last: StrictInt = Field(2, ge=1)
+    # Seconds a rank waits in a collective while rank 0 works alone (a checkpoint write, lm-eval tasks) before
+    # the run fails in one line; torch's own default is 10 minutes under NCCL, short for a 70B checkpoint.
+    collective_timeout: StrictInt = Field(3600, ge=1)
     log_every: StrictInt = Field(1, ge=1)
     resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
     overwrite: StrictBool = False  # replace output_dir, if it is a lisatune run directory (never anything else)

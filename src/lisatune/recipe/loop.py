@@ -13,12 +13,13 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from pydantic import BaseModel
 
 from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
@@ -171,7 +172,8 @@ def setup(cfg: BaseModel) -> Run | dict:
         release_freed_memory()
     set_seed(t.seed)
     # Under torchrun / accelerate launch this joins the process group (gloo on CPU, NCCL on GPUs).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout))])
     world, rank = accelerator.num_processes, accelerator.process_index
     if rank:
         logging.getLogger("lisatune").setLevel(logging.WARNING)  # rank 0 reports
