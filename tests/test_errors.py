@@ -470,8 +470,9 @@ def test_a_bad_probabilities_file(tmp_path, assets, capsys, content, message):
 @pytest.mark.parametrize("case,message", [
     ("config-dir", "config file '{tmp}' is a directory, not a file"),
     ("binary-config", "config file '{tmp}/bin.yaml' is a binary file, not text"),
-    ("gamma-and-n_layers", "lisa: give n_layers or its alias gamma, not both"),
-    ("K-and-interval", "lisa: give interval or its alias K, not both"),
+    ("gamma-and-n_layers", "lisa.gamma is an alias of lisa.n_layers, which is given too with another value (3 and 2); "
+                           "give one"),
+    ("K-and-interval", "lisa.K is an alias of lisa.interval, which is given too with another value (5 and 3); give one"),
     ("both-data-change-names", "train: give data_may_change or its alias allow_data_change, not both"),
 ])
 def test_vague_messages_are_precise(tmp_path, assets, capsys, case, message):
@@ -480,7 +481,7 @@ def test_vague_messages_are_precise(tmp_path, assets, capsys, case, message):
     args = {"config-dir": ["train", tmp_path],
             "binary-config": ["train", tmp_path / "bin.yaml"],
             "gamma-and-n_layers": ["train", cfg, "--set", "lisa.gamma=3"],
-            "K-and-interval": ["train", cfg, "--set", "lisa.K=3"],
+            "K-and-interval": ["train", cfg, "--set", "lisa.K=5"],
             "both-data-change-names": ["train", cfg, "--set", "train.allow_data_change=true", "--set",
                                        "train.data_may_change=true"]}[case]
     assert_one_line(*cli(capsys, *args)[::2], message.format(tmp=tmp_path))

@@ -1,7 +1,9 @@
 """Issue 28, a practitioner's first day: a model by Hub id, the blocks' lr in the logs, configs that port from
 HF TrainingArguments / axolotl / LMFlow, checkpoints that load as models, the embedded default's measures."""
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +162,279 @@ def test_without_a_scaled_group_there_is_only_lr(tmp_path, assets, method, optio
     rows = train_rows(train(load_config(str(write_config(tmp_path, assets, method=method, max_steps=2,
                                                          schedule="constant")), options[1::2])))
     assert [r["lr"] for r in rows] == [1e-2, 1e-2] and not any("lr_embed_head" in r for r in rows)
+
+
+# -- 3. configs that port ------------------------------------------------------------------------------------
+def config_from(tmp_path, text: str):
+    from lisatune.recipe.config import load_config
+    path = tmp_path / "ported.yaml"
+    path.write_text(text)
+    return load_config(str(path))
+
+
+def test_a_flat_config_with_hf_and_axolotl_names_runs_as_ours(tmp_path, assets):
+    cfg = config_from(tmp_path, f"""
+base_model: {assets / 'model'}
+learning_rate: 2.0e-4
+per_device_train_batch_size: 2
+gradient_accumulation_steps: 3
+num_train_epochs: 2
+max_steps: -1            # TrainingArguments: epochs decide
+warmup_ratio: 0.1
+lr_scheduler_type: constant_with_warmup
+weight_decay: 0.01
+max_grad_norm: 0.5
+lisa_n_layers: 3         # axolotl
+lisa_step_interval: 7
+lisa_layers_attribute: model.layers
+data: {{path: {assets / 'train.jsonl'}}}
+""")
+    t = cfg.train
+    assert (t.lr, t.batch_size, t.grad_accum, t.epochs, t.max_steps, t.warmup_ratio, t.schedule, t.weight_decay,
+            t.max_grad_norm) == (2e-4, 2, 3, 2.0, None, 0.1, "constant", 0.01, 0.5)
+    assert (cfg.lisa.n_layers, cfg.lisa.interval, cfg.lisa.blocks_path) == (3, 7, "model.layers")
+    assert cfg.model.source == str(assets / "model") and cfg.data.format == "alpaca"
+
+
+def test_lmflow_names_in_their_sections_and_an_alias_beside_its_key():
+    from lisatune.recipe.config import validate_config
+    cfg = validate_config({"lisa": {"lisa_activated_layers": 4, "lisa_interval_steps": 9, "n_layers": 4},
+                           "train": {"learning_rate": 3e-4, "lr": 3e-4}}, "x.yaml")  # the same value twice: one
+    assert (cfg.lisa.n_layers, cfg.lisa.interval, cfg.train.lr) == (4, 9, 3e-4)
+    with pytest.raises(LisaError) as e:
+        validate_config({"train": {"learning_rate": 3e-4, "lr": 1e-4}}, "x.yaml")
+    assert str(e.value) == ("x.yaml: train.learning_rate is an alias of train.lr, which is given too with another "
+                            "value (0.0003 and 0.0001); give one")
+    with pytest.raises(LisaError, match=r"^x.yaml: lisa.gamma is an alias of lisa.n_layers, .* \(3 and 2\); give one$"):
+        validate_config({"lisa": {"gamma": 3, "n_layers": 2}}, "x.yaml")
+
+
+def test_every_unknown_key_is_reported_at_once_with_the_closest_valid_one():
+    from lisatune.recipe.config import validate_config
+    with pytest.raises(LisaError) as e:
+        validate_config({"lr": 1e-4, "train": {"batch_sise": 2, "zzz": 1}, "data": {"fromat": "alpaca"}}, "x.yaml")
+    assert str(e.value) == ("x.yaml: unknown options 'data.fromat' (did you mean 'data.format'?), 'train.batch_sise' "
+                            "(did you mean 'train.batch_size'?), 'train.zzz' (no close key), 'lr' (did you mean "
+                            "'train.lr'?)")
+    with pytest.raises(LisaError, match=r"^x.yaml: unknown option 'train.lrr' \(did you mean 'lr'\? valid: batch_"):
+        validate_config({"train": {"lrr": 1}}, "x.yaml")
+
+
+def test_warmup_ratio_and_min_lr_ratio_shape_the_schedule(tmp_path, assets):
+    from lisatune.recipe.config import load_config
+    from lisatune.recipe.loop import train
+    rows = train_rows(train(load_config(str(write_config(tmp_path, assets, max_steps=10, warmup_ratio=0.15,
+                                                         min_lr_ratio=0.1)), [])))
+    lrs = [r["lr"] for r in rows]  # ceil(0.15 × 10) = 2 warmup steps, then cosine down to 0.1 × lr
+    assert lrs[:3] == pytest.approx([1e-2 * 2 / 3, 1e-2, 1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 8)))])
+    assert lrs[-1] == pytest.approx(1e-3) and min(lrs) == pytest.approx(1e-3)
+    assert [r["lr_embed_head"] for r in rows] == pytest.approx([0.1 * x for x in lrs])
+
+
+@pytest.mark.parametrize("train_opts,message", [
+    ({"warmup_steps": 2, "warmup_ratio": 0.1}, "train: warmup_steps: give it or warmup_ratio, not both"),
+    ({"min_lr_ratio": 0.1, "schedule": "constant"}, "train.min_lr_ratio has no effect with train.schedule constant"),
+    ({"min_lr_ratio": 1.5}, "train.min_lr_ratio: Input should be less than or equal to 1"),
+])
+def test_bad_schedule_options_are_one_line(train_opts, message):
+    from lisatune.recipe.config import validate_config
+    with pytest.raises(LisaError) as e:
+        validate_config({"train": train_opts}, "x.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,content,fmt", [
+    ("a.jsonl", [{"instruction": "Add 1 and 2.", "input": "", "output": "3"}], "alpaca"),
+    ("c.json", [{"messages": [{"role": "user", "content": "hi"}], "text": "x"}], "chat"),
+    ("s.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}], "sharegpt"),
+    ("t.jsonl", [{"text": "a document"}], "text"),
+    ("p.txt", "one paragraph\n\nanother", "text"),
+    ("a.csv", "instruction,output\nAdd 1 and 2.,3\n", "alpaca"),
+])
+def test_data_format_is_inferred_from_the_first_record_and_logged(tmp_path, caplog, name, content, fmt):
+    from lisatune.recipe.config import validate_config
+    f = tmp_path / name
+    if isinstance(content, str):
+        f.write_text(content)
+    elif name.endswith(".json"):
+        f.write_text(json.dumps(content))
+    else:
+        f.write_text("".join(json.dumps(r) + "\n" for r in content))
+    with caplog.at_level("INFO", logger="lisatune"):
+        assert validate_config({"data": {"path": str(f)}}, "x.yaml").data.format == fmt
+    assert f"data.format: {fmt}, inferred from " in caplog.text and str(f) in caplog.text
+
+
+def test_an_uninferable_format_is_one_line_and_the_default_stays_gsm(tmp_path):
+    from lisatune.recipe.config import DEFAULT, validate_config
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": "1+2?", "answer": "3"}) + "\n")
+    with pytest.raises(LisaError) as e:
+        validate_config({"data": {"path": str(f)}}, "x.yaml")
+    assert str(e.value) == (f"data.format: not set, and the first record ({f}:1) has fields question, answer, which "
+                            "match no format (sharegpt: conversations, chat: messages, alpaca: instruction, text: "
+                            "text); set data.format (and data.columns to map fields)")
+    assert validate_config({"data": {"path": str(f), "columns": {"instruction": "question", "output": "answer"}}},
+                           "x.yaml").data.format == "alpaca"
+    assert validate_config({}, "x").data.format == "gsm" and validate_config(DEFAULT, "x").data.format == "gsm"
+
+
+# -- 4. checkpoints that load as models; keep_best -----------------------------------------------------------
+def test_a_mid_run_checkpoint_loads_with_from_pretrained_and_its_manifest_covers_the_model_files(tmp_path, assets):
+    from lisatune.recipe.checkpoint import MANIFEST, checkpoint_dirs, load_checkpoint, sha256_file
+    from lisatune.recipe.config import load_config
+    from lisatune.recipe.loop import train
+    s = train(load_config(str(write_config(tmp_path, assets, max_steps=4, save_every=2, keep_last=3)), []))
+    (step2, mid), (step4, end) = checkpoint_dirs(tmp_path / "run")
+    assert (step2, step4) == (2, 4)
+    state = json.loads((mid / "trainer_state.json").read_text())
+    files = {p.name for p in mid.iterdir()} - {"trainer_state.json"}
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= files == set(state[MANIFEST])
+    assert all(state[MANIFEST][f] == sha256_file(mid / f) for f in files)
+    model = T.AutoModelForCausalLM.from_pretrained(mid)
+    tok = T.AutoTokenizer.from_pretrained(mid)
+    ids = tok("Add 1 and 2.", return_tensors="pt")["input_ids"]
+    final = T.AutoModelForCausalLM.from_pretrained(s["final_model"])
+    at_end = T.AutoModelForCausalLM.from_pretrained(end)
+    with torch.no_grad():
+        assert torch.equal(at_end(ids).logits, final(ids).logits)  # the last checkpoint is the final model
+        assert not torch.equal(model(ids).logits, final(ids).logits)  # step 2's own weights
+    # the recipe still resumes from it (the manifest verifies what it reads), bitwise as before
+    first = {k: v.clone() for k, v in final.state_dict().items()}
+    shutil.rmtree(end)
+    shutil.rmtree(s["final_model"])
+    (tmp_path / "run" / "summary.json").unlink()
+    again = train(load_config(str(write_config(tmp_path, assets, max_steps=4, save_every=2, keep_last=3, resume=True)),
+                              []))
+    resumed = T.AutoModelForCausalLM.from_pretrained(again["final_model"]).state_dict()
+    assert all(torch.equal(resumed[k], v) for k, v in first.items())
+
+
+def test_keep_best_keeps_the_model_of_the_lowest_eval_loss(tmp_path, assets, monkeypatch):
+    import lisatune.recipe.loop as loop
+    from lisatune.recipe.config import load_config
+    losses = iter([3.0, 2.0, 2.5, 2.7])  # before, steps 2, 4, 6: the best is step 2's
+    real = loop.eval_loss
+    monkeypatch.setattr(loop, "eval_loss", lambda *a, **k: {**real(*a, **k), "eval_loss": next(losses)})
+    saved = {}
+    real_keep = loop.keep_best
+
+    def spy(run, at, loss):
+        real_keep(run, at, loss)
+        saved[at] = {k: v.clone() for k, v in run.model.state_dict().items()}
+
+    monkeypatch.setattr(loop, "keep_best", spy)
+    s = loop.train(load_config(str(write_config(tmp_path, assets, max_steps=6, eval_every=2, keep_best="eval_loss")),
+                               []))
+    assert list(saved) == [2] and s["best"] == {"step": 2, "eval_loss": 2.0, "model": str(tmp_path / "run" / "best")}
+    best = T.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best")
+    assert all(torch.equal(best.state_dict()[k], v) for k, v in saved[2].items() if k in best.state_dict())
+    assert T.AutoTokenizer.from_pretrained(tmp_path / "run" / "best") is not None
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"data": {"format": "alpaca", "path": "{train}"}}, "train.keep_best: eval_loss needs a validation set"),
+    ({"method": "lora"}, "train.keep_best is for methods that train the model's own weights"),
+    ({"train": {"eval_every": 0}}, "train.keep_best has no effect without train.eval_every"),
+])
+def test_keep_best_without_what_it_needs_is_one_line(assets, changes, message):
+    from lisatune.recipe.config import validate_config
+    data = {"data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "val_fraction": 0.25},
+            "train": {"keep_best": "eval_loss", "eval_every": 2}}
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            data[section] = {**data.get(section, {}), **{k: v.format(train=assets / "train.jsonl")
+                                                         if isinstance(v, str) else v for k, v in values.items()}}
+            if section == "data":
+                data["data"].pop("val_fraction")
+        else:
+            data[section] = values
+    with pytest.raises(LisaError) as e:
+        validate_config(data, "x.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# -- 5. the embedded default -----------------------------------------------------------------------------------
+def test_the_gsm_evaluation_reports_the_answer_format_rate_beside_exact_match(assets, monkeypatch):
+    from lisatune.recipe.evaluate import gsm_accuracy
+    from lisatune.recipe.run_dir import describe_eval
+    model = T.AutoModelForCausalLM.from_pretrained(assets / "model")
+    tok = T.AutoTokenizer.from_pretrained(assets / "model")
+    tok.padding_side = "left"
+    replies = iter(["The answer is 5.\n#### 5", "#### 7", "about five"])  # right, formatted but wrong, unformatted
+
+    def generate(input_ids, **kw):
+        rows = [torch.cat([r, torch.tensor(tok(next(replies), add_special_tokens=False)["input_ids"])]) for r in input_ids]
+        width = max(len(r) for r in rows)
+        return torch.stack([torch.cat([r, torch.full((width - len(r),), tok.pad_token_id)]) for r in rows])
+
+    monkeypatch.setattr(model, "generate", generate)
+    items = [{"question": f"What is {a} plus {b}?", "number": "5"} for a, b in ((2, 3), (1, 4), (0, 5))]
+    res = gsm_accuracy(model, tok, items, batch_size=3)
+    assert (res["gsm_correct"], res["gsm_formatted"], res["gsm_total"]) == (1, 2, 3)
+    assert res["gsm_answer_format"] == pytest.approx(2 / 3)
+    assert describe_eval(res) == "GSM exact match 1/3, answers in the '#### N' format 2/3"
+
+
+def test_the_embedded_default_trains_lisa_at_an_lr_the_studies_support():
+    from lisatune.recipe.config import load_config
+    cfg = load_config(None)
+    assert cfg.method == "lisa" and 1e-4 <= cfg.train.lr <= 3e-4  # docs/results.md: studies 1 and 4
+    assert cfg.data.format == "gsm" and cfg.train.gsm_eval_samples > 0 and cfg.train.max_steps == 40
+
+
+# -- 6. save_to_disk directories and Hub dataset names train and resume ----------------------------------------
+def test_a_save_to_disk_directory_trains_resumes_and_refuses_changed_data(tmp_path, assets):
+    import datasets
+    from helpers import RECORDS
+    from lisatune.recipe.config import load_config
+    from lisatune.recipe.loop import train
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(saved))
+
+    def config(**kw):
+        path = write_config(tmp_path, assets, max_steps=4, save_every=2, keep_last=3, **kw)
+        data = yaml.safe_load(path.read_text())
+        data["data"] = {"path": str(saved), "split": "train", "val_fraction": 0.25, "max_length": 64}  # inferred
+        path.write_text(yaml.safe_dump(data))
+        return load_config(str(path))
+
+    s = train(config())
+    assert s["steps"] == 4
+    first = T.AutoModelForCausalLM.from_pretrained(s["final_model"]).state_dict()
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    again = train(config(resume=True))  # from step 2, over the same directory
+    resumed = T.AutoModelForCausalLM.from_pretrained(again["final_model"]).state_dict()
+    assert all(torch.equal(resumed[k], v) for k, v in first.items())
+
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "summary.json").unlink()
+    changed = [dict(r, output=r["output"] + "!") if i == 0 else r for i, r in enumerate(RECORDS)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(changed)}).save_to_disk(str(saved))
+    with pytest.raises(LisaError, match=r"^cannot resume .*: the training data changed \(data.path "):
+        train(config(resume=True))
+
+
+def test_a_hub_dataset_is_fingerprinted_by_the_datasets_library(monkeypatch):
+    import datasets
+    import lisatune.data.sources as sources
+    from lisatune.data import DataConfig, data_fingerprint
+    versions = {"v": [{"text": "a"}]}
+    monkeypatch.setattr(sources, "load_dataset", lambda name, split: datasets.Dataset.from_list(versions["v"]))
+    cfg = DataConfig(format="text", path="org/corpus")
+    before = data_fingerprint(cfg)
+    assert data_fingerprint(cfg) == before
+    versions["v"] = [{"text": "b"}]
+    assert data_fingerprint(cfg) != before
+    assert data_fingerprint(DataConfig(format="text", path="org/corpus", split="test")) != data_fingerprint(cfg)
+
+
+def test_a_split_slice_on_a_single_file_is_refused_in_one_line(assets):
+    from lisatune.recipe.config import validate_config
+    with pytest.raises(LisaError) as e:
+        validate_config({"data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "split": "train[:8]"}}, "x")
+    assert str(e.value).startswith(f"x: data.split has no effect with data.path '{assets / 'train.jsonl'}', a single "
+                                   "file") and "\n" not in str(e.value)

@@ -147,7 +147,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("override,message", [
     ("method=dora", "method: 'dora' is not one of full, lora, galore, lisa"),
-    ("train.lrr=1", "unknown option 'train.lrr' (valid: batch_size,"),
+    ("train.lrr=1", "unknown option 'train.lrr' (did you mean 'lr'? valid: batch_size,"),
     ("lisa.n_layers=9", "n_layers (γ) = 9 exceeds the 4 transformer blocks"),
     ("model.source=/nope", "model.source '/nope' does not exist"),
     ("data.path=/nope.jsonl", "data.path '/nope.jsonl' does not exist"),

@@ -21,7 +21,7 @@ from .config import DataConfig
 from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
 from .pack import pack
 from .render import IGNORE, encode_prompt, render_prompt
-from .sources import read_source
+from .sources import read_hub_fingerprint, read_source
 from .text import documents, load_text, read_paragraphs
 
 __all__ = ["DataConfig", "collate", "data_fingerprint", "encode_prompt", "extract_answer", "gsm_eval_items",
@@ -109,21 +109,38 @@ def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
         items = {"train": gsm_train_items(cfg), "eval": gsm_eval_items(cfg)}
         return {"gsm": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()}
     out = {}
-    for option, path in (("data.path", cfg.path), ("data.val_path", cfg.val_path)):
-        if path is None:
-            continue
-        p = Path(path)
-        if not p.is_file():
-            raise LisaError(f"{option} '{path}' " + ("is not a file" if p.exists() else "does not exist"))
-        h = hashlib.sha256()
-        try:
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-        except OSError as e:
-            raise LisaError(f"{option} '{path}' cannot be read ({e.strerror or e})") from None
-        out[option] = h.hexdigest()
+    for option, path, split in (("data.path", cfg.path, cfg.split), ("data.val_path", cfg.val_path, cfg.val_split)):
+        if path is not None:
+            out[option] = source_digest(path, option, split)
     return out
+
+
+def source_digest(path: str, option: str, split: str) -> str:
+    """sha256 of a data source's content: a file's bytes; a save_to_disk directory's files (names and bytes, so a
+    rewritten or added shard counts); a Hub dataset's split by the datasets library's own fingerprint of it."""
+    p = Path(path).expanduser()
+    h = hashlib.sha256()
+    try:
+        if p.is_file():
+            _hash_file(h, p)
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            if not files:
+                raise LisaError(f"{option} '{path}' is an empty directory")
+            for f in files:
+                h.update(f"{f.relative_to(p).as_posix()}\0".encode())
+                _hash_file(h, f)
+        else:  # not on disk: read_source's Hub name (or its one-line error), read from the datasets cache
+            h.update(f"{path}:{split}:{read_hub_fingerprint(path, option, split)}".encode())
+    except OSError as e:
+        raise LisaError(f"{option} '{path}' cannot be read ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
 
 
 def collate(examples: list[dict], pad_id: int, device: torch.device | str | None = None,

@@ -123,6 +123,14 @@ def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str
     return ds, path
 
 
+def read_hub_fingerprint(path: str, option: str, split: str) -> str:
+    """The datasets library's fingerprint of a Hub dataset's split (a hash of its source files and version), or
+    read_source's one-line error for a path that is neither on disk nor a Hub name."""
+    if Path(path).suffix.lower() in FILE_SUFFIXES or not HUB_NAME.match(path):
+        raise LisaError(f"{option} '{path}' does not exist")
+    return _load_hub(path, option, split)._fingerprint
+
+
 def _load_hub(name: str, option: str, split: str) -> Dataset:
     try:
         with _quiet_datasets():

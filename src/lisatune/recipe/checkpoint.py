@@ -7,6 +7,8 @@ One format for one process, DDP and FSDP2. A run directory holds `checkpoints/st
   rng.pt              python, numpy, torch (and CUDA) random states; rng_rank{r}.pt per rank when several
   trainer_state.json  {"step": ..., **extra} (+ "world_size" when several), and "sha256": the checksum of every
                       other file (the manifest); written last
+  config.json, tokenizer files   with a tokenizer (the recipe's checkpoints) of a plain model: the directory is
+                      then also a Hugging Face model directory (AutoModelForCausalLM.from_pretrained loads it)
 Under torch.distributed, saving and loading are collective: rank 0 writes, every rank restores its own RNG.
 Each checkpoint is written into a `.tmp-*` directory and renamed into place, so a
 `step-*` directory is either complete or absent, even if the process is killed; a file changed on disk since
@@ -151,11 +153,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, optimizer=None,
-                    scheduler=None, extra: dict | None = None, keep_last: int | None = None) -> Path:
+                    scheduler=None, extra: dict | None = None, keep_last: int | None = None, tokenizer=None) -> Path:
     """Write `run_dir/checkpoints/step-XXXXXX` atomically, then keep only the newest `keep_last` (None keeps all).
 
     `extra` (JSON-serializable: data position, metrics...) comes back from load_checkpoint merged with
-    {"step": step}. Collective under DDP/FSDP2: the full model and optimizer state and every rank's RNG state
+    {"step": step}. With `tokenizer`, a plain (not PEFT) model's config.json, generation config and the tokenizer go
+    beside the weights (in the manifest too), so the checkpoint loads as a model. Collective under DDP/FSDP2: the full model and optimizer state and every rank's RNG state
     are gathered, rank 0 writes, and every rank returns the same path once the checkpoint is complete.
     """
     if keep_last is not None and keep_last < 1:
@@ -186,6 +189,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                 torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             for r, rng in enumerate(rngs):
                 torch.save(rng, tmp / rng_file(r, n))
+            if tokenizer is not None and not hasattr(model, "peft_config"):  # a PEFT model's keys are not a model's
+                model_files(model, tokenizer, tmp)
             sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
             # Last: its presence marks the checkpoint complete, and it carries the manifest of the rest.
             (tmp / STATE).write_text(json.dumps({**state, MANIFEST: sums}, indent=2))
@@ -212,6 +217,15 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                             f"({reason}); the earlier checkpoints are intact") from None
 
     return on_rank0(write_or_explain)
+
+
+def model_files(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """What makes a directory holding model.safetensors a Hugging Face model directory: config.json (and the
+    generation config) as save_pretrained writes them, and the tokenizer."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:

@@ -5,18 +5,21 @@
 """
 from __future__ import annotations
 
+import difflib
+import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
                       create_model, field_validator, model_validator)
 
 from ..data import DataConfig
+from ..data.infer import infer_format
 from ..data.sources import FILE_SUFFIXES
 from ..distributed.launch import MODES
 from ..errors import LisaError
 from ..methods import METHODS
-from ..schema import Number, YamlTagError, format_error, no_effect, parse_yaml, read_yaml
+from ..schema import Number, YamlTagError, format_error, no_effect, parse_yaml, read_yaml, section_of
 from .metrics import SINKS
 from .models import ModelConfig
 
@@ -41,7 +44,10 @@ class TrainOptions(BaseModel):
     max_steps: Steps | None = None  # optimizer steps; overrides epochs
     epochs: Number = Field(1.0, gt=0)
     warmup_steps: StrictInt = Field(0, ge=0)
+    warmup_ratio: Number = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the run's steps (rounded up), as HF's
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # cosine/linear decay to this fraction of train.lr instead of 0 (the embedding/head's lr alike)
+    min_lr_ratio: Number = Field(0.0, ge=0, le=1)
     max_grad_norm: Number | None = 1.0  # clip the gradient's global norm to this; null (None): no clipping
     # bf16-mixed: bf16 weights (model.dtype is then bf16), fp32 master weights and fp32 optimizer state for
     # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
@@ -73,6 +79,9 @@ class TrainOptions(BaseModel):
     # Seconds a rank waits in a collective while rank 0 works alone (a checkpoint write, lm-eval tasks) before
     # the run fails in one line; torch's own default is 10 minutes under NCCL, short for a 70B checkpoint.
     collective_timeout: StrictInt = Field(3600, ge=1)
+    # eval_loss: the model of the evaluation (after step 1) with the lowest held-out loss so far is kept in
+    # <output_dir>/best (a Hugging Face model directory), replaced when a later evaluation is lower.
+    keep_best: Literal["eval_loss"] | None = None
     log_every: StrictInt = Field(1, ge=1)
     resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
     overwrite: StrictBool = False  # replace output_dir, if it is a lisatune run directory (never anything else)
@@ -92,6 +101,16 @@ class TrainOptions(BaseModel):
         if isinstance(data, dict) and {"data_may_change", "allow_data_change"} <= set(data):
             raise ValueError("give data_may_change or its alias allow_data_change, not both")
         return data
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("warmup_steps: give it or warmup_ratio, not both")
+        return self
+
+    def warmup(self, total: int) -> int:
+        """Warmup steps of a run of `total` optimizer steps."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * total)
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -170,6 +189,18 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _keep_best(self):
+        train, d = getattr(self, "train", None), self.data
+        if train is None or train.keep_best is None:
+            return self
+        if d.format != "gsm" and d.val_path is None and not d.val_fraction:
+            raise ValueError("train.keep_best: eval_loss needs a validation set (data.val_path or data.val_fraction)")
+        if self.method == "lora":  # best/ is written mid-run: merging would end the adapter's training
+            raise ValueError("train.keep_best is for methods that train the model's own weights (full, lisa, "
+                             "galore), not lora")
+        return self
+
+    @model_validator(mode="after")
     def _no_effect(self):
         train = getattr(self, "train", None)
         ignored = ignored_options(self.data, train) if train is not None else None
@@ -200,6 +231,10 @@ def ignored_options(d: DataConfig, t: TrainOptions) -> str | None:
          "without train.eval_tasks (documents per lm-eval task)"),
         (t.eval_allow_task_code and t.eval_include_path is None, "train.eval_allow_task_code",
          "without train.eval_include_path (it allows the code of task files there)"),
+        (t.keep_best is not None and not t.eval_every, "train.keep_best",
+         "without train.eval_every (only the final model is evaluated after training, and final/ is it)"),
+        (t.min_lr_ratio and t.schedule == "constant", "train.min_lr_ratio",
+         "with train.schedule constant (it is where cosine and linear decay end)"),
     ])
 
 
@@ -211,14 +246,16 @@ TrainConfig = create_model(
 
 
 # The embedded default: SmolLM2-135M-Instruct fine-tuned with LISA on GSM-symbolic problems,
-# sized to finish in a few minutes on 2 CPU cores.
+# sized to finish in a few minutes on 2 CPU cores. lr 3e-4: LISA's best in study 1 (64 steps) and within 0.001 of
+# the best (1e-4) for this very recipe in study 4 (docs/results.md); at 40 steps the larger one shows its effect.
+# The GSM evaluation reports the answer-format rate beside exact match: what 40 steps teach this model.
 DEFAULT = {
     "model": {"source": "smollm2"},
     "data": {"format": "gsm", "max_length": 384, "gsm_variants": 4, "gsm_eval_templates": 20,
              "gsm_eval_variants": 2, "val_max_examples": 32},
     "method": "lisa",
     "lisa": {"n_layers": 2, "interval": 5},
-    "train": {"output_dir": "runs/default", "lr": 1e-4, "batch_size": 4, "max_steps": 40, "warmup_steps": 4,
+    "train": {"output_dir": "runs/default", "lr": 3e-4, "batch_size": 4, "max_steps": 40, "warmup_steps": 4,
               "gsm_eval_samples": 8, "resume": "auto"},
 }
 
@@ -269,8 +306,92 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
 
 
 def validate_config(data: dict, where: str) -> BaseModel:
-    """A TrainConfig from a mapping; any mistake is one LisaError line starting with `where`."""
+    """A TrainConfig from a mapping; any mistake is one LisaError line starting with `where`. Other tools'
+    names are taken as aliases first (port_aliases), and data.format, if not given, is inferred."""
+    data = port_aliases(data, where)
+    d = data.get("data")
+    if isinstance(d, dict) and isinstance(d.get("path"), str) and "format" not in d:
+        d["format"] = infer_format(d["path"], d.get("split", "train") if isinstance(d.get("split"), str) else "train",
+                                   d.get("columns") if isinstance(d.get("columns"), dict) else None)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        raise LisaError(format_error(e, TrainConfig, where)) from None
+        raise LisaError(unknown_keys(e, where) or format_error(e, TrainConfig, where)) from None
+
+
+# -- porting a config from other tools -----------------------------------------------------------------------
+# Hugging Face TrainingArguments (also TRL, LMFlow, LLaMA-Factory), axolotl, LMFlow, ms-swift names -> ours.
+# In their section, or at the top of the file, as flat configs have them.
+ALIASES: dict[str, dict[str, str]] = {
+    "train": {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+              "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "num_epochs": "epochs",
+              "lr_scheduler_type": "schedule", "lr_scheduler": "schedule", "cosine_min_lr_ratio": "min_lr_ratio",
+              "save_steps": "save_every", "logging_steps": "log_every", "eval_steps": "eval_every",
+              "save_total_limit": "keep_last"},
+    "lisa": {"lisa_activated_layers": "n_layers", "lisa_n_layers": "n_layers", "gamma": "n_layers",
+             "lisa_interval_steps": "interval", "lisa_step_interval": "interval", "K": "interval",
+             "lisa_layers_attribute": "blocks_path"},
+    "model": {"model_name_or_path": "source", "base_model": "source"},
+}
+# Names that are the same in TrainingArguments and here, accepted at the top of a flat config as well.
+TOP_LEVEL = {"max_steps": "train.max_steps", "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio",
+             "warmup_steps": "train.warmup_steps", "max_grad_norm": "train.max_grad_norm",
+             "output_dir": "train.output_dir", "seed": "train.seed",
+             **{alias: f"{section}.{key}" for section, names in ALIASES.items() for alias, key in names.items()
+                if alias not in ("gamma", "K")}}  # those two are LISA's own, in its section only
+# HF's lr_scheduler_type values that are one of ours under another name
+SCHEDULES = {"constant_with_warmup": "constant", "cosine_with_min_lr": "cosine"}
+
+
+def port_aliases(data: Any, where: str) -> Any:
+    """`data` with other tools' names rewritten to ours. An alias next to its own key: the same value is one setting
+    given twice (accepted), a different one is one line naming both."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}  # the caller's dict is left as is
+    moves = [(alias, target.split(".")) for alias, target in TOP_LEVEL.items() if alias in data]
+    moves += [(f"{section}.{alias}", [section, key]) for section, names in ALIASES.items()
+              if isinstance(data.get(section), dict) for alias, key in names.items() if alias in data[section]]
+    for alias, (section, key) in moves:
+        node = data if "." not in alias else data[section]
+        value = node.pop(alias.rpartition(".")[2])
+        if alias.endswith("max_steps") and value == -1:  # TrainingArguments' "not set: epochs decide"
+            continue
+        if key == "schedule" and isinstance(value, str):
+            value = SCHEDULES.get(value, value)
+        if data.get(section) is None:
+            data[section] = {}
+        target = data[section]
+        if not isinstance(target, dict):
+            continue  # the section's own error says it is not a mapping
+        if key in target and target[key] != value:
+            raise LisaError(f"{where}: {alias} is an alias of {section}.{key}, which is given too with another value "
+                            f"({value!r} and {target[key]!r}); give one")
+        target[key] = value
+    return data
+
+
+def unknown_keys(e: ValidationError, where: str) -> str | None:
+    """Every unknown key of a config at once, each with the closest valid key (None if there is none)."""
+    unknown = [[p for p in err["loc"] if isinstance(p, str)] for err in e.errors() if err["type"] == "extra_forbidden"]
+    if not unknown:
+        return None
+    if len(unknown) == 1 and (len(unknown[0]) > 1 or not _closest(unknown[0])):
+        return format_error(e, TrainConfig, where, hint=True)  # the closest key, and the section's valid ones
+    tips = [f"'{'.'.join(u)}'" + (f" (did you mean '{c}'?)" if (c := _closest(u)) else " (no close key)")
+            for u in unknown]
+    return f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(tips)}"
+
+
+def _closest(loc: list[str]) -> str | None:
+    """The valid dotted key closest to the unknown one at `loc`: in its own section or, for a key at the top of
+    the file (`lr:`), among every section's keys too."""
+    *parents, name = loc
+    scope = section_of(TrainConfig, parents)
+    names = {k: ".".join([*parents, k]) for k in scope.model_fields}
+    if not parents:
+        for section, field in TrainConfig.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                names |= {k: f"{section}.{k}" for k in field.annotation.model_fields if k not in names}
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return names[close[0]] if close else None

@@ -33,12 +33,14 @@ def eval_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8, los
 
 @torch.no_grad()
 def gsm_accuracy(model, tokenizer, items: list[dict], max_new_tokens: int = 200, batch_size: int = 8) -> dict:
-    """Exact match of the `#### N` answer, greedy decoding, prompts left-padded in batches."""
+    """Exact match of the `#### N` answer, greedy decoding, prompts left-padded in batches; and the answer-format
+    rate (outputs ending in a `#### N` answer, right or wrong): a short run teaches a small model the format long
+    before the arithmetic, so this is the measure that moves first."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    correct, samples = 0, []
+    correct, formatted, samples = 0, 0, []
     with bar(len(items), "gsm answers", leave=False, unit="problem") as done:
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
@@ -52,8 +54,9 @@ def gsm_accuracy(model, tokenizer, items: list[dict], max_new_tokens: int = 200,
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 got = extract_answer(text)
                 correct += got == it["number"]
+                formatted += got is not None
                 samples.append({"question": it["question"], "expected": it["number"], "got": got, "output": text})
             done.update(len(chunk))
     model.train(was_training)
     return {"gsm_exact_match": correct / max(len(items), 1), "gsm_correct": correct, "gsm_total": len(items),
-            "samples": samples}
+            "gsm_answer_format": formatted / max(len(items), 1), "gsm_formatted": formatted, "samples": samples}

@@ -78,13 +78,15 @@ def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) 
     return order[j * batch_size:(j + 1) * batch_size].tolist()
 
 
-def lr_schedule(optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then cosine or linear decay to 0 at `total`, or constant."""
+def lr_schedule(optimizer, kind: str, warmup: int, total: int,
+                min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine or linear decay to min_ratio × the lr at `total`, or constant."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         done = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * done)), "linear": 1 - done, "constant": 1.0}[kind]
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * done)), "linear": 1 - done, "constant": 1.0}[kind]
+        return decay if kind == "constant" or not min_ratio else min_ratio + (1 - min_ratio) * decay
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -112,6 +114,7 @@ class Run:
     start_step: int = 0  # the step this process started (or resumed) at: before it, no update of ours
     first_eval: dict | None = None
     last_eval: dict | None = None  # the final evaluation, once done (kept in the final checkpoint)
+    best: dict | None = None  # train.keep_best: {"step", "eval_loss"} of the model in best/
     fingerprint: dict | None = None  # data_fingerprint of the training data, stored in every checkpoint
     metrics: Any = None
     flat: bool = False  # packed sequences go as one row per batch (flash attention; see recipe/packing.py)
@@ -205,9 +208,9 @@ def setup(cfg: BaseModel) -> Run | dict:
     forward = wrap_model(mode, model, optimizer)  # ddp: the wrapper (after LISA has frozen the model)
     per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    schedule = lr_schedule(optimizer, t.schedule, t.warmup(total), total, t.min_lr_ratio)
     run = Run(cfg, Path(t.output_dir), accelerator.device, world, rank, mode, model, forward, tokenizer, method,
-              optimizer, lr_schedule(optimizer, t.schedule, t.warmup_steps, total), train_set, val_set, gsm_items,
-              standard_loss, total)
+              optimizer, schedule, train_set, val_set, gsm_items, standard_loss, total)
     run.flat = flat
     run.loss_fn = choose_loss(run)
     run.fingerprint = fingerprint
@@ -219,7 +222,7 @@ def setup(cfg: BaseModel) -> Run | dict:
             raise LisaError(f"checkpoint '{resume_from}' claims step {claimed}, beyond this run's {total} steps: "
                             "it is not a checkpoint of this run")
         state = load_checkpoint(resume_from, run.model, run.optimizer, run.scheduler)
-        run.step, run.first_eval = state["step"], state.get("first_eval")
+        run.step, run.first_eval, run.best = state["step"], state.get("first_eval"), state.get("best")
         run.start_step = run.step
         if run.step == total:  # killed after the final checkpoint: its evaluation is done and in the metrics
             run.last_eval = state.get("last_eval")
@@ -359,8 +362,26 @@ def evaluate(run: Run, at: int) -> dict:
             batch_size=t.eval_batch_size, data=run.cfg.data, progress=False, where="train.eval_tasks",
             option="train.eval_include_path", **task_code(t)))
     run.metrics.write(at, **res)
+    if t.keep_best and at > 0 and "eval_loss" in res and (run.best is None or res["eval_loss"] < run.best["eval_loss"]):
+        keep_best(run, at, res["eval_loss"])
     run.eval_seconds += time.perf_counter() - tick
     return res
+
+
+def keep_best(run: Run, at: int, loss: float) -> None:
+    """The model of the evaluation at step `at` into <output_dir>/best (atomically replacing the previous best);
+    its step and loss travel in the checkpoints, so a resumed run compares with it."""
+    full = full_model(run.model)  # collective under FSDP2
+
+    def save() -> Path:
+        try:
+            return save_model(full, run.tokenizer, run.dir / "best")
+        except OSError as e:
+            raise LisaError(f"cannot save the best model to {run.dir / 'best'} ({os_reason(e)})") from None
+
+    on_rank0(save)
+    run.best = {"step": at, "eval_loss": loss}
+    log.info("best eval_loss so far (%.4f at step %d): model saved to %s", loss, at, run.dir / "best")
 
 
 def task_code(t) -> dict:
@@ -374,9 +395,10 @@ def checkpoint(run: Run) -> Path:
         raise LisaError(f"non-finite weights at step {run.step}: not checkpointed; {lr_cause(run)}; "
                         f"{kept_checkpoint(run)}")
     extra = {"first_eval": run.first_eval, "micro_step": run.step * run.cfg.train.grad_accum,
-             "data_fingerprint": run.fingerprint, **({"last_eval": run.last_eval} if run.last_eval else {})}
+             "data_fingerprint": run.fingerprint, **({"last_eval": run.last_eval} if run.last_eval else {}),
+             **({"best": run.best} if run.best else {})}
     return save_checkpoint(run.dir, run.step, run.model, run.optimizer, run.scheduler, extra,
-                           keep_last=run.cfg.train.keep_last)
+                           keep_last=run.cfg.train.keep_last, tokenizer=run.tokenizer)
 
 
 def finish(run: Run, elapsed: float) -> dict:
@@ -403,7 +425,8 @@ def finish(run: Run, elapsed: float) -> dict:
                "tokens_per_s": round(run.tokens_seen / max(elapsed, 1e-9), 1),
                "memory": run.memory.summary(),  # this process's peaks (MiB); CUDA: per phase too
                "before": run.first_eval, "after": last_eval, "final_model": str(final_dir),
-               "metrics": str(run.dir / "metrics.jsonl")}
+               "metrics": str(run.dir / "metrics.jsonl"),
+               **({"best": {**run.best, "model": str(run.dir / "best")}} if run.best else {})}
     mem = summary["memory"]
     if "phases" in mem:
         log.info("CUDA memory: peak allocated %.0f MiB (%s), reserved %.0f MiB", mem["peak_allocated_mib"],

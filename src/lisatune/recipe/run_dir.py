@@ -142,7 +142,9 @@ def _digests(v) -> bool:
 RUN_STATE = {"first_eval": (_metrics, "null or a mapping of metric names to numbers"),
              "last_eval": (_metrics, "null or a mapping of metric names to numbers"),
              "micro_step": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-             "data_fingerprint": (_digests, "null or a mapping of data sources to sha256 digests")}
+             "data_fingerprint": (_digests, "null or a mapping of data sources to sha256 digests"),
+             "best": (lambda v: isinstance(v, dict) and isinstance(v.get("step"), int) and is_number(v.get("eval_loss")),
+                      "a mapping of step and eval_loss (train.keep_best)")}
 
 
 def check_run_state(ckpt: Path) -> None:
@@ -227,6 +229,8 @@ def describe_eval(res: dict | None) -> str:
         parts.append(f"eval loss {res['eval_loss']:.4f}")
     if "gsm_total" in res:
         parts.append(f"GSM exact match {res['gsm_correct']}/{res['gsm_total']}")
+        if "gsm_formatted" in res:  # absent in runs saved before it existed
+            parts.append(f"answers in the '#### N' format {res['gsm_formatted']}/{res['gsm_total']}")
     # lm-eval's metrics (train.eval_tasks), "lm_eval/<task>/<metric>", without their stderr and sample counts
     parts += [f"{k.removeprefix(LM_EVAL)} {v:.3f}" for k, v in res.items()
               if k.startswith(LM_EVAL) and "_stderr" not in k and not k.endswith("/sample_len")]

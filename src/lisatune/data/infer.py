@@ -1,0 +1,40 @@
+"""data.format when a config does not give one: from the first record's fields, as a user would read them."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import LisaError
+from .config import FIELDS
+from .sources import read_source
+
+log = logging.getLogger("lisatune")
+
+# The field that marks each format, most specific first (a chat record may carry a `text` field too).
+MARKERS = (("conversations", "sharegpt"), ("messages", "chat"), ("instruction", "alpaca"), ("text", "text"))
+
+
+def format_of(fields, where: str) -> str:
+    """The format whose marking field is among `fields`, or one LisaError line saying what was found."""
+    fmt = next((f for marker, f in MARKERS if marker in fields), None)
+    if fmt is None:
+        known = ", ".join(f"{f}: {marker}" for marker, f in MARKERS)
+        raise LisaError(f"data.format: not set, and {where} has fields {', '.join(map(str, fields)) or 'none'}, "
+                        f"which match no format ({known}); set data.format (and data.columns to map fields)")
+    return fmt
+
+
+def infer_format(path: str, split: str = "train", columns: dict | None = None) -> str:
+    """The format of data.path: a .txt file is text; data.columns' keys are a format's fields; else the fields of
+    the first record (read as training reads it). The inference is logged, so a surprise is visible."""
+    if columns:
+        fmt = format_of(list(columns), "data.columns")
+        how = f"data.columns ({', '.join(columns)})"
+    elif Path(path).suffix.lower() == ".txt":
+        fmt, how = "text", "its .txt suffix"
+    else:
+        loc, first = read_source(path, "data.path", "gsm", split, {})[0]  # gsm: no required fields to check
+        fmt = format_of(list(first), f"the first record ({loc})")
+        how = f"the fields of the first record ({', '.join(k for k in first if k in FIELDS[fmt]) or 'none'})"
+    log.info("data.format: %s, inferred from %s of %s (set data.format to choose another)", fmt, how, path)
+    return fmt
