@@ -218,6 +218,11 @@ def test_every_unknown_key_is_reported_at_once_with_the_closest_valid_one():
                             "'train.lr'?)")
     with pytest.raises(LisaError, match=r"^x.yaml: unknown option 'train.lrr' \(did you mean 'lr'\? valid: batch_"):
         validate_config({"train": {"lrr": 1}}, "x.yaml")
+    with pytest.raises(LisaError) as e:  # a misspelt alias points to the key it stands for
+        validate_config({"lora_rr": 8, "train": {"lerning_rate": 1e-4}}, "x.yaml")
+    assert str(e.value) == ("x.yaml: unknown options 'train.lerning_rate' (did you mean 'train.lr'?), 'lora_rr' "
+                            "(did you mean 'lora.r'?)")
+    assert validate_config({"lora_r": 8, "method": "lora"}, "x.yaml").lora.r == 8  # axolotl's LoRA names too
 
 
 def test_warmup_ratio_and_min_lr_ratio_shape_the_schedule(tmp_path, assets):

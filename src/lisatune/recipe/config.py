@@ -332,6 +332,7 @@ ALIASES: dict[str, dict[str, str]] = {
              "lisa_interval_steps": "interval", "lisa_step_interval": "interval", "K": "interval",
              "lisa_layers_attribute": "blocks_path"},
     "model": {"model_name_or_path": "source", "base_model": "source"},
+    "lora": {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules"},
 }
 # Names that are the same in TrainingArguments and here, accepted at the top of a flat config as well.
 TOP_LEVEL = {"max_steps": "train.max_steps", "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio",
@@ -389,7 +390,10 @@ def _closest(loc: list[str]) -> str | None:
     *parents, name = loc
     scope = section_of(TrainConfig, parents)
     names = {k: ".".join([*parents, k]) for k in scope.model_fields}
+    if len(parents) == 1:  # a misspelt alias (train.lerning_rate) points to the key it stands for
+        names |= {a: f"{parents[0]}.{k}" for a, k in ALIASES.get(parents[0], {}).items() if a not in names}
     if not parents:
+        names |= {a: target for a, target in TOP_LEVEL.items() if a not in names}
         for section, field in TrainConfig.model_fields.items():
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 names |= {k: f"{section}.{k}" for k in field.annotation.model_fields if k not in names}
