@@ -16,8 +16,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from helpers import batches, tiny_model
-from dist_scripts.workers import (build, diverge_worker, launch, load_worker, resume_worker, slow_rank0_worker, snapshot,
-                                  train_steps, train_worker)
+from dist_scripts.workers import (build, diverge_worker, full_state_worker, launch, load_worker, resume_worker,
+                                  slow_rank0_worker, snapshot, train_steps, train_worker)
 from lisatune import LisaAdamW, LisaError
 from lisatune.distributed import LisaDDP, verify_active_set
 
@@ -280,3 +280,15 @@ def test_a_rank_waiting_past_the_timeout_for_rank_0s_work_is_one_line_naming_the
     assert "LisaError: rank 1 stopped waiting for rank 0's work" in msg or \
         "LisaError: rank 0 stopped waiting for rank 0's work" in msg
     assert "train.collective_timeout" in msg
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_full_optimizer_state_is_gathered_one_tensor_at_a_time_to_rank_0(tmp_path):
+    """#27: a checkpoint under FSDP2 never holds the whole unsharded optimizer state on a device or on a rank that
+    does not write it: each sharded tensor is gathered alone (the previous one already copied to the host and
+    freed), and only rank 0 keeps the full tensors."""
+    launch(full_state_worker, str(tmp_path), dict(ADAMW, master_weights=True), 6, BATCH)
+    r0, r1 = (torch.load(tmp_path / f"full{r}.pt", weights_only=False) for r in range(2))
+    assert r0["gathers"] == r1["gathers"] > 10 and r0["most_alive"] == r1["most_alive"] == 0
+    assert r0["kinds"] == ["Tensor"] and r0["devices"] == ["cpu"]  # (step counters are plain tensors already)
+    assert "NoneType" in r1["kinds"]

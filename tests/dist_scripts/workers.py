@@ -147,3 +147,30 @@ def slow_rank0_worker(rank, world, out, seconds):
     import time
     from lisatune.distributed import on_rank0
     on_rank0(lambda: time.sleep(seconds))
+
+
+def full_state_worker(rank, world, out, lisa, steps, batch):
+    """Gather the full optimizer state under FSDP2 while counting the gathered tensors alive at each gather."""
+    import weakref
+    from torch.distributed.tensor import DTensor
+    from helpers import batches
+    from lisatune.distributed import full_optimizer_state_dict
+    model, run, opt = build("fsdp", 0, lisa)
+    train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
+    alive, most = [], [0]
+    gather = DTensor.full_tensor
+
+    def counted(self, *a, **k):
+        most[0] = max(most[0], sum(r() is not None for r in alive))  # gathered earlier and still held
+        t = gather(self, *a, **k)
+        alive.append(weakref.ref(t))
+        return t
+
+    DTensor.full_tensor = counted
+    try:
+        sd = full_optimizer_state_dict(opt)
+    finally:
+        DTensor.full_tensor = gather
+    leaves = [v for st in sd["state"].values() for v in st.values()] + list(sd["lisa"].get("masters", {}).values())
+    torch.save({"gathers": len(alive), "most_alive": most[0], "kinds": sorted({type(v).__name__ for v in leaves}),
+                "devices": sorted({str(v.device) for v in leaves if torch.is_tensor(v)})}, Path(out) / f"full{rank}.pt")

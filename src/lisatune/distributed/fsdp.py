@@ -57,9 +57,19 @@ def full_optimizer_state_dict(opt) -> dict:
     """Collective under FSDP2: LisaAdamW.state_dict() with every sharded tensor gathered to a full one.
 
     The result is exactly what a single-process LisaAdamW produces (plain tensors, same keys), so it loads
-    into one process, DDP or FSDP2 at any world size. All ranks must call it; all get the full dict.
+    into one process, DDP or FSDP2 at any world size. All ranks must call it. Each sharded tensor is gathered
+    alone and copied to the host at once, and kept on rank 0 only (None in its place elsewhere): the unsharded
+    state never exists whole on a device, nor on the ranks that do not write it.
     """
-    return _map_tensors(opt.state_dict(), lambda t: t.full_tensor() if is_dtensor(t) else t)
+    keep = rank() == 0
+
+    def gather(t: torch.Tensor) -> torch.Tensor | None:
+        if not is_dtensor(t):
+            return t
+        full = t.full_tensor()
+        return full.to("cpu", copy=True) if keep else None
+
+    return _map_tensors(opt.state_dict(), gather)
 
 
 def load_full_optimizer_state_dict(opt, state_dict: dict) -> None:
