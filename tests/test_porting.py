@@ -443,3 +443,12 @@ def test_a_split_slice_on_a_single_file_is_refused_in_one_line(assets):
         validate_config({"data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "split": "train[:8]"}}, "x")
     assert str(e.value).startswith(f"x: data.split has no effect with data.path '{assets / 'train.jsonl'}', a single "
                                    "file") and "\n" not in str(e.value)
+
+
+def test_lisatune_train_prints_where_the_best_model_is(tmp_path, assets, capsys, cli_main):
+    cfg = write_config(tmp_path, assets, max_steps=4, eval_every=2, keep_best="eval_loss")
+    assert cli_main(["train", str(cfg)]) == 0
+    best = json.loads((tmp_path / "run" / "summary.json").read_text())["best"]
+    out = capsys.readouterr().out
+    assert f"  best model (eval loss {best['eval_loss']:.4f} at step {best['step']}): {tmp_path / 'run' / 'best'}" in out
+    assert best["step"] in (2, 4) and T.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best") is not None

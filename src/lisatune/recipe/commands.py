@@ -75,6 +75,8 @@ def cmd_train(args) -> int:
     print(f"  before: {describe_eval(s['before'])}")
     print(f"  after:  {describe_eval(s['after'])}")
     print(f"  model saved to {s['final_model']} (AutoModelForCausalLM.from_pretrained loads it)")
+    if s.get("best"):  # train.keep_best
+        print(f"  best model (eval loss {s['best']['eval_loss']:.4f} at step {s['best']['step']}): {s['best']['model']}")
     print(f"  metrics: {s['metrics']}")
     return 0
 
