@@ -64,3 +64,34 @@ def test_after_loading_every_state_tensor_is_on_its_parameters_device(method, op
     resumed = m.optimizer(again, 1e-3)
     resumed.load_state_dict(sd)
     assert resumed.state and tensors_off_their_device(resumed) == []
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_frozen_blocks_are_quantized_straight_onto_the_device_and_never_moved_in_full(kind, monkeypatch):
+    """#27: LisaAdamW(device=...) on a model given on the host quantizes each frozen block's linears onto the
+    device, then moves the rest: no full-precision frozen weight is ever in the model that is moved, and a
+    frozen block's full-precision copy is the host weight itself (no second copy)."""
+    from lisatune.quant import frozen
+    model = tiny_model(n_layers=4)
+    host = {n: p for n, p in model.named_parameters()}
+    quantized_to, moved = [], []
+    real_quantize, real_to = frozen.quantized_weight, torch.nn.Module.to
+
+    def quantize(bnb, w, k, device):
+        quantized_to.append(str(device))
+        return real_quantize(bnb, w, k, "cpu")  # (the stand-in device is the host)
+
+    def to(self, *args, **kwargs):
+        if self is model:
+            moved.append({id(p) for p in self.parameters()})
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(frozen, "quantized_weight", quantize)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    opt = LisaAdamW(model, n_layers=1, interval=2, lr=1e-3, frozen_weights=kind, device="cpu", seed=0)
+    frozen_blocks = [i for i in range(4) if i not in opt.active_blocks]
+    full = {n for n in host for i in frozen_blocks if n.startswith(f"model.layers.{i}.") and n.endswith("proj.weight")}
+    assert len(frozen_blocks) == 3 and len(full) == 3 * 7 and quantized_to == ["cpu"] * len(full)
+    assert len(moved) == 1 and not moved[0] & {id(host[n]) for n in full}
+    assert all(opt.frozen_weights.host[n].data_ptr() == host[n].data_ptr() for n in full)  # no copy
+    train(model, opt, batches(4))  # trains on through switches

@@ -10,6 +10,8 @@ LisaOptimizer, which holds weights as they are.
 """
 from __future__ import annotations
 
+import torch
+
 from .distributed.agree import attach_rank_check
 from .engine import LisaConfig, LisaOptimizer
 from .quant.frozen import attach_frozen_weights
@@ -18,9 +20,15 @@ from .quant.frozen import attach_frozen_weights
 class LisaAdamW(LisaOptimizer):
     holds = ("full", "int8", "nf4")
 
-    def __init__(self, model, config: LisaConfig | None = None, **kwargs):
+    def __init__(self, model, config: LisaConfig | None = None, *, device: torch.device | str | None = None,
+                 **kwargs):
+        """`device`: where to train a model given on the host (a loaded checkpoint). Frozen blocks are quantized
+        straight onto it and the rest moved after, so the model is never whole on the device in full precision,
+        and a frozen block's full-precision copy is the host weight itself (no second copy)."""
         super().__init__(model, config, **kwargs)
         kind = self.config.frozen_weights
-        self.frozen_weights = attach_frozen_weights(self, kind) if kind != "full" else None
+        self.frozen_weights = attach_frozen_weights(self, kind, device) if kind != "full" else None
+        if device is not None:
+            self.to(device)
         self.rank_check = None
         attach_rank_check(self)

@@ -317,6 +317,24 @@ class LisaOptimizer(torch.optim.Optimizer):
         """The optimizer states of frozen parameters kept (`keep`) or offloaded (`offload`), by parameter name."""
         return self._parking.states
 
+    @torch.no_grad()
+    def to(self, device: torch.device | str) -> "LisaOptimizer":
+        """Move the model and what this optimizer holds for it (masters, state, kept state) to `device`, for an
+        optimizer built while the model was on the host. Offloaded state stays on the host; modules that are no
+        longer the model's (the full-precision linears of quantized frozen blocks) stay where they are."""
+        device = torch.device(device)
+        self.module.to(device)
+        for m in self._masters.of.values():
+            m.data = m.data.to(device)
+        for states in (self.inner.state.values(), self._parking.states.values() if self._parking.policy == "keep"
+                       else ()):
+            for st in states:
+                for k, v in st.items():
+                    if torch.is_tensor(v) and k != "step":
+                        st[k] = v.to(device)
+        self._device = self.module.get_parameter(self._probe).device
+        return self
+
     def map_states(self, fn: Callable[[torch.Tensor, dict], dict]) -> None:
         """Replace the optimizer state of every parameter, active (inner state) or parked, by fn(param, state)
         (e.g. to shard a loaded full state under FSDP2)."""

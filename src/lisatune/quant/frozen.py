@@ -122,7 +122,7 @@ class _FullStateDict:
 class FrozenWeights:
     """The quantized frozen blocks of one LisaOptimizer (its `frozen_weights` attribute)."""
 
-    def __init__(self, opt: LisaOptimizer, kind: str):
+    def __init__(self, opt: LisaOptimizer, kind: str, device: torch.device | str | None = None):
         self.kind = kind
         sharded = next((n for b in opt.layers.blocks for n, p in b if hasattr(p, "to_local")), None)
         if sharded:
@@ -131,7 +131,7 @@ class FrozenWeights:
         base = self.bnb.nn.Linear8bitLt if kind == "int8" else self.bnb.nn.Linear4bit
         self._cls = type(f"Frozen{base.__name__}", (_FullStateDict, base), {})
         self.host: dict[str, torch.Tensor] = {}  # parameter name -> high-precision weight, on the host
-        self._device: dict[str, torch.device] = {}  # where each weight computes
+        self._device: dict[str, torch.device] = {}  # where each weight computes (default: where it is now)
         self._linears: list[list[tuple[nn.Module, str, nn.Linear, str]]] = []  # per block: parent, attr, linear
         path = opt.layers.blocks_path
         for i in range(opt.layers.n_blocks):
@@ -139,8 +139,9 @@ class FrozenWeights:
             for parent, attr, m, sub in quantizable_linears(opt.module.get_submodule(f"{path}.{i}")):
                 name = f"{path}.{i}.{sub}.weight"
                 entries.append((parent, attr, m, name))
-                self._device[name] = m.weight.device
-                self.host[name] = m.weight.detach().to("cpu")  # refreshed when the block freezes
+                self._device[name] = torch.device(device) if device is not None else m.weight.device
+                # No copy for a weight on the host (a loaded checkpoint's mapped pages); refreshed when it freezes.
+                self.host[name] = m.weight.detach().to("cpu")
             self._linears.append(entries)
         if not any(self._linears):  # e.g. GPT-2's Conv1D: quantizing nothing would silently save nothing
             kinds = sorted({type(m).__name__ for m in opt.module.get_submodule(f"{path}.0").modules()
@@ -200,9 +201,10 @@ def _not_cast_note(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-def attach_frozen_weights(opt: LisaOptimizer, kind: str) -> FrozenWeights:
-    """Hold `opt`'s frozen blocks quantized from now on: synced at once, at every switch and after loading."""
-    fw = FrozenWeights(opt, kind)
+def attach_frozen_weights(opt: LisaOptimizer, kind: str, device: torch.device | str | None = None) -> FrozenWeights:
+    """Hold `opt`'s frozen blocks quantized from now on: synced at once, at every switch and after loading; with
+    `device`, quantized straight onto it from wherever the weights are (the host), never whole there in full."""
+    fw = FrozenWeights(opt, kind, device)
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_note)  # (once: filters are a set)
     fw.sync(opt)
     opt.register_switch_hook(fw.sync)
