@@ -95,3 +95,17 @@ def test_frozen_blocks_are_quantized_straight_onto_the_device_and_never_moved_in
     assert len(moved) == 1 and not moved[0] & {id(host[n]) for n in full}
     assert all(opt.frozen_weights.host[n].data_ptr() == host[n].data_ptr() for n in full)  # no copy
     train(model, opt, batches(4))  # trains on through switches
+
+
+def test_lisatune_train_builds_lisa_on_the_device_and_other_methods_after_moving_the_model(monkeypatch):
+    """The recipe passes the device to method.optimizer: LISA with quantized frozen blocks takes it (and quantizes
+    onto it), every other method moves the model first."""
+    model = tiny_model(n_layers=2)
+    moves = []
+    monkeypatch.setattr(type(model), "to", lambda self, *a, **k: moves.append(a) or self)
+    nf4 = build_method("lisa", {"n_layers": 1, "interval": 2, "frozen_weights": "nf4"})
+    assert nf4.place(model, "cpu") == {"device": "cpu"} and moves == []
+    assert build_method("lisa", {"n_layers": 1}).place(model, "cpu") == {} and moves == [("cpu",)]
+    assert build_method("full").place(model, "cpu") == {} and moves == [("cpu",), ("cpu",)]
+    opt = nf4.optimizer(tiny_model(n_layers=2), 1e-3, device="cpu")
+    assert opt.frozen_weights.quantized_blocks() == [i for i in range(2) if i not in opt.active_blocks]

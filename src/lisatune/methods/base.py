@@ -66,16 +66,24 @@ class Method(ABC):
 
     def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                  master_weights: bool = False) -> torch.optim.Optimizer:
+                  master_weights: bool = False, device: torch.device | str | None = None) -> torch.optim.Optimizer:
         """The optimizer of the prepared model, with the run's AdamW hyperparameters; with master_weights, over
-        fp32 master copies of the (bf16) weights it trains."""
-        hyper = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        fp32 master copies of the (bf16) weights it trains; with `device`, the model (on the host) moves there
+        first, or as the method builds its optimizer (place)."""
+        hyper = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps,
+                 **(self.place(model, device) if device is not None else {})}
         if master_weights:
             if not self.mixed_precision:
                 raise LisaError(f"train.precision: bf16-mixed is not built for method '{self.name}' (methods: "
                                 f"{', '.join(n for n, c in METHODS.items() if c.mixed_precision)})")
             return self.master_optimizer(model, hyper)
         return self.make_optimizer(model, hyper)
+
+    def place(self, model: nn.Module, device: torch.device | str) -> dict[str, Any]:
+        """Move the model to `device` before its optimizer is built; or return what make_optimizer needs to do it
+        itself (added to `hyper`)."""
+        model.to(device)
+        return {}
 
     @abstractmethod
     def make_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:

@@ -31,6 +31,11 @@ class Lisa(Method):
         reject_peft(unwrap(model))
         return model
 
+    def place(self, model, device):
+        if self.options.frozen_weights == "full":
+            return super().place(model, device)
+        return {"device": device}  # LisaAdamW quantizes the frozen blocks onto it, then moves the rest
+
     def make_optimizer(self, model, hyper):
         return LisaAdamW(model, self.options, **hyper)
 

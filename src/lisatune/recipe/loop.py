@@ -200,8 +200,13 @@ def setup(cfg: BaseModel) -> Run | dict:
     gsm_items = gsm_eval_items(cfg.data)[: t.gsm_eval_samples] if cfg.data.format == "gsm" else []
 
     method = build_method(cfg.method, cfg.method_options())
-    model = prepare_model(mode, method.prepare(model).to(accelerator.device))  # fsdp: sharded before the optimizer
-    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed)
+    model = method.prepare(model)
+    if mode != "none":  # ddp/fsdp: on the device (fsdp: sharded) before the optimizer exists
+        model = prepare_model(mode, model.to(accelerator.device))
+    # One process: the method moves the model as it builds the optimizer (LISA quantizes frozen blocks onto the
+    # device first, so the model is never whole there in full precision).
+    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed,
+                                 device=accelerator.device if mode == "none" else None)
     # After the optimizer has frozen what it does not train: FSDP2 sets itself up at its first forward (this
     # probe's), and a probe before LISA's freezing made its packed runs train differently from one process.
     flat = check_packing(model) if cfg.data.packing else False  # every rank: a forward under FSDP is collective
