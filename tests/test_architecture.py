@@ -209,3 +209,4 @@ def test_tests_share_helpers_not_conftest():
     importers = [str(p.relative_to(tests.parent)) for p in [*tests.rglob("*.py"), *bench.glob("*.py")]
                  if re.search(r"^\s*(from conftest import|import conftest)", p.read_text(), re.M)]
     assert importers == []
+

@@ -415,3 +415,20 @@ def test_generate_refuses_a_temperature_that_is_not_a_finite_number_ge_0(tmp_pat
     assert_one_line(*cli(capsys, "generate", assets / "model", "--prompt", "hi", f"--temperature={value}")[::2],
                     "--temperature must be a finite number >= 0")
     assert snapshot(tmp_path) == before
+
+
+def test_any_exception_of_a_subcommand_is_one_line_and_its_traceback_is_under_debug(monkeypatch, capsys, cli_main):
+    """The CLI's one boundary: an exception no layer turned into a LisaError (a library's, a bug) is still one
+    line with exit 2; --log-level debug adds the traceback."""
+    from lisatune.recipe import generate
+
+    def boom(args):
+        raise NotImplementedError("flex_attention is not supported on CPU\nmore detail")
+
+    monkeypatch.setattr(generate, "register", lambda sub: sub.add_parser("generate").set_defaults(func=boom))
+    assert cli_main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lisatune generate: error: NotImplementedError: flex_attention is not supported on CPU "
+                   "(the traceback: --log-level debug)\n")
+    assert cli_main(["--log-level", "debug", "generate"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

@@ -10,8 +10,9 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
-from .errors import LisaError
+from .errors import LisaError, first_line
 from .schema import OneLineParser, os_reason
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -80,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # what no layer below turned into a LisaError: still one line, naming the file
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"lisatune: error: {os_reason(e)}{where}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else a subcommand raised: one line; the traceback under --log-level debug
+        if args.log_level == "debug":
+            traceback.print_exc()
+        print(f"lisatune {command}: error: {type(e).__name__}: {first_line(e)} (the traceback: --log-level debug)",
+              file=sys.stderr)
         return 2
 
 
