@@ -208,6 +208,8 @@ def test_a_diverging_run_is_recorded_as_failed_and_not_retried(tmp_path, assets,
     capsys.readouterr()
     assert main(["study", str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out.strip() == "hot_s0: failed"
+    assert main(["study", str(path), "--retry-failed"]) == 1  # a study with failed runs is not a success
+    assert capsys.readouterr().out.strip().endswith("0 trained, 0 already done, 0 skipped, 1 failed")
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -227,6 +229,7 @@ def test_a_diverging_run_is_recorded_as_failed_and_not_retried(tmp_path, assets,
     ({"runs": [{"name": "a/b"}]}, "runs[0].name: must be letters, digits"),
     ({"runs": [{"name": "a"}], "base_config": "nope.yaml"}, "base_config 'nope.yaml' does not exist"),
     ({"runs": [{"name": "a", "set": {"data.path": "/nope.jsonl"}}]}, "data.path '/nope.jsonl' does not exist"),
+    ({"runs": [{"name": "a"}], "select": "eval_los"}, "select: Input should be 'eval_loss' or 'eval_ppl'"),
 ])
 def test_a_bad_study_file_gives_a_one_line_error(tmp_path, assets, fields, message):
     path = write_study(tmp_path, assets, **fields)

@@ -48,7 +48,9 @@ def cmd_study(args) -> int:
         return 0
     r = run_study(plan, retry_failed=args.retry_failed, only=args.only, echo=lambda m: print(m, flush=True))
     print(f"{r['trained']} trained, {r['done']} already done, {r['skipped']} skipped, {r['failed']} failed")
-    return 130 if r.get("interrupted") else 0
+    if r.get("interrupted"):
+        return 130
+    return 1 if r["failed"] else 0  # a script (or CI) running a study sees that runs failed
 
 
 def register(subparsers) -> None:

@@ -85,7 +85,8 @@ class Study(BaseModel):
     runs: list[RunSpec] = []
     grid: dict[str, list[Any]] = {}
     sweep: dict[str, list[Any]] = {}
-    select: str = "eval_loss"  # the `after` metric (lower is better) that picks the best sweep value
+    # the `after` metric (lower is better) that picks the best sweep value: a typo would pick nothing, silently
+    select: Literal["eval_loss", "eval_ppl"] = "eval_loss"
     keep_models: bool = False  # False: delete final/ and checkpoints/ once the metrics are copied
     isolate: bool = True  # each run in its own process: a true per-run peak RSS
     # interleave: seed by seed, the middle sweep point of every setting first (a partial study is already a
