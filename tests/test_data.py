@@ -456,3 +456,23 @@ def test_columns_must_name_fields_of_the_format():
                                         r"\(fields: instruction, input, output\)$"):
         DataConfig.build(format="alpaca", path="a.csv", columns={"prompt": "x"})
     assert DataConfig.build(format="chat", path="a.csv", columns={"messages": "turns"}).columns == {"messages": "turns"}
+
+
+def test_one_registry_of_formats_drives_the_choices_the_fields_the_inference_and_the_loaders(tmp_path, monkeypatch):
+    """#25: a format is one entry of data/formats.py (plus its loader module): nothing else lists the formats."""
+    from typing import get_args
+
+    from lisatune.data import config as data_config, formats, infer
+    from lisatune.data import load_splits as splits
+    assert get_args(DataConfig.model_fields["format"].annotation) == tuple(formats.FORMATS)
+    assert data_config.FIELDS == {n: f.fields for n, f in formats.FORMATS.items()}
+    assert [f for _, f in infer.MARKERS] == list(formats.INFER)
+    seen = []
+    fake = formats.Format({"instruction": True, "output": True}, "instruction",
+                          lambda records, tok, cfg, source: seen.append((len(records), source)) or
+                          [{"input_ids": [1, 2], "labels": [1, 2]}] * len(records))
+    monkeypatch.setitem(formats.FORMATS, "alpaca", fake)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n' * 3)
+    train_set, _ = splits(DataConfig(format="alpaca", path=str(path)), tokenizer=None)
+    assert seen == [(3, str(path))] and len(train_set) == 3

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from ..errors import LisaError
-from .alpaca import load_alpaca
-from .chat import load_chat, load_sharegpt
 from .config import DataConfig
+from .formats import FORMATS
 from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
 from .pack import pack
 from .render import IGNORE, encode_prompt, render_prompt
 from .sources import read_hub_fingerprint, read_source
-from .text import documents, load_text, read_paragraphs
+from .text import load_text, read_paragraphs
 
 __all__ = ["DataConfig", "collate", "data_fingerprint", "encode_prompt", "extract_answer", "gsm_eval_items",
            "load_splits", "render_prompt"]
@@ -35,13 +34,7 @@ def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]
         return load_text(read_paragraphs(path, option), tokenizer, cfg.max_length, path)
     split = cfg.split if option == "data.path" else cfg.val_split
     records = read_source(path, option, cfg.format, split, cfg.columns)
-    if cfg.format == "alpaca":
-        return load_alpaca(records, tokenizer)
-    if cfg.format == "chat":
-        return load_chat(records, tokenizer, cfg.system_prompt)
-    if cfg.format == "sharegpt":
-        return load_sharegpt(records, tokenizer, cfg.system_prompt)
-    return load_text(documents(records), tokenizer, cfg.max_length, path)
+    return FORMATS[cfg.format].load(records, tokenizer, cfg, path)
 
 
 def _drop_long(examples: list[dict], max_length: int, source: str, packing: bool = False) -> list[dict]:

@@ -6,21 +6,16 @@ from typing import Literal
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from ..schema import Number, Options
+from .formats import FORMATS
 
 # Each format's record fields (True: required); data.columns may map them to other column names.
-FIELDS: dict[str, dict[str, bool]] = {
-    "alpaca": {"instruction": True, "input": False, "output": True},
-    "chat": {"messages": True},
-    "sharegpt": {"conversations": True},
-    "text": {"text": True},
-    "gsm": {},
-}
+FIELDS: dict[str, dict[str, bool]] = {name: f.fields for name, f in FORMATS.items()}
 
 
 class DataConfig(Options):
     section = "data"
 
-    format: Literal["alpaca", "chat", "sharegpt", "text", "gsm"] = "gsm"
+    format: Literal[tuple(FORMATS)] = "gsm"
     # alpaca: JSON array or JSONL; chat: JSONL with `messages`; sharegpt: JSONL with `conversations`;
     # text: .txt (blank-line separated) or JSONL `text`.
     # A .json/.jsonl/.csv/.parquet/.arrow file (text: also .txt), a save_to_disk directory or a Hub dataset name.

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from ..errors import LisaError
 from .config import FIELDS
+from .formats import FORMATS, INFER
 from .sources import read_source
 
 log = logging.getLogger("lisatune")
 
-# The field that marks each format, most specific first (a chat record may carry a `text` field too).
-MARKERS = (("conversations", "sharegpt"), ("messages", "chat"), ("instruction", "alpaca"), ("text", "text"))
+MARKERS = tuple((FORMATS[f].marker, f) for f in INFER)  # the field that marks each format, most specific first
 
 
 def format_of(fields, where: str) -> str:
