@@ -238,3 +238,18 @@ def test_the_process_group_gets_the_configured_collective_timeout(monkeypatch, t
         loop.setup(cfg)
     assert seen["timeout"] == [datetime.timedelta(seconds=7200)]
     assert load_config(None, []).train.collective_timeout == 3600
+
+
+def test_one_registry_of_backends_drives_the_config_and_the_recipe():
+    """#25: a distributed backend is a class in distributed/launch.py plus its BACKENDS entry: the config's choices
+    and its checks read the registry, not a string compared in several files."""
+    from typing import get_args
+
+    from lisatune.distributed.launch import BACKENDS
+    from lisatune.recipe.config import TrainConfig, load_config
+    assert get_args(TrainConfig.model_fields["distributed"].annotation) == tuple(BACKENDS) == ("none", "ddp", "fsdp")
+    assert [b.name for b in BACKENDS.values() if not b.fused_loss or not b.whole_model] == ["fsdp"]
+    with pytest.raises(LisaError, match="bf16-mixed under distributed: fsdp is built for method lisa, not 'full'"):
+        load_config(None, ["train.precision=bf16-mixed", "distributed=fsdp", "method=full"])
+    with pytest.raises(LisaError, match="train.eval_tasks: lm-eval runs the whole model in one process"):
+        load_config(None, ["distributed=fsdp", "train.eval_tasks=[lisatune_gsm]"])

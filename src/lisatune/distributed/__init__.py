@@ -4,7 +4,8 @@
     ddp          LisaDDP, no_sync
     fsdp         shard_model, full (unsharded) model and optimizer state dicts, full_model
     collectives  all_sum, on_rank0, rank, world: no-ops in one process
-    launch       launch_mode, prepare_model / wrap_model: `lisatune train` under torchrun or accelerate launch
+    launch       the backends (none, ddp, fsdp: BACKENDS), launch_mode, prepare_model / wrap_model: `lisatune train`
+                 under torchrun or accelerate launch
 Checkpoints of any of these, at any world size, are lisatune.recipe.checkpoint's. See docs/distributed.md.
 """
 from .agree import attach_rank_check, verify_active_set

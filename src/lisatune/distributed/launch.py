@@ -11,6 +11,7 @@ import atexit
 import gc
 import logging
 import sys
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,65 @@ from .fsdp import shard_model
 
 log = logging.getLogger("lisatune")
 
-MODES = ("none", "ddp", "fsdp")
+
+class Backend:
+    """How `lisatune train` runs on several processes: what happens before the optimizer exists (prepare), the
+    module training calls (wrap), and what the backend supports. A new backend is a subclass here plus its entry
+    in BACKENDS; the config's choices, the recipe's checks and the loop read them."""
+    name: ClassVar[str]
+    fused_loss: ClassVar[bool] = True  # the head + cross-entropy over chunks runs through its module
+    whole_model: ClassVar[bool] = True  # every rank holds the whole model (lm-eval tasks can run on one)
+    bf16_mixed: ClassVar[tuple[str, ...] | None] = None  # methods with train.precision: bf16-mixed (None: all)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Before the optimizer exists (the model is on its device)."""
+        return model
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """After the optimizer exists: the module training calls. The model itself is still the one to evaluate,
+        checkpoint and save."""
+        return model
+
+
+class Single(Backend):
+    name = "none"
+
+
+class Replicated(Backend):
+    """DDP: LisaDDP for a LisaOptimizer (re-wrapped at each switch), else a plain DistributedDataParallel (DDP
+    registers only the parameters that require grad: LoRA's adapters, GaLore's and full's everything)."""
+    name = "ddp"
+
+    def wrap(self, model, optimizer):
+        if isinstance(optimizer, LisaOptimizer):
+            return LisaDDP(model, optimizer)
+        return nn.parallel.DistributedDataParallel(model)
+
+
+class Sharded(Backend):
+    """FSDP2, each block its own unit, sharded before the optimizer; LisaOptimizer and plain AdamW only (methods
+    lisa and full): see docs/distributed.md ("lisatune train") for why."""
+    name = "fsdp"
+    fused_loss = False
+    whole_model = False
+    bf16_mixed = ("lisa",)  # LISA's masters are sharded like its weights
+
+    def prepare(self, model):
+        if _is_peft(model):
+            raise LisaError("distributed: fsdp does not support LoRA (method lora): saving a sharded PEFT model "
+                            "is not built; use distributed: ddp, which all-reduces only the adapters' gradients")
+        return shard_model(model)
+
+    def wrap(self, model, optimizer):
+        if not isinstance(optimizer, LisaOptimizer) and type(optimizer) is not torch.optim.AdamW:
+            cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+            raise LisaError(f"distributed: fsdp trains with LisaAdamW or torch.optim.AdamW only (methods lisa, "
+                            f"full), not {cls}; use distributed: ddp")
+        return model
+
+
+BACKENDS: dict[str, Backend] = {b.name: b() for b in (Single, Replicated, Sharded)}
+MODES = tuple(BACKENDS)
 
 
 def launch_mode(requested: str, world: int) -> str:
@@ -37,8 +96,7 @@ def launch_mode(requested: str, world: int) -> str:
     if world > 1:
         atexit.unregister(_leave_group)  # registered once
         atexit.register(_leave_group)
-    if requested not in MODES:
-        raise LisaError(f"distributed must be none, ddp or fsdp (got {requested!r})")
+    backend(requested)  # a known one
     if world > 1 and requested == "none":
         raise LisaError(f"{world} processes were launched but distributed is 'none': set distributed: ddp or fsdp "
                         "in the config (or --set distributed=ddp), or launch one process")
@@ -63,33 +121,17 @@ def _is_peft(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def backend(mode: str) -> Backend:
+    if mode not in BACKENDS:
+        raise LisaError(f"distributed must be {', '.join(MODES[:-1])} or {MODES[-1]} (got {mode!r})")
+    return BACKENDS[mode]
+
+
 def prepare_model(mode: str, model: nn.Module) -> nn.Module:
-    """Before the optimizer exists: under fsdp, shard the model in place (a PEFT model is refused first)."""
-    if mode not in MODES:
-        raise LisaError(f"distributed must be none, ddp or fsdp (got {mode!r})")
-    if mode == "fsdp":
-        if _is_peft(model):
-            raise LisaError("distributed: fsdp does not support LoRA (method lora): saving a sharded PEFT model "
-                            "is not built; use distributed: ddp, which all-reduces only the adapters' gradients")
-        shard_model(model)
-    return model
+    """Before the optimizer exists: the backend's preparation (fsdp: sharded in place; a PEFT model refused)."""
+    return backend(mode).prepare(model)
 
 
 def wrap_model(mode: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-    """After the optimizer exists: the module training calls.
-
-    ddp:  LisaDDP for a LisaOptimizer (re-wrapped at each switch), else a plain DistributedDataParallel (DDP
-          registers only the parameters that require grad: LoRA's adapters, GaLore's and full's everything).
-    fsdp: the sharded model itself; LisaOptimizer and plain AdamW only (methods lisa and full): see
-          docs/distributed.md ("lisatune train") for why.
-    none: the model. The model itself is still the one to evaluate, checkpoint and save.
-    """
-    if mode == "ddp":
-        if isinstance(optimizer, LisaOptimizer):
-            return LisaDDP(model, optimizer)
-        return nn.parallel.DistributedDataParallel(model)
-    if mode == "fsdp" and not isinstance(optimizer, LisaOptimizer) and type(optimizer) is not torch.optim.AdamW:
-        cls = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
-        raise LisaError(f"distributed: fsdp trains with LisaAdamW or torch.optim.AdamW only (methods lisa, full), "
-                        f"not {cls}; use distributed: ddp")
-    return model
+    """After the optimizer exists: the module training calls (ddp: the wrapper)."""
+    return backend(mode).wrap(model, optimizer)

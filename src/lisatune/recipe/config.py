@@ -16,7 +16,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, St
 from ..data import DataConfig
 from ..data.infer import infer_format
 from ..data.sources import FILE_SUFFIXES
-from ..distributed.launch import MODES
+from ..distributed.launch import BACKENDS, MODES
 from ..errors import LisaError
 from ..methods import METHODS
 from ..schema import Number, YamlTagError, format_error, no_effect, parse_yaml, read_yaml, section_of
@@ -175,17 +175,18 @@ class RunConfig(BaseModel):
         if "dtype" in self.model.model_fields_set and self.model.dtype != "bf16":
             raise ValueError(f"train.precision: bf16-mixed keeps the weights in bf16, but model.dtype is "
                              f"{self.model.dtype} (set model.dtype: bf16 or leave it out)")
-        if self.distributed == "fsdp" and self.method != "lisa":  # LISA's masters are sharded like its weights
-            raise ValueError(f"train.precision: bf16-mixed under distributed: fsdp is built for method lisa, not "
-                             f"'{self.method}' (none or ddp)")
+        built = BACKENDS[self.distributed].bf16_mixed
+        if built is not None and self.method not in built:
+            raise ValueError(f"train.precision: bf16-mixed under distributed: {self.distributed} is built for method "
+                             f"{', '.join(built)}, not '{self.method}' (none or ddp)")
         return self
 
     @model_validator(mode="after")
     def _harness(self):
         train = getattr(self, "train", None)
-        if train is not None and train.eval_tasks and self.distributed == "fsdp":
+        if train is not None and train.eval_tasks and not BACKENDS[self.distributed].whole_model:
             raise ValueError("train.eval_tasks: lm-eval runs the whole model in one process, which distributed: "
-                             "fsdp shards (none or ddp)")
+                             f"{self.distributed} shards (none or ddp)")
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from .meter import PhaseMemory
 from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
                            wrap_model)
+from ..distributed.launch import BACKENDS
 from ..errors import LisaError
 from ..integrations import harness
 from ..methods import Method, build_method
@@ -243,7 +244,7 @@ def choose_loss(run: Run) -> Callable:
     """Head + cross-entropy in chunks (no full logits) when the head is not sharded and the fused loss checks
     out on a real batch; else the model's own. Every rank computes the same way."""
     probe = run.batch([run.train_set[i] for i in range(min(2, len(run.train_set)))])
-    loss_fn = pick_loss(run.forward, probe, run.cfg.train.fused_loss and run.mode != "fsdp")
+    loss_fn = pick_loss(run.forward, probe, run.cfg.train.fused_loss and BACKENDS[run.mode].fused_loss)
     return standard_loss if all_sum(loss_fn is standard_loss)[0] else loss_fn
 
 
