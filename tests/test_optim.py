@@ -322,3 +322,17 @@ def test_observability():
     norms = opt.layer_norms()
     assert list(norms) == ["embedding"] + [f"block{i}" for i in range(6)] + ["head", "norm"]
     assert norms["embedding"] == pytest.approx(model.get_input_embeddings().weight.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=float("inf")), r"^lr must be a finite number > 0 \(got inf\)$"),
+    (dict(lr=0.0), r"^lr must be a finite number > 0 \(got 0.0\)$"),
+    (dict(weight_decay=float("nan")), r"^weight_decay must be a finite number >= 0 \(got nan\)$"),
+    (dict(eps=-1e-8), r"^eps must be a finite number > 0 \(got -1e-08\)$"),
+    (dict(betas=(0.9, 1.0)), r"^betas must each be in \[0, 1\) \(got \(0.9, 1.0\)\)$"),
+    (dict(lr=True), r"^lr must be a finite number > 0 \(got True\)$"),
+])
+def test_the_constructor_checks_what_the_config_checks(kwargs, message):
+    """#29: LisaAdamW(lr=inf) used to be accepted (torch's AdamW takes inf and nan); the config refused it."""
+    with pytest.raises(LisaError, match=message):
+        LisaAdamW(tiny_model(n_layers=2), n_layers=1, **kwargs)

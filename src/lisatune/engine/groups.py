@@ -15,6 +15,7 @@ With `embed_head_state: 8bit` groups 0 and 1 are stepped by a second optimizer, 
 from __future__ import annotations
 
 import importlib
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -52,12 +53,23 @@ def decay_groups(params: list[nn.Parameter]) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def _number(name: str, v, low: float, strict: bool = False):
+    """The constructor checks what a config section checks: a finite number in range (torch accepts inf and nan)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > low if strict else v >= low)
+    if not ok:
+        raise LisaError(f"{name} must be a finite number {'>' if strict else '>='} {low:g} (got {v!r})")
+    return v
+
+
 def hyperparameters(lr: float, weight_decay: float, betas, eps, optimizer_kwargs: dict | None) -> dict:
-    kw = {"lr": lr, "weight_decay": weight_decay, **(optimizer_kwargs or {})}
+    kw = {"lr": _number("lr", lr, 0, strict=True), "weight_decay": _number("weight_decay", weight_decay, 0),
+          **(optimizer_kwargs or {})}
     if betas is not None:
-        kw["betas"] = tuple(betas)
+        kw["betas"] = tuple(_number("betas", b, 0) for b in betas)
+        if not all(b < 1 for b in kw["betas"]):
+            raise LisaError(f"betas must each be in [0, 1) (got {tuple(betas)!r})")
     if eps is not None:
-        kw["eps"] = eps
+        kw["eps"] = _number("eps", eps, 0, strict=True)
     return kw
 
 
