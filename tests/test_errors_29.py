@@ -459,3 +459,13 @@ def test_a_run_killed_after_a_checkpoint_resumes_bitwise_on_each_new_path(tmp_pa
     def losses(text):  # every row once, none lost or repeated (timings differ between the two runs)
         return [tuple(json.loads(r).get(k) for k in ("step", "loss", "eval_loss")) for r in text.splitlines()]
     assert losses((run / "metrics.jsonl").read_text()) == losses(rows)
+
+
+def test_a_run_diverging_through_a_huge_embed_head_lr_names_it(tmp_path, assets, capsys):
+    """#29: the embedding and head step at train.lr × lisa.embed_head_lr; when that multiplier is large, the
+    divergence names it, not train.lr alone."""
+    cfg = write_config(tmp_path, assets, lr=1e-3, max_grad_norm=None, max_steps=50)
+    text = cfg.read_text().replace("n_layers: 2", "n_layers: 2\n  embed_head_lr: 1.0e+32")
+    cfg.write_text(text)
+    line = assert_one_line(*cli(capsys, "train", cfg)[::2], "non-finite")
+    assert "× lisa.embed_head_lr=1e+32 for the embedding and head: lower lisa.embed_head_lr" in line, line

@@ -325,6 +325,10 @@ def lr_cause(run: Run) -> str:
     t = run.cfg.train
     now = lr_row(run)["lr"]
     clip = "" if t.max_grad_norm is not None else " or clip with train.max_grad_norm"
+    eh = getattr(run.cfg.method_options(), "embed_head_lr", None)
+    if eh is not None and eh > 1:  # the embedding and head step at a multiple of train.lr: that is the lever
+        return (f"the updates diverged at train.lr={t.lr:g} × lisa.embed_head_lr={eh:g} for the embedding and "
+                f"head: lower lisa.embed_head_lr (or train.lr){clip}")
     return f"the updates diverged at train.lr={t.lr:g} (now {now:.3g}): lower train.lr{clip}"
 
 
