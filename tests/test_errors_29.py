@@ -469,3 +469,15 @@ def test_a_run_diverging_through_a_huge_embed_head_lr_names_it(tmp_path, assets,
     cfg.write_text(text)
     line = assert_one_line(*cli(capsys, "train", cfg)[::2], "non-finite")
     assert "× lisa.embed_head_lr=1e+32 for the embedding and head: lower lisa.embed_head_lr" in line, line
+
+
+@pytest.mark.parametrize("model, message", [
+    ("{tmp}/nope", "model.source '{tmp}/nope' does not exist"),
+    ("tiny:0", "--model 'tiny:0': expected tiny or tiny:N_LAYERS with N_LAYERS >= 1"),
+])
+def test_bench_memory_reports_its_workers_bad_setting_as_one_line(tmp_path, capsys, model, message):
+    """#29: the isolated worker's LisaError reaches the command line as its one line, not the worker's traceback."""
+    model = model.format(tmp=tmp_path)
+    rc, _, err = cli(capsys, "bench", "memory", "--model", model, "--methods", "lisa", "--out", tmp_path / "out")
+    assert_one_line(rc, err, "lisatune: error: " + message.format(tmp=tmp_path))
+    assert "Traceback" not in err

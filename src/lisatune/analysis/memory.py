@@ -217,6 +217,9 @@ def measure_method(spec: str, model_name: str = "tiny", batch: int = 4, seq: int
 
 
 # -- all methods ----------------------------------------------------------------------------------
+WORKER_ERROR = "lisatune worker error: "  # how a worker hands a LisaError to its parent (stderr, one line)
+
+
 def _worker_cmd(spec: str, a: dict) -> list[str]:
     # The worker uses this process's torch thread count (the tests run with 1 thread).
     arg = {"spec": spec, "threads": torch.get_num_threads(), **a}
@@ -242,6 +245,9 @@ def run_memory(model_name: str = "smollm2", methods: list[str] | None = None, ba
         if isolate:
             r = subprocess.run(_worker_cmd(spec, kw), capture_output=True, text=True)
             if r.returncode != 0:
+                said = [ln for ln in r.stderr.splitlines() if ln.startswith(WORKER_ERROR)]
+                if said:  # a bad setting, as one line
+                    raise LisaError(said[-1].removeprefix(WORKER_ERROR))
                 raise LisaError(f"memory worker for '{spec}' failed:\n{r.stderr[-3000:]}")
             m = MethodMemory(**json.loads(r.stdout.strip().splitlines()[-1]))
         else:
@@ -379,7 +385,11 @@ def _worker(arg: str) -> int:
     runtime = rss_bytes()
     a = json.loads(arg)
     torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
-    m = measure_method(a.pop("spec"), runtime_rss=runtime, **a)
+    try:
+        m = measure_method(a.pop("spec"), runtime_rss=runtime, **a)
+    except LisaError as e:  # the parent prints it as the one line it is
+        print(f"{WORKER_ERROR}{e}", file=sys.stderr)
+        return 2
     print(json.dumps(asdict(m)))
     return 0
 
