@@ -481,3 +481,10 @@ def test_bench_memory_reports_its_workers_bad_setting_as_one_line(tmp_path, caps
     rc, _, err = cli(capsys, "bench", "memory", "--model", model, "--methods", "lisa", "--out", tmp_path / "out")
     assert_one_line(rc, err, "lisatune: error: " + message.format(tmp=tmp_path))
     assert "Traceback" not in err
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    rc, _, err = cli(capsys, "bench", "memory", "--model", "tiny", "--methods", "lisa", "--out", tmp_path / "afile" / "x")
+    assert_one_line(rc, err, f"lisatune: error: --out '{tmp_path / 'afile' / 'x'}': '{tmp_path / 'afile'}' is a file, "
+                             "not a directory")

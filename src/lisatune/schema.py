@@ -164,6 +164,19 @@ def os_reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
+def output_dir(path: str | Path, what: str = "--out") -> Path:
+    """A directory to write results into, made if needed, or one LisaError line naming it and why not."""
+    p = Path(path)
+    blocker = next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        raise LisaError(f"{what} '{path}': '{blocker}' is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LisaError(f"{what} '{path}' cannot be created ({os_reason(e)})") from None
+    return p
+
+
 def read_text(path: str | Path, what: str) -> str:
     """A text file's contents, or one LisaError line naming it (missing, a directory, unreadable, binary,
     not UTF-8)."""

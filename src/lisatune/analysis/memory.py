@@ -40,7 +40,7 @@ from torch import nn
 
 from ..engine import LisaOptimizer
 from ..errors import LisaError
-from ..schema import parse_yaml
+from ..schema import output_dir, parse_yaml
 from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
 from ..recipe.loss import held_hidden_grads, pick_loss
@@ -354,8 +354,7 @@ def bench_memory(model_name: str = "smollm2", methods: list[str] | None = None, 
                  out_dir: str | os.PathLike = "bench-out", isolate: bool = True, log=print,
                  loss: str = "fused", release_memory: bool = False, device: str = "cpu") -> dict:
     """Every setting of gradient checkpointing x every method: writes memory.md, memory.json, memory.png."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir)
     runs: dict[str, list[MethodMemory]] = {}
 
     def save() -> tuple[str, list[str]]:  # after every method: a long run interrupted still reports

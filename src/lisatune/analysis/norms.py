@@ -35,6 +35,7 @@ from torch import nn
 from ..engine import find_layers
 from ..errors import LisaError
 from ..methods import build_method
+from ..schema import output_dir
 from .plots import pyplot, save_figure
 
 KINDS = ("full_weight", "full_update", "lora_update", "lora_adapter", "lora_weight")
@@ -182,8 +183,7 @@ def run_norms(model: nn.Module, batches: list[torch.Tensor], gamma: int = 2, ste
               out_dir: str | os.PathLike = "norms-out", lr_full: float = 1e-5, lr_lora: float = 1e-4,
               lora_r: int = 8, title: str = "", log=print) -> dict:
     """Writes norms.json (per-layer means), probabilities.json and norms.png into out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir)
     norms = record_norms(model, batches, steps, lr_full, lr_lora, lora_r, log)
     p = probabilities(norms, gamma)
     meta = {"steps": steps, "lr_full": lr_full, "lr_lora": lr_lora, "lora_r": lora_r, "gamma": gamma,

@@ -31,6 +31,7 @@ from ..engine import find_layers
 from ..methods import build_method
 from ..recipe.allocator import release_freed_memory
 from ..recipe.models import cached_source
+from ..schema import output_dir
 from .memory import DEFAULT_METHODS, load_bench_model, parse_method
 from ..recipe.meter import token_batches
 from .plots import pyplot, save_figure
@@ -196,8 +197,7 @@ def bench_speed(model_name: str = "smollm2", methods: list[str] | None = None, b
                 steps: int = 20, warmup: int = 2, gradient_checkpointing: bool = False,
                 out_dir: str | os.PathLike = "bench-out", log=print, release_memory: bool = False) -> dict:
     """Writes speed.md, speed.json and speed.png into out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir)
     title = (f"{model_name}, batch {batch} x {seq}, gradient checkpointing {'on' if gradient_checkpointing else 'off'}, "
              f"{torch.get_num_threads()} threads, {'fixed mmap threshold' if release_memory else 'glibc default malloc'}")
     log(title)
