@@ -452,3 +452,25 @@ def test_lisatune_train_prints_where_the_best_model_is(tmp_path, assets, capsys,
     out = capsys.readouterr().out
     assert f"  best model (eval loss {best['eval_loss']:.4f} at step {best['step']}): {tmp_path / 'run' / 'best'}" in out
     assert best["step"] in (2, 4) and T.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best") is not None
+
+
+def test_a_resumed_run_first_states_the_restored_step_and_active_set(tmp_path, assets, caplog):
+    """#28: after a resume the first LISA line is the restored position (step and active blocks of the
+    checkpoint), not the active set an optimizer draws at construction."""
+    import logging
+
+    from test_errors import write_config
+    from test_errors_29 import as_if_killed_before
+
+    from lisatune.recipe import loop
+    from lisatune.recipe.config import load_config
+    cfg = write_config(tmp_path, assets, save_every=2, keep_last=5, max_steps=4)
+    loop.train(load_config(str(cfg), []))
+    as_if_killed_before(tmp_path / "run", 2)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=True)
+    active = ",".join(str(u) for u in state["lisa"]["active"])  # block units: the unit index is the block's
+    caplog.set_level(logging.INFO, logger="lisatune")
+    loop.train(load_config(str(cfg), ["train.resume=true"]))
+    lisa = [r.getMessage() for r in caplog.records if "LISA switch" in r.getMessage() or "resumed from" in r.getMessage()]
+    assert lisa[0].endswith(f"at step 2 of 4, active blocks {active}"), lisa
+    assert not any("switch 0 at step 0" in m for m in lisa), lisa

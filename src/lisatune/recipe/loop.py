@@ -206,8 +206,13 @@ def setup(cfg: BaseModel) -> Run | dict:
         model = prepare_model(mode, model.to(accelerator.device))
     # One process: the method moves the model as it builds the optimizer (LISA quantizes frozen blocks onto the
     # device first, so the model is never whole there in full precision).
-    optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed,
-                                 device=accelerator.device if mode == "none" else None)
+    if resume_from is not None:  # the active set drawn at construction is not the run's: the resume line says it
+        log.addFilter(no_switch_log)
+    try:
+        optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed,
+                                     device=accelerator.device if mode == "none" else None)
+    finally:
+        log.removeFilter(no_switch_log)
     # After the optimizer has frozen what it does not train: FSDP2 sets itself up at its first forward (this
     # probe's), and a probe before LISA's freezing made its packed runs train differently from one process.
     flat = check_packing(model) if cfg.data.packing else False  # every rank: a forward under FSDP is collective
@@ -232,7 +237,9 @@ def setup(cfg: BaseModel) -> Run | dict:
         run.start_step = run.step
         if run.step == total:  # killed after the final checkpoint: its evaluation is done and in the metrics
             run.last_eval = state.get("last_eval")
-        log.info("resumed from %s at step %d", resume_from, run.step)
+        active = method.status(optimizer).get("active")
+        log.info("resumed from %s at step %d of %d%s", resume_from, run.step, total,
+                 f", active blocks {active}" if active else "")
     else:  # set up: only now is a new run's directory made (and a previous run it replaces deleted)
         on_rank0(lambda: create_run_dir(cfg))
     run.metrics = Metrics(run.dir, t.sinks(), resume_step=run.step if resume_from else None,
