@@ -13,13 +13,25 @@ import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
-from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import LisaError, first_line
 from .config import FIELDS
 from .records import read_records
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+# `datasets` is imported where a source needs it: `import lisatune` and the GPU check run without it.
+def load_dataset(*args, **kwargs):
+    import datasets
+    return datasets.load_dataset(*args, **kwargs)
+
+
+def load_from_disk(*args, **kwargs):
+    import datasets
+    return datasets.load_from_disk(*args, **kwargs)
 
 OWN_READER = (".json", ".jsonl")
 FILE_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -98,6 +110,7 @@ def _load_file(p: Path, option: str) -> Dataset:
                 header = next(csv.reader(f), [])
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise LisaError(f"{option} '{p}': not a readable CSV file ({first_line(e, cause=True)})") from None
+        from datasets import Features, Value
         kw["features"] = Features({c: Value("string") for c in header})
     try:
         with _quiet_datasets():
@@ -115,6 +128,7 @@ def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str
     except Exception as e:
         raise LisaError(f"{option} '{path}' is a directory but not one written by save_to_disk "
                         f"({first_line(e, cause=True)})") from None
+    from datasets import DatasetDict
     if isinstance(ds, DatasetDict):
         if split not in ds:
             raise LisaError(f"{option} '{path}' has no split '{split}' (splits: {', '.join(ds)}); "
