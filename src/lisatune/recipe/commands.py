@@ -20,7 +20,7 @@ from ..integrations import harness
 from ..schema import cli_column, cli_int, no_effect, read_text
 from .checkpoint import latest_checkpoint
 from .config import load_config
-from .evaluate import eval_loss, gsm_accuracy
+from .evaluate import eval_loss, gsm_accuracy, placement
 from .loop import Interrupted, train
 from .models import ModelConfig, check_positions, load_model
 from .progress import console
@@ -112,6 +112,14 @@ def eval_ignored(args) -> str | None:
     ])
 
 
+def load_on_device(args):
+    """(model, tokenizer) of `lisatune eval MODEL` in the run's dtype, on the GPU when there is one."""
+    dtype, device = placement(args.model)
+    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code,
+                                              dtype=dtype))
+    return model.to(device), tok
+
+
 def cmd_eval(args) -> int:
     ignored = eval_ignored(args)
     if ignored:
@@ -138,7 +146,7 @@ def cmd_eval(args) -> int:
     if dcfg.path is not None and Path(dcfg.path).suffix.lower() in (*OWN_READER, ".txt"):
         read_text(dcfg.path, "--data")  # before the model loads: a missing or binary file is found in no time
     with console():
-        model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
+        model, tok = load_on_device(args)
         train, val = load_splits(dcfg, tok)
         examples = (val if fmt == "gsm" else train + val)[: args.max_examples]
         check_positions(model, examples, dcfg.max_length, "--max-length")
@@ -157,7 +165,7 @@ def cmd_eval_tasks(args) -> int:
     names = {"where": "--tasks", "option": "--include-path", "allow_code": args.allow_task_code,
              "code_option": "--allow-task-code"}
     harness.task_manager(tasks, args.include_path, **names)  # an unknown task is found before the model loads
-    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
+    model, tok = load_on_device(args)
     res = harness.run_tasks(model, tok, tasks, args.include_path, limit=args.limit, batch_size=args.batch_size,
                             progress=logging.getLogger("lisatune").isEnabledFor(logging.INFO), **names)
     print(json.dumps(res, indent=1))

@@ -1,14 +1,47 @@
 """Held-out evaluation: token-weighted loss / perplexity, and GSM exact match by greedy generation."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
 from ..data import collate, encode_prompt, extract_answer
 from ..data.render import IGNORE
+from ..errors import LisaError
+from ..schema import read_yaml
 from .loss import standard_loss
 from .progress import bar
+
+
+def _trained_in_bf16(source: str) -> bool:
+    """Whether `source` (a model directory) was trained in bf16: its run's config.yaml (one or two folders up,
+    beside final/ or checkpoints/step-N/) says model.dtype bf16 or train.precision bf16-mixed, or, outside a run,
+    its own config.json stores bfloat16 weights."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return False  # a .gguf, a Hub id or smollm2: fp32, as before
+    for run in (path.parent, path.parent.parent):
+        try:
+            cfg = read_yaml(run / "config.yaml", "run config", expected="a mapping")
+        except (LisaError, OSError):
+            continue
+        model, train = cfg.get("model"), cfg.get("train")
+        if isinstance(model, dict) and isinstance(train, dict):  # a run's resolved config, not some other YAML
+            return model.get("dtype") == "bf16" or train.get("precision") == "bf16-mixed"
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and (saved.get("dtype") or saved.get("torch_dtype")) == "bfloat16"
+
+
+def placement(source: str) -> tuple[str, torch.device]:
+    """(dtype, device) to evaluate or generate with: the run's dtype (bf16 where it trained in bf16, else fp32)
+    on the GPU when there is one, as training evaluates it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return ("bf16" if _trained_in_bf16(source) else "fp32"), device
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from transformers import TextStreamer
 
 from ..data.render import encode_prompt
 from ..errors import LisaError
+from .evaluate import placement
 from .models import ModelConfig, load_model
 
 
@@ -62,8 +63,10 @@ def cmd_generate(args) -> int:
         raise LisaError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     if not math.isfinite(args.temperature) or args.temperature < 0:  # nan passed `< 0` and sampled garbage
         raise LisaError(f"--temperature must be a finite number >= 0 (got {args.temperature}; 0 is greedy)")
-    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code))
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    dtype, device = placement(args.model)  # the model's own dtype (bf16 stays bf16), on the GPU if there is one
+    model, tok = load_model(ModelConfig.build(source=args.model, trust_remote_code=args.trust_remote_code,
+                                              dtype=dtype))
+    model.to(device).eval()
     torch.manual_seed(args.seed)
     if not tok.chat_template and (args.prompt is None or args.system):
         raise LisaError(f"'{args.model}' has no chat template, so no chat and no system message; "
