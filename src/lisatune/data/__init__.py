@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LisaError
+from .chat import use_chat_template
 from .config import DataConfig
 from .formats import FORMATS
 from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
@@ -69,7 +70,9 @@ def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict]
 
 
 def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(train, val) examples for cfg; val may be empty (no val_path, val_fraction 0 and format not gsm)."""
+    """(train, val) examples for cfg; val may be empty (no val_path, val_fraction 0 and format not gsm).
+    data.chat_template, if set, becomes the tokenizer's template here (the saved models carry it)."""
+    use_chat_template(tokenizer, cfg.chat_template)
     def fitting(examples: list[dict], source: str) -> list[dict]:
         return _drop_long(examples, cfg.max_length, source, cfg.packing)
 

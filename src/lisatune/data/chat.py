@@ -3,14 +3,16 @@
 chat:     {"messages": [{"role": system | user | assistant, "content"}, ...]}
 sharegpt: {"conversations": [{"from": human | user | gpt | assistant | model | system, "value"}, ...]}
 Both may have several turns and a system message; `data.system_prompt` is the system message of every
-conversation that brings none of its own.
+conversation that brings none of its own. `data.loss_on` picks the tokens that carry loss (every assistant turn,
+the last one, or all); `data.chat_template` replaces the model's template (a file or the template itself).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import LisaError
-from .render import encode_chat
+from ..errors import LisaError, first_line
+from ..schema import read_text
+from .render import encode_chat_counted
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -69,12 +71,58 @@ def need_template(tokenizer, fmt: str) -> None:
                         "use format 'alpaca' for a base model")
 
 
-def load_chat(records: list[tuple[str, Any]], tokenizer, system_prompt: str | None = None) -> list[dict]:
+def is_template_text(value: str) -> bool:
+    """Whether data.chat_template holds the template itself (Jinja tags) rather than the path of a file."""
+    return "{{" in value or "{%" in value
+
+
+# Rendered once when data.chat_template is set, so a template that cannot render fails before any record does.
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+
+
+def use_chat_template(tokenizer, value: str | None) -> None:
+    """Give the tokenizer data.chat_template (a template or a file holding one); None keeps the model's. Set on
+    the tokenizer itself, so the checkpoints and the final model carry the template they were trained with."""
+    if value is None:
+        return
+    where = "the template" if is_template_text(value) else f"'{value}'"
+    text = value if is_template_text(value) else read_text(value, "data.chat_template")
+    try:
+        for generation_prompt in (False, True):
+            rendered = tokenizer.apply_chat_template(PROBE, chat_template=text, tokenize=False,
+                                                     add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja syntax or runtime errors: one line naming the option
+        raise LisaError(f"data.chat_template: {where} does not render a user/assistant conversation "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+    if "Hello." not in rendered:
+        raise LisaError(f"data.chat_template: {where} does not render the messages' content "
+                        "(expected a loop over messages writing each message's content)")
+    tokenizer.chat_template = text
+
+
+def encode_conversations(conversations: list[tuple[str, list[dict]]], tokenizer, loss_on: str,
+                         source: str) -> list[dict]:
+    """Each (location, messages) encoded; a loss_on that leaves the whole set untrained is one line."""
+    out, trained = [], 0
+    for loc, messages in conversations:
+        example, n = encode_chat_counted(tokenizer, messages, loc, loss_on)
+        out.append(example)
+        trained += n
+    if out and not trained:
+        raise LisaError(f"{source}: data.loss_on={loss_on} leaves no token trained in its {len(out)} examples "
+                        "(only the EOS each one ends with); use data.loss_on=assistant or all")
+    return out
+
+
+def load_chat(records: list[tuple[str, Any]], tokenizer, system_prompt: str | None = None,
+              loss_on: str = "assistant", source: str = "data") -> list[dict]:
     need_template(tokenizer, "chat")
-    return [encode_chat(tokenizer, with_system(check_messages(loc, rec), system_prompt), loc) for loc, rec in records]
+    return encode_conversations([(loc, with_system(check_messages(loc, rec), system_prompt)) for loc, rec in records],
+                                tokenizer, loss_on, source)
 
 
-def load_sharegpt(records: list[tuple[str, Any]], tokenizer, system_prompt: str | None = None) -> list[dict]:
+def load_sharegpt(records: list[tuple[str, Any]], tokenizer, system_prompt: str | None = None,
+                  loss_on: str = "assistant", source: str = "data") -> list[dict]:
     need_template(tokenizer, "sharegpt")
-    return [encode_chat(tokenizer, with_system(sharegpt_messages(loc, rec), system_prompt), loc)
-            for loc, rec in records]
+    return encode_conversations([(loc, with_system(sharegpt_messages(loc, rec), system_prompt))
+                                 for loc, rec in records], tokenizer, loss_on, source)

@@ -1,12 +1,15 @@
 """DataConfig: the validated options of the data section (what a YAML `data:` section holds)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from ..schema import Number, Options
+from .chat import is_template_text
 from .formats import FORMATS
+from .render import LOSS_ON
 
 # Each format's record fields (True: required); data.columns may map them to other column names.
 FIELDS: dict[str, dict[str, bool]] = {name: f.fields for name, f in FORMATS.items()}
@@ -32,6 +35,10 @@ class DataConfig(Options):
     packing: StrictBool = False
     seed: StrictInt = Field(0, ge=0)
     system_prompt: str | None = None  # chat, sharegpt: the system message of conversations that have none
+    # chat, sharegpt: the tokens that carry loss: every assistant turn, the last assistant turn, or every token
+    loss_on: Literal[LOSS_ON] = "assistant"
+    # A Jinja chat template, or the path of a file holding one; None: the model's (tokenizer_config.json)
+    chat_template: str | None = None
     # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
     gsm_variants: StrictInt = 8  # numeric variants per training template
     gsm_eval_templates: StrictInt = 20
@@ -67,6 +74,13 @@ class DataConfig(Options):
             raise ValueError("must be >= 0")
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        if v is not None and not is_template_text(v) and not Path(v).expanduser().is_file():
+            raise ValueError("neither a file nor a template (a template has {{ ... }} or {% ... %} tags)")
+        return v
+
     @model_validator(mode="after")
     def _sources(self) -> "DataConfig":
         if self.format == "gsm":
@@ -88,4 +102,9 @@ class DataConfig(Options):
                              "every sequence (documents joined with EOS, cut into blocks of max_length)")
         if self.system_prompt and self.format not in ("chat", "sharegpt"):
             raise ValueError(f"system_prompt is for formats chat and sharegpt, not '{self.format}'")
+        if self.loss_on != "assistant" and self.format not in ("chat", "sharegpt"):
+            raise ValueError(f"loss_on is for formats chat and sharegpt, not '{self.format}' (alpaca and gsm train "
+                             "on the response, text on every token)")
+        if self.chat_template is not None and self.format == "text":
+            raise ValueError("chat_template has no effect with format 'text' (plain documents); leave it out")
         return self

@@ -25,9 +25,11 @@ FORMATS: dict[str, Format] = {
     "alpaca": Format({"instruction": True, "input": False, "output": True}, "instruction",
                      lambda records, tok, cfg, source: load_alpaca(records, tok)),
     "chat": Format({"messages": True}, "messages",
-                   lambda records, tok, cfg, source: load_chat(records, tok, cfg.system_prompt)),
+                   lambda records, tok, cfg, source: load_chat(records, tok, cfg.system_prompt, cfg.loss_on,
+                                                                source)),
     "sharegpt": Format({"conversations": True}, "conversations",
-                       lambda records, tok, cfg, source: load_sharegpt(records, tok, cfg.system_prompt)),
+                       lambda records, tok, cfg, source: load_sharegpt(records, tok, cfg.system_prompt,
+                                                                        cfg.loss_on, source)),
     "text": Format({"text": True}, "text",
                    lambda records, tok, cfg, source: load_text(documents(records), tok, cfg.max_length, source)),
     "gsm": Format({}),  # generated from the GSM-symbolic templates (data/gsm.py), not read from a file

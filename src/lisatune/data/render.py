@@ -45,15 +45,26 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
     return _ids(tokenizer, render_prompt(tokenizer, question))
 
 
-def encode_chat(tokenizer, messages: list[dict], loc: str) -> dict[str, list[int]]:
-    """Loss on assistant turns only.
+LOSS_ON = ("assistant", "last_assistant", "all")  # data.loss_on: which tokens of a conversation carry loss
+
+
+def encode_chat(tokenizer, messages: list[dict], loc: str, loss_on: str = "assistant") -> dict[str, list[int]]:
+    """Token ids and labels of a conversation; encode_chat_counted without the count."""
+    return encode_chat_counted(tokenizer, messages, loc, loss_on)[0]
+
+
+def encode_chat_counted(tokenizer, messages: list[dict], loc: str,
+                        loss_on: str = "assistant") -> tuple[dict[str, list[int]], int]:
+    """Loss on assistant turns (loss_on "assistant"), on the last one only ("last_assistant"), or on every token
+    ("all"); also the number of tokens the conversation itself trains (the EOS appended here not counted).
 
     The conversation is rendered incrementally: the text up to each assistant message (with the
-    generation prompt) is masked, the text that message adds is labelled. Whitespace after a turn
+    generation prompt) is a prompt, the text that message adds is its reply. Whitespace after a turn
     is masked, and the example ends with EOS so the model learns to stop.
     """
     ids: list[int] = []
     labels: list[int] = []
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if loss_on == "last_assistant" else None
 
     def add(text: str, train: bool) -> None:
         t = _ids(tokenizer, text)
@@ -70,14 +81,15 @@ def encode_chat(tokenizer, messages: list[dict], loc: str) -> dict[str, list[int
             raise LisaError(f"{loc}: the tokenizer's chat template does not render a conversation as a prefix "
                             f"of its continuation, so assistant turns cannot be located")
         reply = full[len(prompt):].rstrip()
-        add(prompt[len(done):], False)
-        add(reply, True)
+        add(prompt[len(done):], loss_on == "all")
+        add(reply, loss_on != "last_assistant" or i == last)
         done = prompt + reply
+    trained = sum(label != IGNORE for label in labels)
     eos = eos_id(tokenizer)
     if not labels or labels[-1] != eos:
         ids.append(eos)
         labels.append(eos)
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels}, trained
 
 
 def encode_pair(tokenizer, instruction: str, response: str, loc: str) -> dict[str, list[int]]:
