@@ -1,4 +1,4 @@
-"""`lisatune train | eval | generate | bench | norms | plan | study`: a light front door over the library.
+"""`lisatune train | eval | generate | bench | norms | plan | study | data`: a light front door over the library.
 
 `lisatune --help` imports no torch: each subcommand lives in a module that registers its arguments
 (`register(subparsers)`) and imports the library, and that module is imported only when its subcommand runs.
@@ -26,6 +26,8 @@ COMMANDS = {
     "plan": ("lisatune.analysis.commands", "predict a training step's memory per method from the config alone "
                                            "(meta device: no weights loaded)"),
     "study": ("lisatune.study", "run a grid of training runs (resumable) and write a report"),
+    "data": ("lisatune.recipe.preview", "data preview CONFIG: one tokenized example with the tokens that carry "
+                                        "loss marked"),
 }
 
 
