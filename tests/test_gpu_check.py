@@ -62,7 +62,7 @@ def test_without_the_optional_packages_a_crash_costs_one_case(tmp_path):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK)
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT / "src")])}
-    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u, lisatune.recipe.loss\n"
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u\n"
                             f"print([m for m in {ABSENT!r} if u.find_spec(m)])"],
                            capture_output=True, text=True, timeout=120, env={**os.environ, **env}, check=True)
     assert probe.stdout.split() == ["[]"], probe.stdout  # the block holds (and the test can fail)
