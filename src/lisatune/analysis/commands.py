@@ -19,7 +19,7 @@ from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
 from ..recipe.meter import token_batches
 from .norms import run_norms
-from .plan import EH_STATES, PRECISIONS, WEIGHTS, Setting, run_plan, to_json
+from .plan import DEVICES, EH_STATES, PRECISIONS, STATE_POLICIES, WEIGHTS, Setting, run_plan, to_json
 from .shapes import SHAPES
 from .speed import bench_speed
 
@@ -87,9 +87,12 @@ def cmd_norms(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    base = Setting(precision=args.precision, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing == "on",
+    # a named GPU trains in bf16-mixed unless told otherwise; without one, fp32 as before
+    precision = args.precision or ("bf16-mixed" if args.gpu else "fp32")
+    base = Setting(precision=precision, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing == "on",
                    loss=args.loss, attention=args.attention, lora_r=args.lora_r, lora_base=args.lora_base,
-                   gamma=args.gamma, embed_head=not args.no_embed_head, eh_state=args.eh_state, frozen=args.frozen)
+                   gamma=args.gamma, embed_head=not args.no_embed_head, eh_state=args.eh_state, frozen=args.frozen,
+                   state_policy=args.state_policy, world=args.world, device=args.device)
     r = run_plan(args.model, args.method, base, args.gpu, args.reserve)
     print(to_json(r) if args.json else r["markdown"], end="")
     return 0
@@ -167,10 +170,19 @@ def register(subparsers) -> None:
                     help="LISA: the embedding/head's AdamW state, fp32 (default) or 8bit (lisa.embed_head_state)")
     pl.add_argument("--frozen", choices=list(WEIGHTS), default="full",
                     help="LISA: frozen blocks' linears as they are (default), or int8 / nf4 (lisa.frozen_weights)")
-    pl.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                    help="fp32 (default); bf16: weights, grads and AdamW state in bf16 (model.dtype: bf16); "
-                         "bf16-mixed: bf16 weights and grads, fp32 master weights and AdamW state for the "
-                         "trainable parameters")
+    pl.add_argument("--state-policy", choices=list(STATE_POLICIES), default="drop",
+                    help="LISA: a frozen block's optimizer state dropped (default), kept on the device, or offloaded "
+                         "to host memory (lisa.state_policy)")
+    pl.add_argument("--precision", choices=list(PRECISIONS),
+                    help="fp32 (default without --gpu); bf16: weights, grads and AdamW state in bf16 (model.dtype: "
+                         "bf16); bf16-mixed (default with --gpu): bf16 weights and grads, fp32 master weights and "
+                         "AdamW state for the trainable parameters (train.precision: bf16-mixed)")
+    pl.add_argument("--world", type=cli_int(1), default=1, metavar="N",
+                    help="DDP processes (distributed: ddp): above 1 each also holds DDP's buckets, one copy of the "
+                         "trained gradients (default 1)")
+    pl.add_argument("--device", choices=list(DEVICES), default="cuda",
+                    help="cuda (default): foreach AdamW's step temporaries and the device allowance (CUDA context, "
+                         "cuBLAS workspaces, allocator slack); cpu: single-tensor AdamW, no allowance")
     pl.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     pl.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
     pl.add_argument("--checkpointing", choices=["off", "on"], default="off", help="gradient checkpointing of every block")
@@ -181,8 +193,9 @@ def register(subparsers) -> None:
                     help="sdpa: a fused kernel, no s x s weights saved (default); eager: the model's eager attention")
     pl.add_argument("--gpu", metavar="SIZE", help="GPU memory, e.g. 24GB, 80GiB (GB read as GiB): says whether each "
                                                   "method fits and, if not, what change would make it fit")
-    pl.add_argument("--reserve", default="1GiB", metavar="SIZE",
-                    help="held back from --gpu for the CUDA context, workspaces and the allocator (default 1GiB)")
+    pl.add_argument("--reserve", metavar="SIZE",
+                    help="a fixed size held back from --gpu in place of the planned device allowance (default: the "
+                         "allowance, CUDA context + cuBLAS workspaces + 5%% allocator slack; before it, 1GiB)")
     pl.add_argument("--json", action="store_true", help="print JSON (every number in bytes) instead of the table")
     pl.set_defaults(func=cmd_plan)
 

@@ -1,9 +1,9 @@
-"""`lisatune plan`: the memory of one fine-tuning step, predicted without loading a weight.
+"""`lisatune plan`: the memory of one fine-tuning step, predicted without loading a weight, phase by phase.
 
 The model is built from its config on the meta device (shapes and dtypes, no storage), prepared by the real
 method (methods/: peft for LoRA, LisaAdamW for LISA), and one real forward and backward runs on meta token
-ids. meter.py counts it exactly as `bench memory` counts a real run (tests/test_plan.py holds the two equal
-on tiny models):
+ids. recipe/meter.py counts it exactly as `bench memory` counts a real run (tests/test_plan.py holds the two
+equal on tiny models, per component and per phase):
 
 * weights: unique storages of the parameters (LoRA: base + adapters, each in its dtype); linears held by
   bitsandbytes (LISA's frozen blocks with `frozen` int8 / nf4, QLoRA's base) at the bytes it stores, from
@@ -12,7 +12,8 @@ on tiny models):
 * fp32 master weights (bf16-mixed only): 4 bytes per element of each trainable parameter not already fp32;
 * optimizer state: AdamW's exp_avg and exp_avg_sq per trainable element (fp32 under bf16-mixed, else the
   parameter's dtype, as torch's AdamW allocates them) and its 4-byte `step` per tensor; with `eh_state` 8bit
-  the always-on set's as bitsandbytes' AdamW8bit holds it;
+  the always-on set's as bitsandbytes' AdamW8bit holds it; with LISA's `state_policy` keep, the state of every
+  frozen block too (all of them visited: the most it holds);
 * activations: unique storages saved for backward (saved_tensors_hooks), parameters excluded; with
   checkpointing, the blocks' inputs kept for recomputation; int8 linears' inputs, which bitsandbytes' matmul
   keeps on its autograd context;
@@ -23,16 +24,38 @@ on tiny models):
   accumulator of the head's gradient. standard: the model's own logits and loss (the logits' log-softmax is
   an activation, counted); estimated: the logits' gradient and the log-softmax's in backward;
 * recompute (checkpointing on): what one block saves when backward recomputes it, counted on a
-  forward without checkpointing (the largest block).
+  forward without checkpointing (the largest block);
+* DDP buckets (`world` > 1): DistributedDataParallel copies the trained gradients into its buckets
+  (gradient_as_bucket_view off, torch's default and lisatune's): one more copy of them, held from the wrap on.
 
-* optimizer step (estimated): torch's AdamW on CUDA (foreach) forms sqrt(exp_avg_sq) for a whole parameter
-  group at once: one moment of the largest group, held with every gradient after the activations are gone.
+The phases, each its own figure (what torch.cuda.max_memory_allocated reads per phase, recipe/meter.PhaseMemory):
 
-Predicted peak = the larger of forward/backward = weights + grads + masters + state + activations + loss +
-recompute (everything at once: an upper bound, since backward frees activations while it makes gradients)
-and the optimizer step = weights + grads + masters + state + its temporary. Not included: the CUDA context,
-the allocator's cache and fragmentation (see --reserve), kernels' workspaces, and fp32 copies of the
-gradients that some mixed-precision frameworks keep (4 more bytes per trainable parameter).
+* static: between steps, after the first: weights + masters + optimizer state (+ DDP buckets). No gradients:
+  zero_grad sets them to None.
+* forward+backward: static + the most that forward and backward hold at once. Backward frees each block's
+  saved tensors once it made the block's gradients, top block first, so the peak is the largest of: the end of
+  forward (every activation, the loss, the head's gradient, formed there by the fused loss), each block's
+  backward (the activations of the blocks below it and its own, every gradient made so far, the gradients of the
+  hidden states entering and leaving it and, with eager attention, of its s x s weights; the block recomputed
+  under checkpointing), and the end (every gradient).
+  Each block's saved bytes are counted per block on the same meta forward.
+* step: static + gradients + the step's transient. Under bf16-mixed (masters) the step walks the trained tensors
+  in chunks (engine/masters.py, Masters.chunks: consecutive tensors in group order while their fp32 bytes stay
+  within the largest trained tensor's); for each chunk it holds an fp32 copy of the chunk's gradients and the
+  optimizer's temporary for the chunk, then frees both: the transient is the largest chunk's, at most 8 bytes
+  per element of the largest trained tensor. The optimizer's temporary: torch's AdamW on CUDA (foreach) forms
+  sqrt(exp_avg_sq) for every tensor of a group (within the chunk) at once, one moment of them; on CPU (`device`
+  cpu) its single-tensor kernel holds sqrt(exp_avg_sq), its quotient by the bias correction and the previous
+  tensor's quotient; AdamW8bit's fused blockwise kernel updates in place. Without masters: the temporary of the
+  whole largest group.
+* switch (LISA): the step's end, where the grads are still held; the switch frees the old active set's masters,
+  state and gradients before it makes the new set's masters (state comes at the next step), so its peak is its
+  start, static + gradients.
+
+Peak = the largest phase. Beside it, never in it, the device allowance: the CUDA context, cuBLAS's workspaces and
+the caching allocator's slack (named constants below, from public figures, to be calibrated from the first GPU
+run); the total is the two together. Host memory is its own figure: the full-precision copies of quantized
+frozen blocks (quant/frozen.py keeps one per block's linears on the host) and offloaded optimizer state.
 
 Every position counts as labelled (the most loss memory); attention is a fused SDPA kernel by default (saves
 query, key, value, output and a fp32 logsumexp per query and head, as the CUDA flash kernels and torch's CPU
@@ -54,7 +77,7 @@ import transformers.masking_utils as masking_utils
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from ..engine import find_layers
+from ..engine import Masters, find_layers
 from ..engine.layers import decoder_of
 from ..errors import LisaError
 from ..methods import build_method
@@ -72,6 +95,26 @@ METHODS = ("full", "lora", "lisa")
 SPECS = ("full", "lora", "qlora", "lisa")  # qlora: lora with an nf4 base
 WEIGHTS = ("full", "int8", "nf4")  # how quantizable linears are held: as they are, or by bitsandbytes
 EH_STATES = ("fp32", "8bit")
+STATE_POLICIES = ("drop", "keep", "offload")  # LISA: where a frozen block's optimizer state waits
+DEVICES = ("cuda", "cpu")  # the step's AdamW kernel (foreach / single-tensor) and whether the allowance applies
+
+# The device allowance: device memory a CUDA run holds beyond its tensors. Public figures, to be calibrated from
+# the first GPU run: the context from torch.cuda.mem_get_info's used bytes minus the reserved, the slack from
+# max_memory_reserved minus max_memory_allocated (benchmarks/gpu_check.py records both).
+CUDA_CONTEXT = 512 * MIB  # CUDA context + the kernels loaded: ~700-800 MiB before lazy loading (PyTorch forums,
+# "high GPU memory overhead"); lazy module loading, the default since CUDA 12.2 on Linux, loads only kernels used
+CUBLAS_WORKSPACE = 2 * (32 * MIB + 8 * MIB + 128 * 1024)  # per cuBLAS handle on Hopper: the cuBLASLt workspace
+# (32 MiB, pytorch#120925, NVIDIA's recommendation) and cuBLAS's CUBLAS_WORKSPACE_CONFIG :4096:2:16:8 (8.125 MiB);
+# two handles: the main thread's (forward, step) and autograd's device thread's (backward). Allocated through the
+# caching allocator: it shows in max_memory_allocated though it is no tensor of the model
+ALLOCATOR_SLACK = 0.05  # of the tensor peak: reserved but unallocated blocks (rounding to 2 MiB blocks, split
+# blocks that cannot merge); a placeholder, fragmentation can be far larger (pytorch#44742: 13 GB of split free
+# blocks on a 32 GB card), which PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces
+
+
+def device_allowance(peak: int) -> int:
+    """What a CUDA run needs beyond a tensor peak of `peak` bytes: context, cuBLAS workspaces, allocator slack."""
+    return CUDA_CONTEXT + CUBLAS_WORKSPACE + int(ALLOCATOR_SLACK * peak)
 SDPA = "lisatune_plan_sdpa"  # the fused-kernel attention the planner registers with transformers
 
 
@@ -120,6 +163,9 @@ class Setting:
     embed_head: bool = True  # LISA: the embedding and head train (always on), as in the paper
     eh_state: str = "fp32"  # LISA: the always-on set's AdamW state, fp32 or 8bit (lisa.embed_head_state)
     frozen: str = "full"  # LISA: frozen blocks' linears as they are, or int8 / nf4 (lisa.frozen_weights)
+    state_policy: str = "drop"  # LISA: a frozen block's state dropped, kept on the device, or offloaded to the host
+    world: int = 1  # DDP processes (data parallel: each holds everything, plus DDP's gradient buckets if > 1)
+    device: str = "cuda"  # cuda: foreach AdamW, the device allowance; cpu: single-tensor AdamW, no allowance
 
     @property
     def label(self) -> str:
@@ -132,6 +178,7 @@ class Setting:
             how = ([] if self.embed_head else ["E/H frozen"]) + (["8-bit E/H state"] if self.eh_state == "8bit"
                                                                  else [])
             how += [] if self.frozen == "full" else [f"{self.frozen} frozen blocks"]
+            how += [] if self.state_policy == "drop" else [f"{self.state_policy} state"]
             return "LISA " + "+".join(parts) + (f" ({', '.join(how)})" if how else "")
         return self.method
 
@@ -146,12 +193,15 @@ class Setting:
             raise LisaError(f"plan: attention '{self.attention}' is not one of {', '.join(ATTENTION)}")
         if self.batch < 1 or self.seq < 2:
             raise LisaError(f"plan: batch {self.batch} x seq {self.seq}: need batch >= 1 and seq >= 2")
+        if self.world < 1:
+            raise LisaError(f"plan: world {self.world}: need >= 1 processes")
         if self.lora_r < 1 or self.gamma < 0:
             raise LisaError(f"plan: lora r={self.lora_r}, gamma={self.gamma}: need r >= 1 and gamma >= 0")
         if self.method == "lisa" and self.gamma == 0 and not self.embed_head:
             raise LisaError("plan: LISA with gamma 0 and the embedding/head frozen trains nothing but the norm")
         for name, value, valid in (("lora base", self.lora_base, WEIGHTS), ("eh_state", self.eh_state, EH_STATES),
-                                   ("frozen", self.frozen, WEIGHTS)):
+                                   ("frozen", self.frozen, WEIGHTS), ("state_policy", self.state_policy,
+                                                                      STATE_POLICIES), ("device", self.device, DEVICES)):
             if value not in valid:
                 raise LisaError(f"plan: {name} '{value}' is not one of {', '.join(valid)}")
         if self.method == "lisa" and self.eh_state == "8bit" and not self.embed_head:
@@ -162,14 +212,16 @@ class Setting:
 
 _SPEC_KEYS = {"lora": {"r": "lora_r", "base": "lora_base"},
               "lisa": {"gamma": "gamma", "n_layers": "gamma", "embed_head": "embed_head", "eh_state": "eh_state",
-                       "embed_head_state": "eh_state", "frozen": "frozen", "frozen_weights": "frozen"}}
+                       "embed_head_state": "eh_state", "frozen": "frozen", "frozen_weights": "frozen",
+                       "state_policy": "state_policy"}}
 _SPEC_TYPES = {"lora_r": (int, "an integer"), "gamma": (int, "an integer"), "embed_head": (bool, "true/false"),
-               "lora_base": (str, "a name"), "eh_state": (str, "a name"), "frozen": (str, "a name")}
+               "lora_base": (str, "a name"), "eh_state": (str, "a name"), "frozen": (str, "a name"),
+               "state_policy": (str, "a name")}
 
 
 def parse_method(spec: str, base: Setting) -> Setting:
     """"full", "lora", "lora:r=128", "lora:base=nf4" (= "qlora"), "lisa:gamma=4", "lisa:gamma=0,embed_head=false",
-    "lisa:eh_state=8bit", "lisa:frozen=nf4" over `base`."""
+    "lisa:eh_state=8bit", "lisa:frozen=nf4", "lisa:state_policy=offload" over `base`."""
     name, _, rest = spec.partition(":")
     if name not in SPECS:
         raise LisaError(f"plan: method '{name}' is not one of {', '.join(SPECS)}")
@@ -216,12 +268,20 @@ class Plan:
     weights: int
     grads: int
     masters: int
-    state: int
+    state: int  # LISA keep: the frozen blocks' kept state included
     activations: int
     loss_held: int  # counted: the fused loss' gradient of the hidden states
     loss_transient: int  # estimated from shapes: chunk logits, logits' gradient, fp32 head accumulator
     recompute: int  # checkpointing: one block's saved tensors while backward recomputes it
-    step_temp: int = 0  # estimated: AdamW's (foreach) temporary in the optimizer step, one moment of a group
+    step_transient: int = 0  # the optimizer step's: the largest chunk's fp32 grads + the optimizer's temporary
+    buckets: int = 0  # DDP (world > 1): its buckets, one copy of the trained gradients
+    static: int = 0  # between steps: weights + masters + state + buckets
+    fwd_bwd: int = 0  # forward+backward: static + activations + grads + loss + recompute (an upper bound)
+    step: int = 0  # the optimizer step: static + grads + step_transient
+    switch: int = 0  # LISA's switch: its start, static + grads (0: no switch)
+    allowance: int = 0  # device allowance (CUDA context, cuBLAS workspaces, allocator slack): beside the peak
+    host_frozen: int = 0  # host RAM: full-precision copies of quantized frozen blocks' linears
+    host_offload: int = 0  # host RAM: offloaded optimizer state of the frozen blocks
     ideal: int = 0  # masters + state an ideal AdamW holds for the trained set: a master and two moments per value
     active: str = ""  # LISA: the active set planned
     notes: list[str] = field(default_factory=list)
@@ -241,18 +301,22 @@ class Plan:
         return self.weights + self.grads + self.masters + self.state + self.activations
 
     @property
-    def step_peak(self) -> int:
-        """The optimizer step: activations freed, every gradient and the step's temporary held."""
-        return self.weights + self.grads + self.masters + self.state + self.step_temp
+    def peak(self) -> int:
+        """The tensor peak: the largest phase (the device allowance not included)."""
+        return max(self.fwd_bwd, self.step, self.switch)
 
     @property
-    def peak(self) -> int:
-        """The larger of forward/backward (everything counted at once: an upper bound) and the step."""
-        return max(self.counted + self.loss + self.recompute, self.step_peak)
+    def total(self) -> int:
+        """The tensor peak plus the device allowance: what the device must hold."""
+        return self.peak + self.allowance
+
+    @property
+    def host(self) -> int:
+        return self.host_frozen + self.host_offload
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "loss": self.loss, "counted": self.counted, "step_peak": self.step_peak,
-                "peak": self.peak, "state_ratio": self.state_ratio}
+        return {**asdict(self), "loss": self.loss, "counted": self.counted, "peak": self.peak, "total": self.total,
+                "host": self.host, "state_ratio": self.state_ratio}
 
 
 def _build(config: PretrainedConfig, s: Setting) -> nn.Module:
@@ -275,6 +339,9 @@ class _Prepared:
     eight_bit: list[nn.Parameter]  # trainable parameters bitsandbytes' AdamW8bit steps (LISA's always-on set)
     quantized: list[nn.Linear]  # linears bitsandbytes holds quantized (s.frozen / s.lora_base): full on meta
     active: str = ""  # LISA: the active set planned
+    ordered: list[list[nn.Parameter]] = field(default_factory=list)  # every group, in the optimizer's order
+    n8: int = 0  # the first n8 of `ordered` are stepped by AdamW8bit
+    frozen_blocks: list[nn.Module] = field(default_factory=list)  # LISA: the blocks not active
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -285,7 +352,7 @@ def _prepare(model: nn.Module, s: Setting) -> _Prepared:
     """The prepared model, its trainable parameters by optimizer, the linears held quantized and (LISA) the
     active set planned. On meta the quantized linears stay as they are (bitsandbytes cannot quantize there):
     their bytes come from quant/sizes.py, and what their matmul keeps from ActivationMeter's keeps_input."""
-    active = ""
+    active, frozen_blocks = "", []
     # QLoRA: the base's linears are quantized before peft wraps them (the same modules become its base layers)
     quantized = [lin for b in _blocks(model) for _, _, lin, _ in quantizable_linears(b)] \
         if s.method == "lora" and s.lora_base != "full" else []
@@ -319,12 +386,14 @@ def _prepare(model: nn.Module, s: Setting) -> _Prepared:
             blocks = "block 0" if s.gamma == 1 else f"blocks 0-{s.gamma - 1}"
             parts.insert(0, f"{blocks} (the lowest: backward runs through every block)")
         active = " + ".join(parts) + ("" if s.gamma else " (no block)")
-        if s.frozen != "full":  # every block but the γ lowest
-            quantized = [lin for b in _blocks(model)[s.gamma:] for _, _, lin, _ in quantizable_linears(b)]
+        frozen_blocks = _blocks(model)[s.gamma:]  # every block but the γ lowest
+        if s.frozen != "full":
+            quantized = [lin for b in frozen_blocks for _, _, lin, _ in quantizable_linears(b)]
     groups = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
     # 8-bit always-on state: groups 0 and 1 are stepped by AdamW8bit (engine/optim.py), the rest by AdamW
     n8 = 2 if s.method == "lisa" and s.eh_state == "8bit" else 0
-    return _Prepared(model, [g for g in groups[n8:] if g], [p for g in groups[:n8] for p in g], quantized, active)
+    return _Prepared(model, [g for g in groups[n8:] if g], [p for g in groups[:n8] for p in g], quantized, active,
+                     groups, n8, frozen_blocks)
 
 
 def _loss_transient(model: nn.Module, s: Setting, fused: bool, head_trains: bool) -> int:
@@ -354,9 +423,79 @@ def _forward(model: nn.Module, s: Setting, fused: bool, meter: ActivationMeter) 
     return value
 
 
+@contextmanager
+def _saved_by_block(blocks: list[nn.Module], meter: ActivationMeter):
+    """Yields a list that, after the forward, holds what `meter` counted from each block's entry to the next's
+    (the last: to its exit): each block's saved tensors (with checkpointing: its input)."""
+    marks: list[int] = []
+    handles = [b.register_forward_pre_hook(lambda *_: marks.append(meter.bytes)) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(lambda *_: marks.append(meter.bytes)))
+    by_block: list[int] = []
+    try:
+        yield by_block
+    finally:
+        for h in handles:
+            h.remove()
+    by_block += [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _fwd_bwd_peak(m: nn.Module, activations: int, by_block: list[int], loss_held: int, loss_transient: int,
+                  recompute: int, flow: int) -> int:
+    """The tensors forward and backward add to the static part at their peak. Backward frees each block's saved
+    tensors after it made that block's gradients, top block first: the peak is at the end of forward (every
+    activation, the loss, the head's gradient), at some block (with `flow`, the gradients of the hidden states
+    entering and leaving it, and with checkpointing the block recomputed), or at the end (every gradient)."""
+    blocks = _blocks(m)
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    embeds = {id(e.weight) for e in m.modules() if isinstance(e, nn.Embedding)} - \
+        ({id(head_of(m).weight)} if head_of(m) is not None else set())
+    grads = {id(p): p.grad.numel() * p.grad.element_size() for p in m.parameters() if p.grad is not None}
+    outside = [i for i in grads if i not in inside]
+    top = sum(grads[i] for i in outside if i not in embeds)  # the head and final norm: their grads come first
+    bottom = sum(grads[i] for i in outside if i in embeds)  # the input embeddings: last
+    per_block = [sum(grads.get(id(p), 0) for p in {id(p): p for p in b.parameters()}.values()) for b in blocks]
+    held = activations - sum(by_block)  # saved outside the blocks (embedding, final norm, loss): kept throughout
+    peak = activations + loss_held + loss_transient + top
+    below, made = sum(by_block), top
+    for k in reversed(range(len(blocks))):  # block k's backward begins: its gradients are still to come
+        peak = max(peak, held + below + made + recompute + flow + (loss_held if k == len(blocks) - 1 else 0))
+        made += per_block[k]
+        below -= by_block[k]
+    return max(peak, held + made + bottom)
+
+
+def _adamw_temporary(tensors: list[nn.Parameter], moment: dict[int, int], device: str) -> int:
+    """The bytes torch's AdamW allocates beyond its state while it steps the tensors of one group at once."""
+    if not tensors:
+        return 0
+    if device == "cuda":  # foreach: sqrt(exp_avg_sq) of every tensor, then divided and added to in place
+        return sum(moment[id(p)] for p in tensors)
+    # single-tensor: sqrt(exp_avg_sq) and its quotient by the bias correction, while the previous tensor's
+    # quotient (`denom`) is still bound
+    sizes = [moment[id(p)] for p in tensors]
+    return max(2 * m + prev for m, prev in zip(sizes, [0] + sizes[:-1]))
+
+
+def _step_transient(prep: _Prepared, moment: dict[int, int], device: str, chunked: bool) -> int:
+    """The optimizer step's transient. chunked (fp32 masters): engine/masters.py's chunks, each with the fp32
+    copy of its gradients and the optimizer's temporary for its tensors; else the largest group's temporary."""
+    def temporary(groups: dict[int, list[nn.Parameter]]) -> int:  # one optimizer.step() over `groups`
+        return max((_adamw_temporary(ps, moment, device) for i, ps in groups.items() if i >= prep.n8), default=0)
+
+    if not chunked:
+        return temporary(dict(enumerate(prep.ordered)))
+    worst = 0
+    for chunk in Masters.chunks([(i, p) for i, g in enumerate(prep.ordered) for p in g]):
+        groups: dict[int, list[nn.Parameter]] = {}
+        for i, p in chunk:
+            groups.setdefault(i, []).append(p)
+        worst = max(worst, sum(4 * p.numel() for _, p in chunk) + temporary(groups))
+    return worst
+
+
 def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     """Predict one training step's memory for `setting` on `model` (a shape name, directory, config.json or
-    config), running the real forward and backward on the meta device."""
+    config), phase by phase, running the real forward and backward on the meta device."""
     s = setting.check()
     _, config = load_config(model)
     prep = _prepare(_build(config, s), s)
@@ -383,7 +522,8 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
             b.gradient_checkpointing = True
 
     meter = ActivationMeter(m, blocks, meta=True, keeps_input=keeps)
-    value = _forward(m, s, fused, meter)
+    with _saved_by_block(_blocks(m), meter) as by_block:
+        value = _forward(m, s, fused, meter)
     loss_held = unique_bytes(held_hidden_grads(value), meta=True) if fused else 0  # no reference kept
     value.backward()
     mixed = s.precision == "bf16-mixed"
@@ -394,18 +534,39 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     state = sum(2 * moment[id(p)] + 4 for p in adam) + adamw8bit_state_bytes(p.numel() for p in prep.eight_bit)
     # the least any AdamW holds for the trained set: a master (bf16-mixed) and two moments per value, nothing else
     ideal = masters + sum(2 * moment[id(p)] for p in adam) + sum(2 * p.numel() for p in prep.eight_bit)
-    # torch's AdamW on CUDA (foreach) forms sqrt(exp_avg_sq) for a whole parameter group at once; AdamW8bit's
-    # fused blockwise kernel updates in place
-    step_temp = max((sum(moment[id(p)] for p in g) for g in groups), default=0)
+    # LISA's frozen blocks' state, once each was active: kept on the device or offloaded to the host
+    parked = sum(2 * p.numel() * (4 if mixed else p.element_size()) + 4
+                 for b in prep.frozen_blocks for p in b.parameters()) if s.method == "lisa" else 0
+    kept, offloaded = (parked if s.state_policy == "keep" else 0), (parked if s.state_policy == "offload" else 0)
+    state += kept
+    step_transient = _step_transient(prep, moment, s.device, chunked=masters > 0)
     # quantized linears: bitsandbytes' bytes in place of the meta model's full-precision weights
     weights = (weight_bytes(m, meta=True) - unique_bytes([q.weight for q in prep.quantized], meta=True)
                + sum(quantized_linear_bytes(q.out_features, q.in_features, kind) for q in prep.quantized))
+    # quant/frozen.py keeps every block's linears in full precision on the host (an active block's copy too,
+    # refreshed when it freezes)
+    host_frozen = unique_bytes([lin.weight for b in _blocks(m) for _, _, lin, _ in quantizable_linears(b)],
+                               meta=True) if s.method == "lisa" and s.frozen != "full" else 0
+    grads = grad_bytes(m, meta=True)
+    buckets = grads if s.world > 1 else 0
+    static = weights + masters + state + buckets
+    loss_transient = _loss_transient(m, s, fused, head_trains)
+    hidden = getattr(m.config, "hidden_size", None) or m.get_input_embeddings().weight.shape[1]
+    size = PRECISIONS[s.precision].itemsize
+    flow = 2 * s.batch * s.seq * hidden * size
+    if s.attention == "eager":  # the gradient of the s x s attention weights, formed in each block's backward
+        flow += s.batch * m.config.num_attention_heads * s.seq * s.seq * size
+    fwd_bwd = static + _fwd_bwd_peak(m, meter.bytes, by_block, loss_held, loss_transient, recompute, flow)
+    step = static + grads + step_transient
+    peak = max(fwd_bwd, step)  # the switch starts at static + grads, never above the step
     own = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
     return Plan(label=s.label, setting=asdict(s), params=own,
                 trainable=sum(p.numel() for p in trainable), weights=weights,
-                grads=grad_bytes(m, meta=True), masters=masters, state=state, activations=meter.bytes,
-                loss_held=loss_held, loss_transient=_loss_transient(m, s, fused, head_trains),
-                recompute=recompute, step_temp=step_temp, ideal=ideal, active=prep.active, notes=notes)
+                grads=grads, masters=masters, state=state, activations=meter.bytes,
+                loss_held=loss_held, loss_transient=loss_transient, recompute=recompute, step_transient=step_transient, buckets=buckets, static=static,
+                fwd_bwd=fwd_bwd, step=step, switch=static + grads if s.method == "lisa" else 0,
+                allowance=device_allowance(peak) if s.device == "cuda" else 0, host_frozen=host_frozen,
+                host_offload=offloaded, ideal=ideal, active=prep.active, notes=notes)
 
 
 # -- fitting a GPU --------------------------------------------------------------------------------
@@ -424,36 +585,39 @@ def parse_size(text: str, what: str = "--gpu", zero: bool = False) -> int:
 
 
 def _levers(s: Setting) -> list[tuple[str, dict]]:
-    """Single changes that lower memory, most usual first."""
+    """Single changes that lower memory, most usual first, each named by the config keys that make it."""
     out = []
     if not s.checkpointing:
-        out.append(("checkpointing on", {"checkpointing": True}))
+        out.append(("model.gradient_checkpointing: true", {"checkpointing": True}))
     if s.loss == "standard":
-        out.append(("fused loss", {"loss": "fused"}))
+        out.append(("train.fused_loss: true", {"loss": "fused"}))
     if s.attention == "eager":
-        out.append(("sdpa attention", {"attention": "sdpa"}))
+        out.append(("model.attn_implementation: sdpa", {"attention": "sdpa"}))
     if s.method == "lisa" and s.embed_head and s.gamma > 0:
-        out.append(("E/H frozen", {"embed_head": False}))
+        out.append(("lisa.train_embedding: false, lisa.train_head: false", {"embed_head": False}))
     if s.method == "lisa" and s.embed_head and s.eh_state == "fp32":
-        out.append(("8-bit E/H state", {"eh_state": "8bit"}))
+        out.append(("lisa.embed_head_state: 8bit", {"eh_state": "8bit"}))
     if s.method == "lisa" and s.frozen != "nf4":
-        out.append(("nf4 frozen blocks", {"frozen": "nf4"}))
+        out.append(("lisa.frozen_weights: nf4", {"frozen": "nf4"}))
+    if s.method == "lisa" and s.state_policy == "keep":
+        out.append(("lisa.state_policy: drop", {"state_policy": "drop"}))
     if s.method == "lora" and s.lora_base != "nf4":
-        out.append(("QLoRA (nf4 base)", {"lora_base": "nf4"}))
+        out.append(("an nf4 base (QLoRA, the planner's lora:base=nf4)", {"lora_base": "nf4"}))
     if s.method == "lisa" and s.gamma > 1:
-        out.append(("gamma 1", {"gamma": 1}))
+        out.append(("lisa.n_layers: 1", {"gamma": 1}))
     if s.precision == "fp32":
-        out.append(("bf16-mixed", {"precision": "bf16-mixed"}))
+        out.append(("train.precision: bf16-mixed", {"precision": "bf16-mixed"}))
     elif s.precision == "bf16-mixed":
-        out.append(("bf16 (AdamW state in bf16, no fp32 masters)", {"precision": "bf16"}))
+        out.append(("model.dtype: bf16, train.precision: fp32 (AdamW state in bf16, no fp32 masters)",
+                    {"precision": "bf16"}))
     return out
 
 
 def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: dict | None = None,
-                 max_plans: int = 24) -> list[tuple[str, Plan]]:
-    """Changes to `s` under which the planner predicts a peak within `budget` bytes: each single lever that
-    fits; if none, pairs, then all levers together; then the largest smaller batch that fits (alone and with
-    all levers). At most `max_plans` plans are computed."""
+                 max_plans: int = 24, reserve: int | None = None) -> list[tuple[str, Plan]]:
+    """Changes to `s` under which the planner predicts a total (tensor peak + device allowance, or + `reserve`
+    when given) within `budget` bytes: each single lever that fits; if none, pairs, then all levers together;
+    then the largest smaller batch that fits (alone and with all levers). At most `max_plans` plans are computed."""
     cache = {} if cache is None else cache
 
     def run(ch: dict) -> Plan:
@@ -461,6 +625,9 @@ def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: 
         if key not in cache:
             cache[key] = plan_memory(model, replace(s, **ch))
         return cache[key]
+
+    def fits(p: Plan) -> bool:
+        return p.peak + (p.allowance if reserve is None else reserve) <= budget
 
     def valid(ch: dict) -> bool:  # e.g. 8-bit E/H state with E/H frozen is no setting
         try:
@@ -479,8 +646,8 @@ def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: 
             if not valid(ch):
                 continue
             p = run(ch)
-            if p.peak <= budget:
-                found.append((", ".join(d for d, _ in combo), p))
+            if fits(p):
+                found.append(("; ".join(d for d, _ in combo), p))
         if found:
             return found
     # all levers together (the first of two that exclude each other)
@@ -490,14 +657,14 @@ def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: 
             every.update(c)
             descs.append(d)
     levers = [(d, c) for d, c in levers if d in descs]
-    if len(levers) > 2 and run(every).peak <= budget:
-        return [(", ".join(d for d, _ in levers), run(every))]
-    for base, desc in ([({}, "")] + ([(every, ", ".join(d for d, _ in levers))] if levers else [])):
+    if len(levers) > 2 and fits(run(every)):
+        return [("; ".join(d for d, _ in levers), run(every))]
+    for base, desc in ([({}, "")] + ([(every, "; ".join(d for d, _ in levers))] if levers else [])):
         b = s.batch // 2
         while b >= 1 and len(cache) < max_plans:
             p = run({**base, "batch": b})
-            if p.peak <= budget:
-                found.append(((desc + ", " if desc else "") + f"batch {b}", p))
+            if fits(p):
+                found.append(((desc + "; " if desc else "") + f"train.batch_size: {b}", p))
                 break
             b //= 2
         if found:
@@ -516,73 +683,103 @@ def _gib(v: int) -> str:
 
 
 def _setting_line(name: str, params: int, s: Setting) -> str:
+    ddp = f", DDP over {s.world} processes (per process)" if s.world > 1 else ""
     return (f"{name} ({params / 1e9:.2f}B params): batch {s.batch} x {s.seq} tokens, {s.precision}, "
-            f"checkpointing {'on' if s.checkpointing else 'off'}, {s.loss} loss, {s.attention} attention")
+            f"checkpointing {'on' if s.checkpointing else 'off'}, {s.loss} loss, {s.attention} attention, "
+            f"{s.device}{ddp}")
 
 
-def markdown(name: str, plans: list[Plan], budget: int | None = None, reserve: int = 0,
+def markdown(name: str, plans: list[Plan], budget: int | None = None, reserve: int | None = None,
              alts: dict[str, list[tuple[str, Plan]]] | None = None) -> str:
-    """One table, a row per method, in GiB (MiB if every peak is under 1 GiB)."""
-    unit = GIB if max(p.peak for p in plans) >= GIB else MIB
+    """One table, a row per method, in GiB (MiB if every total is under 1 GiB): the parts, the phases, the tensor
+    peak, the device allowance beside it (or the --reserve held back), the total, and host memory."""
+    unit = GIB if max(p.total for p in plans) >= GIB else MIB
     u = "GiB" if unit == GIB else "MiB"
     base = Setting(**{k: v for k, v in plans[0].setting.items()})
+    host = any(p.host for p in plans)
+    ddp = any(p.buckets for p in plans)
+    allow = "reserve" if reserve is not None else "device allowance"
     lines = [f"### {_setting_line(name, plans[0].params, base)}", ""]
     fit = f" | fits {_gib(budget)}?" if budget else ""
     lines += [f"| method | trainable params | weights | grads | fp32 masters | optimizer state | activations | "
-              f"loss | recompute | fwd+bwd | step | **peak {u}**{fit} |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if budget else "")]
+              f"loss | recompute | {'DDP buckets | ' if ddp else ''}static | fwd+bwd | step | switch | "
+              f"**peak {u}** | {allow} | **total** | {'host RAM | ' if host else ''}".rstrip(" |") + f"{fit} |",
+              "|---|" + "---:|" * (15 + ddp + host) + ("---|" if budget else "")]
     for p in plans:
-        cells = [p.weights, p.grads, p.masters, p.state, p.activations, p.loss, p.recompute,
-                 p.counted + p.loss + p.recompute, p.step_peak]
+        extra = reserve if reserve is not None else p.allowance
+        cells = [p.weights, p.grads, p.masters, p.state, p.activations, p.loss, p.recompute] + \
+            ([p.buckets] if ddp else []) + [p.static, p.fwd_bwd, p.step]
+        row = [_size(c, unit) for c in cells] + [_size(p.switch, unit) if p.switch else "–",
+                                                 f"**{_size(p.peak, unit)}**", _size(extra, unit),
+                                                 f"**{_size(p.peak + extra, unit)}**"]
+        row += [_size(p.host, unit)] if host else []
         ok = ""
         if budget:
-            ok = " | yes" if p.peak + reserve <= budget else " | **no**"
-        lines.append(f"| {p.label} | {p.trainable / 1e6:,.1f}M | " + " | ".join(_size(c, unit) for c in cells)
-                     + f" | **{_size(p.peak, unit)}**{ok} |")
-    notes = list(dict.fromkeys([n for p in plans for n in p.notes] + [f"{p.label}: active {p.active}"
-                                                                        for p in plans if p.active]))
+            ok = " | yes" if p.peak + extra <= budget else " | **no**"
+        lines.append(f"| {p.label} | {p.trainable / 1e6:,.1f}M | " + " | ".join(row) + f"{ok} |")
+    notes = [n for p in plans for n in p.notes] + [f"{p.label}: active {p.active}" for p in plans if p.active]
+    if reserve is None and any(p.allowance for p in plans):
+        notes.append(f"device allowance = CUDA context {_gib(CUDA_CONTEXT)} + cuBLAS workspaces "
+                     f"{_gib(CUBLAS_WORKSPACE)} + allocator slack {ALLOCATOR_SLACK:.0%} of the peak (public "
+                     "figures, to be calibrated on a GPU); total = peak + allowance")
+    elif reserve is not None:
+        notes.append(f"--reserve {_gib(reserve)} held back in place of the device allowance")
+    if host:
+        notes.append("host RAM: full-precision copies of the quantized frozen blocks' linears (every block's) and "
+                     "offloaded optimizer state; the runtime itself (python, torch, CUDA libraries) not included")
+    if ddp:
+        notes.append("DDP buckets: one copy of the trained gradients per process (gradient_as_bucket_view off)")
+    notes = list(dict.fromkeys(notes))
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
+    held = "reserved" if reserve is not None else "allowance"
     for label, found in (alts or {}).items():
+        p = next(p for p in plans if p.label == label)
+        extra = reserve if reserve is not None else p.allowance
         if found:
-            lines += ["", f"{label} does not fit {_gib(budget)} ({_gib(reserve)} reserved); it would with:"]
-            lines += [f"- {d}: peak {p.peak / GIB:,.2f} GiB" for d, p in found]
+            lines += ["", f"{label} does not fit {_gib(budget)} (peak + {_gib(extra)} {held}); it would with:"]
+            lines += [f"- {d}: peak {q.peak / GIB:,.2f} GiB, total "
+                      f"{(q.peak + (reserve if reserve is not None else q.allowance)) / GIB:,.2f} GiB"
+                      for d, q in found]
         else:
-            p = next(p for p in plans if p.label == label)
             s = Setting(**p.setting)
             if p.weights > budget:
                 lines += ["", f"{label} does not fit {_gib(budget)}: its weights alone take {_gib(p.weights)} "
                               "(shard them, e.g. FSDP, or quantize)."]
                 continue
-            tried = [d for d, _ in _levers(s)] + (["a smaller batch"] if s.batch > 1 else [])
+            tried = [d for d, _ in _levers(s)] + (["a smaller train.batch_size"] if s.batch > 1 else [])
             lines += ["", f"{label} does not fit {_gib(budget)} with any change the planner tries (tried: "
-                          f"{', '.join(tried) or 'nothing to try'}{' and their combinations' if len(tried) > 1 else ''})."]
+                          f"{'; '.join(tried) or 'nothing to try'}{' and their combinations' if len(tried) > 1 else ''})."]
     return "\n".join(lines) + "\n"
 
 
-def run_plan(model: str, specs: list[str], base: Setting, gpu: str | None = None, reserve: str = "1GiB") -> dict:
-    """Plans for every method spec; with `gpu`, whether each fits and, if not, the alternatives that do."""
+def run_plan(model: str, specs: list[str], base: Setting, gpu: str | None = None,
+             reserve: str | None = None) -> dict:
+    """Plans for every method spec; with `gpu`, whether each fits (tensor peak + device allowance, or + `reserve`
+    when given: a fixed size held back in its place, as before the allowance) and, if not, the alternatives."""
     name, config = load_config(model)
     budget = parse_size(gpu) if gpu else None
-    res = parse_size(reserve, "--reserve", zero=True) if gpu else 0
+    res = parse_size(reserve, "--reserve", zero=True) if reserve is not None else None
     settings = [parse_method(spec, base) for spec in specs]
     plans = [plan_memory(config, s) for s in settings]
     alts = {}
     if budget:
-        if res >= budget:
+        if res is not None and res >= budget:
             raise LisaError(f"--reserve {reserve} leaves nothing of --gpu {gpu}")
         for s, p in zip(settings, plans):
-            if p.peak + res > budget:
+            if p.peak + (p.allowance if res is None else res) > budget:
                 # only a lower precision or quantization shrinks the weights: else no lever helps if they overflow
                 shrink = s.precision == "fp32" or any("frozen" in c or "lora_base" in c for _, c in _levers(s))
                 hopeless = p.weights > budget and not shrink
-                alts[p.label] = [] if hopeless else alternatives(config, s, budget - res)
+                alts[p.label] = [] if hopeless else alternatives(config, s, budget, reserve=res)
     return {"model": name, "plans": plans, "budget": budget, "reserve": res, "alternatives": alts,
             "markdown": markdown(name, plans, budget, res, alts)}
 
 
 def to_json(r: dict) -> str:
     return json.dumps({"model": r["model"], "gpu_bytes": r["budget"], "reserve_bytes": r["reserve"],
+                       "allowance": {"cuda_context": CUDA_CONTEXT, "cublas_workspace": CUBLAS_WORKSPACE,
+                                     "allocator_slack": ALLOCATOR_SLACK},
                        "plans": [p.to_dict() for p in r["plans"]],
                        "alternatives": {k: [{"change": d, **p.to_dict()} for d, p in v]
                                         for k, v in r["alternatives"].items()}}, indent=1)
