@@ -470,6 +470,7 @@ def test_a_resumed_run_first_states_the_restored_step_and_active_set(tmp_path, a
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=True)
     active = ",".join(str(u) for u in state["lisa"]["active"])  # block units: the unit index is the block's
     caplog.set_level(logging.INFO, logger="lisatune")
+    caplog.clear()  # (the first run's lines, when another test left the logger at INFO)
     loop.train(load_config(str(cfg), ["train.resume=true"]))
     lisa = [r.getMessage() for r in caplog.records if "LISA switch" in r.getMessage() or "resumed from" in r.getMessage()]
     assert lisa[0].endswith(f"at step 2 of 4, active blocks {active}"), lisa
