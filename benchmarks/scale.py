@@ -1,21 +1,23 @@
 """Write docs/scale.md: `lisatune plan` on the paper's settings, a third-party H100 setting and lisatune's own.
 
-    PYTHONPATH=src python benchmarks/scale.py            # about six minutes on 2 shared CPU cores, no GPU, no download
+    PYTHONPATH=src python benchmarks/scale.py            # about eight minutes on 2 shared CPU cores, no GPU, no download
 
 Every table in the page is the printed output of the `lisatune plan` command shown above it (run here
-through lisatune.cli.main with the same arguments).
+through lisatune.cli.main with the same arguments); every figure the prose quotes is read from a plan here.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from lisatune.analysis.plan import GIB, Setting, parse_method, plan_memory
+from lisatune.analysis.plan import GIB, Plan, Setting, parse_method, plan_memory
 from lisatune.cli import main
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
@@ -26,6 +28,14 @@ OUR_METHODS = "--method full lora lisa lisa:embed_head=false"
 QUANT_SPECS = ["lora", "qlora", "lisa", "lisa:eh_state=8bit", "lisa:embed_head=false", "lisa:embed_head=false,frozen=nf4",
                "lisa:eh_state=8bit,frozen=nf4", "lisa:embed_head=false,frozen=int8"]
 BASE = Setting(precision="bf16-mixed", batch=1, seq=1024, checkpointing=True, loss="fused")  # = OURS
+# The third-party H100 figures (issue #14): LISA γ=2 52.1 GB, LoRA r=16 34.6 GB; what the planner matches them with
+H100 = Setting(precision="fp32", batch=1, seq=1024, checkpointing=True, loss="standard")
+REPORTED = {"lisa": 52.1, "lora": 34.6}
+
+
+@functools.cache
+def plan(model: str, spec: str, setting: Setting = BASE) -> Plan:
+    return plan_memory(model, parse_method(spec, setting))
 
 
 def run(command: str) -> str:
@@ -38,47 +48,59 @@ def run(command: str) -> str:
     return f"```bash\n{command}\n```\n\n{out.getvalue().replace('### ', '#### ')}\n"
 
 
-def gb(v: int) -> str:
-    return f"{v / GIB:,.1f} GiB = {v / 1e9:,.1f} GB"
+def g(v: int) -> str:
+    return f"{v / GIB:,.2f}"
 
 
 def h100_comparison() -> str:
-    """The planned LISA - LoRA gap at the reported setting, beside the reported one."""
-    rows = []
-    for loss in ("standard", "fused"):
-        base = Setting(precision="bf16-mixed", batch=1, seq=1024, loss=loss)
-        lora = plan_memory("Llama-3.1-8B", Setting(**{**base.__dict__, "method": "lora", "lora_r": 16}))
-        lisa = plan_memory("Llama-3.1-8B", Setting(**{**base.__dict__, "method": "lisa", "gamma": 2}))
-        rows.append(f"| planned, batch 1 x 1024, {loss} loss | {gb(lisa.peak)} | {gb(lora.peak)} | "
-                    f"{(lisa.peak - lora.peak) / 1e9:,.1f} GB | {lisa.peak / lora.peak:.2f} |")
-    return "\n".join(["| | LISA γ=2 (E+H+2L) | LoRA r=16 | LISA − LoRA | LISA / LoRA |", "|---|---:|---:|---:|---:|",
-                      "| reported (issue #14; H100, batch and length not stated there) | 52.1 GB | 34.6 GB | 17.5 GB | "
-                      "1.51 |", *rows]) + "\n"
+    """The reported figures beside the planner's fp32 rows (which they fit) and its bf16-mixed rows (which they do
+    not), each as tensor peak and as total with the device allowance."""
+    rows = ["| | LISA γ=2 (E+H+2L) | LoRA r=16 | LISA − LoRA | LISA / LoRA |", "|---|---:|---:|---:|---:|",
+            f"| reported (issue #14; H100, batch and length not stated there) | {REPORTED['lisa']} GB | "
+            f"{REPORTED['lora']} GB | {REPORTED['lisa'] - REPORTED['lora']:.1f} GB | "
+            f"{REPORTED['lisa'] / REPORTED['lora']:.2f} |"]
+    for what, setting in (("fp32, checkpointing on, standard loss", H100),
+                          ("bf16-mixed, checkpointing on, standard loss", replace(H100, precision="bf16-mixed")),
+                          ("bf16-mixed, checkpointing off, standard loss",
+                           replace(H100, precision="bf16-mixed", checkpointing=False))):
+        lisa, lora = plan("Llama-3.1-8B", "lisa", setting), plan("Llama-3.1-8B", "lora", setting)
+        for name, get in (("tensor peak", lambda p: p.peak), ("with the device allowance", lambda p: p.total)):
+            a, b = get(lisa), get(lora)
+            rows.append(f"| planned, {what}, {name} | {g(a)} GiB | {g(b)} GiB | {(a - b) / GIB:,.2f} GiB | "
+                        f"{a / b:.2f} |")
+    return "\n".join(rows) + "\n"
 
 
 def targets() -> str:
-    """The issues' memory targets at Llama-3.1-8B, 1 x 1024, bf16-mixed, checkpointing on, fused loss: met or not."""
-    p = {spec: plan_memory("Llama-3.1-8B", parse_method(spec, BASE)) for spec in QUANT_SPECS}
+    """The memory targets at Llama-3.1-8B, 1 x 1024, bf16-mixed, checkpointing on, fused loss: met or not, on the
+    tensor peak and on the total with the device allowance."""
+    p = {spec: plan("Llama-3.1-8B", spec) for spec in QUANT_SPECS}
     lora, qlora = p["lora"], p["qlora"]
 
-    def row(target: str, spec: str, against: str, limit: int, strict: bool = False) -> str:
-        met = p[spec].peak < limit if strict else p[spec].peak <= limit
-        return (f"| {target} | {p[spec].label} | {p[spec].peak / GIB:,.2f} | {against} | "
-                f"{'**met**' if met else 'not met'} |")
+    def row(target: str, q: Plan, against: str, limit: int, total_limit: int | None = None, strict=False) -> str:
+        def ok(v, lim):
+            return "**met**" if (v < lim if strict else v <= lim) else "not met"
+        total_limit = limit if total_limit is None else total_limit
+        return (f"| {target} | {q.label} | {g(q.peak)} | {g(q.total)} | {against} | {ok(q.peak, limit)} | "
+                f"{ok(q.total, total_limit)} |")
 
-    lines = ["### The targets of issues #14 and #15, as the planner puts them (Llama-3.1-8B, batch 1 x 1024, "
-             "bf16-mixed, checkpointing on, fused loss; GiB)", "",
-             "| target | LISA setting | LISA peak | against | planned |", "|---|---|---:|---|---|"]
-    lora_s = f"LoRA r=16: {lora.peak / GIB:,.2f}"
-    for spec in ("lisa:eh_state=8bit", "lisa:embed_head=false", "lisa:eh_state=8bit,frozen=nf4",
-                 "lisa:embed_head=false,frozen=nf4", "lisa:embed_head=false,frozen=int8"):
-        lines.append(row("#14: LISA ≤ LoRA r=16, the always-on set 8-bit or frozen", spec, lora_s, lora.peak))
+    lines = ["### The targets, as the planner puts them (Llama-3.1-8B, batch 1 x 1024, bf16-mixed, checkpointing "
+             "on, fused loss; GiB)", "",
+             "| target | LISA setting | tensor peak | total (+ allowance) | against | peak | total |",
+             "|---|---|---:|---:|---|---|---|"]
+    lora_s = f"LoRA r=16: peak {g(lora.peak)}, total {g(lora.total)}"
+    lines.append(row("#26: E/H frozen + nf4 ≤ LoRA r=16", p["lisa:embed_head=false,frozen=nf4"], lora_s, lora.peak,
+                     lora.total))
+    eight = p["lisa:eh_state=8bit,frozen=nf4"]
+    lines.append(row("#26: 8-bit E/H + nf4 < 24 GB with the allowance", eight, "24 GiB", 24 * GIB, strict=True))
+    one = plan("Llama-3.1-8B", "lisa:eh_state=8bit,frozen=nf4,gamma=1")
+    lines.append(row("#26: the same at γ = 1", one, "24 GiB", 24 * GIB, strict=True))
+    for spec in ("lisa:eh_state=8bit", "lisa:embed_head=false", "lisa:embed_head=false,frozen=int8"):
+        lines.append(row("#14: LISA ≤ LoRA r=16, the always-on set 8-bit or frozen", p[spec], lora_s, lora.peak,
+                         lora.total))
     for spec in ("lisa:eh_state=8bit,frozen=nf4", "lisa:embed_head=false,frozen=nf4"):
-        lines.append(row("#15: LISA with nf4 frozen blocks ≤ QLoRA r=16", spec, f"QLoRA r=16: {qlora.peak / GIB:,.2f}",
-                         qlora.peak))
-    for spec in ("lisa:eh_state=8bit,frozen=nf4", "lisa:embed_head=false,frozen=nf4"):
-        lines.append(row("#15: LISA with nf4 frozen blocks < 24 GB (checkpointing on)", spec,
-                         f"24 GiB (peak + 1 GiB reserve: {p[spec].peak / GIB + 1:,.2f})", 24 * GIB, strict=True))
+        lines.append(row("#15: LISA with nf4 frozen blocks ≤ QLoRA r=16", p[spec],
+                         f"QLoRA r=16: peak {g(qlora.peak)}, total {g(qlora.total)}", qlora.peak, qlora.total))
     lines += ["", "LISA's fp32 masters + optimizer state against the ideal for its trained set (a master and two "
               "moments per trained value, in the state's own precision, and nothing else; the 1.02 target):", "",
               "| LISA setting | trained params | masters + state GiB | ideal GiB | ratio | ≤ 1.02? |",
@@ -87,13 +109,66 @@ def targets() -> str:
         if spec.startswith("lisa"):
             lines.append(f"| {q.label} | {q.trainable / 1e6:,.1f}M | {(q.masters + q.state) / GIB:,.3f} | "
                          f"{q.ideal / GIB:,.3f} | {q.state_ratio:.4f} | {'yes' if q.state_ratio <= 1.02 else 'no'} |")
-    return "\n".join(lines) + "\n\n" + TARGETS_AFTER
+    return "\n".join(lines) + "\n\n" + targets_after(p, one)
+
+
+def targets_after(p: dict[str, Plan], one: Plan) -> str:
+    lora, frozen, eight = p["lora"], p["lisa:embed_head=false,frozen=nf4"], p["lisa:eh_state=8bit,frozen=nf4"]
+    # a step whose chunks held at most 256 MiB of fp32 gradient, splitting larger tensors into row blocks (not
+    # built): its transient, one chunk's fp32 gradients and foreach moment, at most 2 x 256 MiB
+    split_step = eight.step - eight.step_transient + 2 * 256 * 2**20
+    split_peak = max(eight.fwd_bwd, split_step, eight.switch)
+    split_total = split_peak + (eight.allowance - int(0.05 * eight.peak)) + int(0.05 * split_peak)
+    blocks = 4 * p["lisa:embed_head=false"].trainable  # the two blocks' (and the final norm's) values, in fp32
+    return f"""So, by the planner: LISA with the embedding and head frozen and nf4 frozen blocks needs {g(frozen.peak)} GiB
+of tensors at its peak ({g(frozen.total)} GiB with the device allowance), under LoRA r=16's {g(lora.peak)}
+({g(lora.total)}): that target holds. With the embedding and head trained, their AdamW state in 8 bits and nf4
+frozen blocks, the tensor peak is {g(eight.peak)} GiB, at the optimizer step: {g(eight.static)} GiB static, {g(eight.grads)}
+GiB of bf16 gradients and the step's transient, {g(eight.step_transient)} GiB. The chunks pack consecutive tensors up
+to the largest one's fp32 size (the embedding's, 128,256 x 4,096 values: 1.96 GiB, stepped by AdamW8bit with no
+temporary), so the two active blocks' tensors form one chunk: {g(blocks)} GiB of fp32 gradients and, for foreach
+AdamW, one moment of them as much again. With the device allowance ({g(eight.allowance)} GiB) that is
+{g(eight.total)} GiB: **not under 24 GiB**. It holds with `lisa.n_layers: 1` (γ = 1: {g(one.peak)} GiB,
+{g(one.total)} GiB with the allowance), or with a master step whose chunks hold at most 256 MiB of fp32 gradient,
+splitting larger tensors into row blocks (not built: {g(split_peak)} GiB, about {g(split_total)} GiB with the
+allowance). Checkpointing is on already; without it the forward+backward peak rises (section 3's tables).
+Before the chunked master step (issue #26) an fp32 copy of every trained gradient was held at once: 4 bytes x
+{eight.trainable / 1e9:.2f} B = {4 * eight.trainable / GIB:.2f} GiB instead of {g(eight.step_transient)}.
+
+#15's "≤ QLoRA r=16" is not met by any LISA setting: LISA trains whole blocks in mixed precision (16 bytes per trained
+parameter), QLoRA 42 M fp32 adapters. The state ratio is 1.000 with fp32 state (the 4-byte step per tensor) and
+1.003 with the 8-bit E/H state (its fp32 absmax, 1/64 of the 8-bit moments): within 1.02. Host memory is its own
+line: with nf4 (or int8) frozen blocks the host keeps a bf16 copy of every block's linears, {g(frozen.host)} GiB at 8B.
+These are plans; the measured CUDA peaks per phase come from `benchmarks/gpu_check.py` (docs/gpu.md), which also
+calibrates the device allowance.
+"""
+
+
+def paper_text() -> str:
+    full = plan("Llama-2-7B", "full", Setting(precision="bf16", batch=1, seq=1024, loss="standard"))
+    mixed = plan("Llama-2-7B", "full", Setting(precision="bf16-mixed", batch=1, seq=1024, loss="standard"))
+    rows = {m: (plan(m, "lisa:gamma=4", Setting(precision="bf16", batch=1, seq=1024, loss="standard")),
+                plan(m, "lora:r=128", Setting(precision="bf16", batch=1, seq=1024, loss="standard")))
+            for m in ("Llama-2-7B", "Llama-2-70B")}
+    (l7, r7), (l70, r70) = rows["Llama-2-7B"], rows["Llama-2-70B"]
+    return f"""The paper's Table 1 compares full fine-tuning, LoRA (ranks 128 and up) and LISA with E+H, E+H+2L and
+E+H+4L on LLaMA-2-7B and -70B at batch 1; for its measured GB see the paper's Table 1 (not quoted here).
+It does not say how AdamW's state is held; its abstract's "a 7B model typically requires at least 60 GB of
+GPU memory with full parameter training" fits AdamW in bf16 (the full row below: {g(full.fwd_bwd)} GiB =
+{full.fwd_bwd / 1e9:.1f} GB through forward and backward, {g(full.step)} GiB = {full.step / 1e9:.1f} GB at the optimizer
+step) and not mixed precision with fp32 masters and state (the bf16-mixed table: {g(mixed.peak)} GiB). The model's
+own loss (`--loss standard`), as in the paper's code. The plan agrees with the abstract's "similar or less GPU
+memory consumption" than LoRA: LISA E+H+4L is below LoRA r=128 at 7B ({g(l7.peak)} against {g(r7.peak)} GiB) and
+at 70B ({g(l70.peak)} against {g(r70.peak)} GiB), LoRA's larger activations (see section 2) outweighing its
+smaller trainable set.
+
+"""
 
 
 def page() -> str:
     t0 = time.perf_counter()
     parts = [HEAD]
-    parts += ["## 1. The paper's Table 1 setting: batch 1, 1024 tokens, no checkpointing\n\n", TABLE1_TEXT]
+    parts += ["## 1. The paper's Table 1 setting: batch 1, 1024 tokens, no checkpointing\n\n", paper_text()]
     for model in ("Llama-2-7B", "Llama-2-70B"):
         parts.append(run(f"{PAPER} --model {model} --precision bf16 {TABLE1}"))
     parts.append(MIXED_TEXT)
@@ -101,32 +176,37 @@ def page() -> str:
     parts.append(EAGER_TEXT)
     parts.append(run(f"{PAPER} --model Llama-2-7B --precision bf16 --attention eager --method full lora:r=128 "
                      "lisa:gamma=2"))
-    parts += ["## 2. A third-party H100 measurement: Llama-3.1-8B, bf16-mixed, LISA γ=2 against LoRA r=16\n\n",
+    parts += ["## 2. A third-party H100 measurement: Llama-3.1-8B, LISA γ=2 against LoRA r=16\n\n",
               H100_TEXT, h100_comparison(), "\n",
+              run("lisatune plan --model Llama-3.1-8B --method lora lisa --precision fp32 --batch 1 "
+                  "--seq 1024 --checkpointing on --loss standard"),
               run("lisatune plan --model Llama-3.1-8B --method lora lisa --precision bf16-mixed --batch 1 "
-                  "--seq 1024 --loss standard"), H100_AFTER]
+                  "--seq 1024 --loss standard"), h100_after()]
     parts += ["## 3. lisatune's settings: bf16-mixed, checkpointing on, fused loss, E/H frozen\n\n", OURS_TEXT]
     for model, gpu in (("Llama-3.1-8B", "24GB"), ("Llama-2-7B", "24GB"), ("Mistral-7B", "24GB"),
                        ("Qwen2.5-3B", "24GB"), ("Llama-2-70B", "80GB")):
         parts.append(run(f"{OURS} --model {model} {OUR_METHODS} --gpu {gpu}"))
-    parts.append(OURS_AFTER)
+    parts.append(ours_after())
     parts += ["\n## 4. Quantized memory: 8-bit E/H state, nf4 / int8 frozen blocks, QLoRA\n\n", QUANT_TEXT]
     for model, gpu in (("Llama-3.1-8B", "24GB"), ("Llama-2-7B", "24GB"), ("Llama-2-70B", "80GB")):
         parts.append(run(f"{OURS} --model {model} --method {' '.join(QUANT_SPECS)} --gpu {gpu}"))
-    parts += [QUANT_AFTER, targets()]
+    parts += [quant_after(), targets()]
     logging.getLogger(__name__).info("%.0f s", time.perf_counter() - t0)
     return "".join(parts)
 
 
 HEAD = """# Memory at scale: `lisatune plan` on the paper's settings
 
-`lisatune plan` predicts the memory of one fine-tuning step from a model's config alone: the model is
-built on the meta device (no weights, no download), prepared by the real method (peft for LoRA,
+`lisatune plan` predicts the memory of one fine-tuning step from a model's config alone, phase by phase: the
+model is built on the meta device (no weights, no download), prepared by the real method (peft for LoRA,
 LisaAdamW for LISA) and run forward and backward on meta token ids, and `recipe/meter.py` counts what
-`lisatune bench memory` counts on a real run. On tiny models of three architectures (llama, gpt2, qwen2)
-and every method, `tests/test_plan.py` holds weights, gradients and optimizer state equal to a real
-measurement to the byte, activations equal (the test allows 5 %), the predicted peak within 10 % of the
-measured tensor bytes, and the optimizer step's temporary equal to what a foreach AdamW allocates.
+`lisatune bench memory` counts on a real run. On tiny models of three architectures (llama, gpt2, qwen2), fp32
+and bf16-mixed, `tests/test_plan.py` holds weights, gradients, fp32 masters and optimizer state equal to a real
+run to the byte and activations equal (within 5 %), and each planned phase against the peak torch's CPU allocator
+reports for that phase of a real run (torch.profiler's memory events, what `torch.cuda.max_memory_allocated`
+reads per phase on a GPU): static, optimizer step and switch to the bytes of the model's rotary buffers, and
+forward+backward and the peak within 5 % (within 2 % in those runs), also with checkpointing, the model's own
+loss and SDPA attention.
 
 How to read the tables (every size in GiB = 2^30 bytes; published figures are in GB as published):
 
@@ -140,12 +220,21 @@ How to read the tables (every size in GiB = 2^30 bytes; published figures are in
   default) the column is the gradient of the hidden states it holds (counted) plus one chunk of logits and,
   when the head trains in bf16, the fp32 accumulator of the head's gradient (estimated).
 * **recompute** (checkpointing on): what one block saves again while backward recomputes it (counted).
-* **fwd+bwd** = the sum of the columns before it (an upper bound: backward frees activations while it makes
-  gradients); **step** = weights + grads + masters + state + foreach AdamW's temporary (one moment of the
-  largest parameter group); **peak** = the larger of the two.
-* Not included: the CUDA context, cuBLAS workspaces, the caching allocator's slack (`--gpu` holds back
-  `--reserve 1GiB` for them by default), and an fp32 copy of the gradients that some mixed-precision
-  frameworks keep (4 more bytes per trainable parameter).
+* The phases: **static** = weights + masters + state between steps (no gradients: zero_grad frees them);
+  **fwd+bwd** = static + the most forward and backward hold at once (backward frees each block's activations
+  once it made that block's gradients, top block first: the largest of the end of forward, each block's
+  backward and the end); **step** = static + gradients + the step's transient: under bf16-mixed the master step
+  (engine/masters.py) walks the trained tensors in chunks of at most the largest one, each with its fp32
+  gradients and foreach AdamW's temporary (one moment of the chunk), so at most 8 bytes per value of the largest
+  trained tensor; in fp32 one moment of the largest parameter group; **switch** (LISA) = its start, static +
+  gradients (the switch frees the old set's masters, state and gradients before it makes the new set's masters).
+  **peak** = the largest phase.
+* **device allowance**, beside the peak and not in it: the CUDA context (512 MiB), cuBLAS's workspaces
+  (2 x 40.1 MiB on Hopper) and the caching allocator's slack (5 % of the peak): public figures, named constants
+  in `analysis/plan.py`, to be calibrated from the first GPU run's `mem_get_info` and reserved-minus-allocated.
+  **total** = peak + allowance; `--gpu` tests the total (`--reserve SIZE` holds back a fixed size instead).
+* **host RAM** (when a row has any): the full-precision copies of quantized frozen blocks (quant/frozen.py keeps
+  every block's linears on the host) and offloaded optimizer state (`lisa:state_policy=offload`).
 * LISA is planned with the γ lowest blocks active (backward then runs through every block: the most
   activations; gradients and state are the same for any γ blocks). "E+H" is the embedding and head,
   always trained in the paper; `lisa:gamma=0` (E+H alone) exists in the planner only, the engine needs
@@ -153,18 +242,6 @@ How to read the tables (every size in GiB = 2^30 bytes; published figures are in
   position is labelled.
 
 Regenerate this page with `PYTHONPATH=src python benchmarks/scale.py` (no GPU, no download).
-
-"""
-
-TABLE1_TEXT = """The paper's Table 1 compares full fine-tuning, LoRA (ranks 128 and up) and LISA with E+H, E+H+2L and
-E+H+4L on LLaMA-2-7B and -70B at batch 1; for its measured GB see the paper's Table 1 (not quoted here).
-It does not say how AdamW's state is held; its abstract's "a 7B model typically requires at least 60 GB of
-GPU memory with full parameter training" fits AdamW in bf16 (the full row below: 56.4 GiB = 60.5 GB through
-forward and backward, 62.8 GiB = 67.4 GB at the optimizer step) and not mixed precision with fp32 masters
-and state (the bf16-mixed table: 125.5 GiB). The model's own loss (`--loss standard`), as in the paper's
-code. The plan agrees with the abstract's "similar or less GPU memory consumption" than LoRA: every LISA
-row up to E+H+4L is below LoRA r=128, at 7B (23.2 against 26.2 GiB) and at 70B (172.5 against 198.6 GiB),
-LoRA's larger activations (see section 2) outweighing its smaller trainable set.
 
 """
 
@@ -178,46 +255,64 @@ of every head in every block (softmax output and dropout input).
 
 """
 
-H100_TEXT = """Reported in issue #14 (a third-party measurement on an H100, bf16 mixed precision): LISA 52.1 GB against
-LoRA r=16 34.6 GB, i.e. LISA needed more than LoRA. The batch, sequence length, attention kernel and how the
-GB were read (allocated or reserved, 10^9 or 2^30) are not known here, so the planner gives the two
-methods at batch 1 x 1024 and compares the gap rather than the totals:
+H100_TEXT = """Reported in issue #14 (a third-party measurement on an H100): LISA 52.1 GB against LoRA r=16 34.6 GB, i.e.
+LISA needed more than LoRA. The batch, sequence length, precision, attention kernel and how the GB were read
+(allocated or reserved, 10^9 or 2^30) are not stated. Earlier versions of this page read them as bf16-mixed; they
+fit the planner's **fp32** rows instead (batch 1 x 1024, checkpointing on, the model's own loss), shown beside
+the bf16-mixed ones here, each as the tensor peak and with the device allowance:
 
 """
 
-H100_AFTER = """The planner reproduces the finding and its size: at 1 x 1024 it puts LISA 15-17 GB above LoRA, against
-17.5 GB reported; both reported totals sit 6-9 GB above the plan, as the CUDA context, the allocator's
-cache or a longer batch would put them. Where the gap comes from (the table above): Llama-3.1-8B's untied
-embedding and head are 2 x 128,256 x 4,096 = 1.05 B parameters, 71 % of LISA's 1.49 B trainable ones, and
-under bf16-mixed each costs 14 bytes beyond its weight (bf16 gradient, fp32 master, two fp32 moments):
-14.7 GB for E+H alone, plus 2 blocks (0.44 B parameters, 6.1 GB). LoRA's 42 M fp32 adapters cost 0.5 GB
-beyond their weights. LoRA's activations are larger than LISA's (peft keeps the adapters in fp32 and casts
-the input of each of the seven adapted linears to fp32, where each saves its own copy), which narrows the
-gap by ~4.6 GiB; the fused loss adds the fp32 accumulator of the bf16 head's gradient (2 GiB) to LISA.
-Freezing the embedding and head (section 3) removes the E+H term.
+
+def h100_after() -> str:
+    lisa, lora = plan("Llama-3.1-8B", "lisa", H100), plan("Llama-3.1-8B", "lora", H100)
+    mixed = replace(H100, precision="bf16-mixed")
+    mlisa, mlora = plan("Llama-3.1-8B", "lisa", mixed), plan("Llama-3.1-8B", "lora", mixed)
+    eh = 2 * 128256 * 4096
+    return f"""Reading them: in fp32 with checkpointing on the planner puts LISA at {g(lisa.peak)} GiB and LoRA at
+{g(lora.peak)} GiB of tensors, {g(lisa.total)} and {g(lora.total)} GiB with the device allowance, against 52.1 and
+34.6 reported: the LoRA figure matches the total, the LISA one lies between the planned peak and total; the gap,
+{(lisa.peak - lora.peak) / GIB:.1f} GiB planned, is close to the 17.5 GB reported. In bf16-mixed both would be far lower
+({g(mlisa.peak)} and {g(mlora.peak)} GiB with checkpointing), and LISA's excess over LoRA ({(mlisa.peak - mlora.peak) / GIB:.1f}
+GiB) would be larger relative to LoRA. Where the gap comes from: Llama-3.1-8B's untied embedding and head are
+2 x 128,256 x 4,096 = {eh / 1e9:.2f} B parameters, {eh / lisa.trainable:.0%} of LISA's {lisa.trainable / 1e9:.2f} B
+trainable ones; in fp32 each costs 12 bytes beyond its weight (gradient and two moments), plus the optimizer step's
+transient, one moment of the largest parameter group. LoRA's 42 M adapters cost 0.5 GB beyond their weights.
+LoRA's activations are larger than LISA's (peft casts the input of each of the seven adapted linears to the
+adapters' dtype, where each saves its own copy). Freezing the embedding and head (section 3) removes the E+H term.
 
 """
+
 
 OURS_TEXT = """What lisatune runs by default on a GPU, with the two changes that matter most at this scale: gradient
 checkpointing and the embedding/head frozen (`lisa:embed_head=false`, i.e. `lisa.train_embedding: false`,
-`lisa.train_head: false`). `--gpu` answers whether each method fits and, if not, which changes the planner
-finds that make it fit (each computed with the same planner).
+`lisa.train_head: false`). `--gpu` answers whether each method fits (its total, with the device allowance) and,
+if not, which changes the planner finds that make it fit, each named by the config keys that make it (each
+computed with the same planner).
 
 """
 
-OURS_AFTER = """Reading these: with checkpointing on, activations fall to the blocks' inputs (0.27 GiB at 8B), so the
-weights and the trainable set decide. LISA with E+H trains 1.49 B parameters of Llama-3.1-8B (its 128k
-vocabulary makes E+H large) and does not fit 24 GiB; with E/H frozen it trains 0.44 B and fits (22.3 GiB,
-the optimizer step being the peak). LoRA r=16 stays the smallest. At 70B the bf16 weights alone (128.5 GiB)
-exceed one 80 GiB GPU for every method: it needs sharding (FSDP2: `distributed: fsdp`) or quantization, which
-`--gpu` now tries (nf4 frozen blocks for LISA, QLoRA for LoRA; section 4).
+
+def ours_after() -> str:
+    eh = plan("Llama-3.1-8B", "lisa")
+    frozen = plan("Llama-3.1-8B", "lisa:embed_head=false")
+    big = plan("Llama-2-70B", "lisa:embed_head=false")
+    return f"""Reading these: with checkpointing on, activations fall to the blocks' inputs ({g(eh.activations)} GiB at 8B),
+so the weights and the trained set decide. LISA with E+H trains {eh.trainable / 1e9:.2f} B parameters of
+Llama-3.1-8B (its 128k vocabulary makes E+H large) and needs {g(eh.total)} GiB with the allowance; with E/H frozen
+it trains {frozen.trainable / 1e9:.2f} B and needs {g(frozen.peak)} GiB of tensors, {g(frozen.total)} with the
+allowance, the {('optimizer step' if frozen.peak == frozen.step else 'forward+backward')} being the peak (the chunked
+master step's transient is one MLP matrix's fp32 gradient and moment, {frozen.step_transient / 2**20:,.0f} MiB).
+LoRA r=16 stays the smallest of the unquantized methods. At 70B the bf16 weights alone ({g(big.weights)} GiB) exceed
+one 80 GiB GPU for every method: it needs sharding (FSDP2: `distributed: fsdp`) or quantization, which `--gpu`
+tries (nf4 frozen blocks for LISA, an nf4 base for LoRA; section 4).
 """
 
 
 QUANT_TEXT = """bitsandbytes' storage, planned from the shapes (`analysis/plan.py` with `quant/sizes.py`; `tests/test_quant.py`
 holds each formula equal to the tensors bitsandbytes holds for real layers and optimizers, and `tests/test_plan.py`
-holds the planned weights, gradients, state and activations equal to a real lisatune run on tiny models, to
-the byte):
+holds the planned weights, gradients, state, activations and host copies equal to a real lisatune run on tiny
+models, to the byte):
 
 * **nf4** (`lisa:frozen=nf4`: `lisa.frozen_weights: nf4`; `qlora`: peft LoRA on an nf4 base, i.e.
   `lora:base=nf4`): per linear of n values, n/2 bytes of packed 4-bit values, one uint8 absmax per 64 values
@@ -228,37 +323,35 @@ the byte):
 * **int8** (`lisa:frozen=int8`): one int8 per value and an fp32 scale per output row (`Linear8bitLt`, threshold 0).
   Its matmul keeps its input on the autograd context whenever the input needs a gradient (`ctx.A` on CPU,
   `ctx.tensors` on CUDA), even with gradient checkpointing on, where a frozen `nn.Linear` keeps nothing: the
-  activations column grows by every frozen block's linear inputs (1.5 GiB at 8B). nf4's matmul keeps nothing
-  more than a frozen `nn.Linear` (measured equal).
+  activations column grows by every frozen block's linear inputs. nf4's matmul keeps nothing more than a frozen
+  `nn.Linear` (measured equal).
 * **8-bit E/H state** (`lisa:eh_state=8bit`: `lisa.embed_head_state: 8bit`, bitsandbytes' AdamW8bit on the
   always-on set): two uint8 moments and two fp32 absmax per 256 values for tensors of >= 4096 values, fp32
   moments for smaller ones (the norms), an integer step, two shared 1 KiB maps: 2.03 bytes per value
-  instead of 8 (its fp32 masters stay). Its fused step needs no foreach temporary.
-* The high-precision copies of frozen quantized blocks live in host memory: not in these (device) tables.
+  instead of 8 (its fp32 masters stay). Its fused step needs no foreach temporary, but the master step still
+  casts the chunk's gradients to fp32: the embedding's alone is 2 GiB at 8B.
+* **host RAM**: quant/frozen.py keeps a full-precision (bf16) copy of every block's linears on the host (the
+  frozen blocks' weights, and the active blocks' copies, refreshed when they freeze): the host column.
 
 """
 
-QUANT_AFTER = """Reading these (8B, the first table): quantizing the 30 frozen blocks cuts the weights from 14.96 to 5.91 GiB
-(nf4) or 8.87 GiB (int8), which is what brings LISA under 24 GiB with the embedding and head trained: with
-their state in 8 bits and nf4 frozen blocks, 21.9 GiB. What remains above QLoRA is the trained set
-itself: two bf16 blocks (0.44 B parameters, 0.81 GiB) plus their gradients, fp32 masters and fp32 moments
-(16 bytes per parameter, 6.5 GiB with the block weights), where QLoRA's 42 M fp32 adapters add 0.5 GiB of
-gradients and state. At 70B the nf4 frozen blocks fit LISA in 80 GiB (65-69 GiB), which no bf16 setting does,
-nor int8 frozen blocks (98 GiB: 9 GiB of kept inputs).
 
-"""
+def quant_after() -> str:
+    full, nf4 = plan("Llama-3.1-8B", "lisa:embed_head=false"), plan("Llama-3.1-8B", "lisa:embed_head=false,frozen=nf4")
+    int8 = plan("Llama-3.1-8B", "lisa:embed_head=false,frozen=int8")
+    eight = plan("Llama-3.1-8B", "lisa:eh_state=8bit,frozen=nf4")
+    big = {s: plan("Llama-2-70B", s) for s in ("lisa:embed_head=false,frozen=nf4", "lisa:eh_state=8bit,frozen=nf4",
+                                              "lisa:embed_head=false,frozen=int8")}
+    b_nf4, b_8, b_int8 = big.values()
+    return f"""Reading these (8B, the first table): quantizing the 30 frozen blocks cuts the weights from {g(full.weights)} to
+{g(nf4.weights)} GiB (nf4) or {g(int8.weights)} GiB (int8; its kept inputs add {(int8.activations - full.activations) / GIB:.2f} GiB
+of activations). With the embedding and head trained, their state in 8 bits and nf4 frozen blocks, the peak is the
+optimizer step ({g(eight.step)} GiB; {g(eight.total)} with the allowance): see the targets below. What remains above
+QLoRA is the trained set itself: two bf16 blocks (0.44 B parameters) plus their gradients, fp32 masters and fp32
+moments (16 bytes per parameter), where QLoRA's 42 M fp32 adapters add 0.5 GiB of gradients and state. At 70B the
+nf4 frozen blocks fit LISA in 80 GiB ({g(b_nf4.total)} and {g(b_8.total)} GiB with the allowance), which no bf16
+setting does, nor int8 frozen blocks ({g(b_int8.total)} GiB). The host then holds {g(b_nf4.host)} GiB of bf16 copies.
 
-TARGETS_AFTER = """So, by the planner: #14's target is met at 8B only with nf4 frozen blocks and the embedding/head frozen (13.2
-against LoRA r=16's 16.2 GiB); with int8 frozen blocks it is just above (16.6 GiB: int8's kept inputs); with
-bf16 frozen blocks (E/H frozen: 22.3 GiB) or with the E/H state in 8 bits (31.0 GiB; 21.9 GiB with nf4 frozen
-blocks, whose trained E/H, 1.05 B parameters, still holds 2 GiB of bf16 gradients and 3.9 GiB of fp32 masters,
-and the fused loss its 2 GiB fp32 head-gradient accumulator) it is not. #15's
-< 24 GB is met by both nf4 settings, also with the 1 GiB reserve (and 21.9 GiB is under 24 x 10^9 B = 22.35
-GiB too, though not with the reserve); its "≤ QLoRA r=16" is not: no LISA setting reaches QLoRA's 6.5 GiB. LISA
-trains whole blocks in mixed precision (16 bytes per trained parameter), QLoRA 42 M fp32 adapters. The state
-ratio is 1.000 with fp32 state (the 4-byte step per tensor) and 1.003 with the 8-bit E/H state (its fp32
-absmax, 1/64 of the 8-bit moments): within 1.02. These are plans; the measured CUDA peaks per phase come from
-`benchmarks/gpu_check.py` (docs/gpu.md), not run yet.
 """
 
 
