@@ -286,7 +286,7 @@ def test_an_uninferable_format_is_one_line_and_the_default_stays_gsm(tmp_path):
 
 # -- 4. checkpoints that load as models; keep_best -----------------------------------------------------------
 def test_a_mid_run_checkpoint_loads_with_from_pretrained_and_its_manifest_covers_the_model_files(tmp_path, assets):
-    from lisatune.recipe.checkpoint import MANIFEST, checkpoint_dirs, load_checkpoint, sha256_file
+    from lisatune.recipe.checkpoint import MANIFEST, checkpoint_dirs, sha256_file
     from lisatune.recipe.config import load_config
     from lisatune.recipe.loop import train
     s = train(load_config(str(write_config(tmp_path, assets, max_steps=4, save_every=2, keep_last=3)), []))
