@@ -1,164 +1,28 @@
 """Training data: each format's loader gives examples {"input_ids", "labels"} (labels -100 where no loss).
 
 sources.read_source reads the records (a JSON/JSONL file, or through `datasets`: CSV, Parquet, Arrow, a saved
-dataset, a Hub dataset); load_splits picks the format's loader, makes the validation split, drops over-long
-examples and packs them (data.packing, pack.py); collate pads a batch of them into tensors.
+dataset, a Hub dataset); splits.load_splits picks the format's loader, makes the validation split, drops over-long
+examples and packs them (data.packing, pack.py); batch.collate pads a batch of them into tensors.
+
+Names are imported when first used (PEP 562), so that `lisatune.data.config` (DataConfig, read by the run config)
+loads pydantic only: no torch, datasets or transformers.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import random
-from pathlib import Path
+import importlib
+from typing import Any
 
-import torch
-
-from ..errors import LisaError
-from .chat import use_chat_template
-from .config import DataConfig
-from .formats import FORMATS
-from .gsm import encode_items, extract_answer, gsm_eval_items, gsm_train_items
-from .pack import pack
-from .render import IGNORE, encode_prompt, render_prompt
-from .sources import read_hub_fingerprint, read_source
-from .text import load_text, read_paragraphs
+_LAZY = {"DataConfig": "config", "collate": "batch", "data_fingerprint": "splits", "source_digest": "splits",
+         "load_splits": "splits", "encode_prompt": "render", "render_prompt": "render", "IGNORE": "render",
+         "extract_answer": "gsm", "gsm_eval_items": "gsm", "encode_items": "gsm", "gsm_train_items": "gsm",
+         "use_chat_template": "chat", "FORMATS": "formats", "read_source": "sources",
+         "read_hub_fingerprint": "sources", "load_text": "text", "read_paragraphs": "text"}
 
 __all__ = ["DataConfig", "collate", "data_fingerprint", "encode_prompt", "extract_answer", "gsm_eval_items",
            "load_splits", "render_prompt"]
 
-log = logging.getLogger(__name__)
 
-
-def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]:
-    if cfg.format == "text" and path.endswith(".txt"):
-        return load_text(read_paragraphs(path, option), tokenizer, cfg.max_length, path)
-    split = cfg.split if option == "data.path" else cfg.val_split
-    records = read_source(path, option, cfg.format, split, cfg.columns)
-    return FORMATS[cfg.format].load(records, tokenizer, cfg, path)
-
-
-def _drop_long(examples: list[dict], max_length: int, source: str, packing: bool = False) -> list[dict]:
-    # Dropped, not truncated: a truncated example would train on a cut-off answer with no EOS.
-    if packing:  # max_length is then the size of a packed sequence: an example that fits none is a mistake
-        long = next((i for i, e in enumerate(examples) if len(e["input_ids"]) > max_length), None)
-        if long is not None:
-            raise LisaError(f"{source}: example {long + 1} has {len(examples[long]['input_ids'])} tokens, more than "
-                            f"data.max_length={max_length}, the size of a packed sequence (raise data.max_length, "
-                            "or set data.packing=false to drop longer examples)")
-        return examples
-    kept = [e for e in examples if len(e["input_ids"]) <= max_length]
-    if not kept:
-        raise LisaError(f"{source}: all {len(examples)} examples are longer than max_length={max_length} tokens")
-    if len(kept) < len(examples):
-        log.warning("%s: dropped %d of %d examples longer than max_length=%d tokens",
-                    source, len(examples) - len(kept), len(examples), max_length)
-    return kept
-
-
-def _split(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    n = len(examples)
-    n_val = max(1, round(n * fraction))
-    if n_val >= n:
-        raise LisaError(f"data.val_fraction={fraction} of {n} examples leaves no training example")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
-    # Both parts keep file order: the split is random, the content stays easy to trace back.
-    return ([e for i, e in enumerate(examples) if i not in held],
-            [e for i, e in enumerate(examples) if i in held])
-
-
-def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(train, val) examples for cfg; val may be empty (no val_path, val_fraction 0 and format not gsm).
-    data.chat_template, if set, becomes the tokenizer's template here (the saved models carry it)."""
-    use_chat_template(tokenizer, cfg.chat_template)
-    def fitting(examples: list[dict], source: str) -> list[dict]:
-        return _drop_long(examples, cfg.max_length, source, cfg.packing)
-
-    if cfg.format == "gsm":
-        language = cfg.gsm_language
-        train = fitting(encode_items(gsm_train_items(cfg), tokenizer), f"GSM-symbolic ({language}) training problems")
-        items = gsm_eval_items(cfg)
-        val = fitting(encode_items(items, tokenizer), f"GSM-symbolic ({language}) held-out problems") if items else []
-    else:
-        train = fitting(_load_file(cfg, cfg.path, tokenizer, "data.path"), cfg.path)
-        val = []
-        if cfg.val_path:
-            val = fitting(_load_file(cfg, cfg.val_path, tokenizer, "data.val_path"), cfg.val_path)
-        elif cfg.val_fraction:
-            train, val = _split(train, cfg.val_fraction, cfg.seed)
-    val = val[: cfg.val_max_examples]  # in examples, as without packing: the same validation set either way
-    if not cfg.packing:
-        return train, val
-    packed = pack(train, cfg.max_length)
-    filled = sum(len(e["input_ids"]) for e in packed) / (len(packed) * cfg.max_length)
-    log.info("packed %d training examples into %d sequences of <= %d tokens (%.0f %% filled)", len(train),
-             len(packed), cfg.max_length, 100 * filled)
-    return packed, pack(val, cfg.max_length)
-
-
-def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
-    """sha256 of what the run trains and validates on, by source: the bytes of data.path (and data.val_path),
-    or the generated GSM problems (train and held-out). Stored in every checkpoint; resume compares it."""
-    if cfg.format == "gsm":
-        items = {"train": gsm_train_items(cfg), "eval": gsm_eval_items(cfg)}
-        return {"gsm": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()}
-    out = {}
-    for option, path, split in (("data.path", cfg.path, cfg.split), ("data.val_path", cfg.val_path, cfg.val_split)):
-        if path is not None:
-            out[option] = source_digest(path, option, split)
-    return out
-
-
-def source_digest(path: str, option: str, split: str) -> str:
-    """sha256 of a data source's content: a file's bytes; a save_to_disk directory's files (names and bytes, so a
-    rewritten or added shard counts); a Hub dataset's split by the datasets library's own fingerprint of it."""
-    p = Path(path).expanduser()
-    h = hashlib.sha256()
-    try:
-        if p.is_file():
-            _hash_file(h, p)
-        elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            if not files:
-                raise LisaError(f"{option} '{path}' is an empty directory")
-            for f in files:
-                h.update(f"{f.relative_to(p).as_posix()}\0".encode())
-                _hash_file(h, f)
-        else:  # not on disk: read_source's Hub name (or its one-line error), read from the datasets cache
-            h.update(f"{path}:{split}:{read_hub_fingerprint(path, option, split)}".encode())
-    except OSError as e:
-        raise LisaError(f"{option} '{path}' cannot be read ({e.strerror or e})") from None
-    return h.hexdigest()
-
-
-def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-
-
-def collate(examples: list[dict], pad_id: int, device: torch.device | str | None = None,
-            flat: bool = False) -> dict[str, torch.Tensor | None]:
-    """Right-pad to the longest example: input_ids with pad_id, labels with -100, attention_mask 0.
-
-    Packed sequences (data.packing) get position_ids and attention_mask None instead: transformers then masks
-    each packed example by its restarting positions (it does so only without a mask). Padding sits at position
-    0, so each pad token is a sequence of its own. `flat`: the batch in one row, for flash attention, which
-    reads packed examples from position_ids only in a batch of one row.
-    """
-    if flat:
-        examples = [{k: [v for e in examples for v in e[k]] for k in examples[0]}]
-    width = max(len(e["input_ids"]) for e in examples)
-
-    def padded(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=torch.long,
-                            device=device)
-
-    batch = {"input_ids": padded("input_ids", pad_id), "labels": padded("labels", IGNORE)}
-    if "position_ids" in examples[0]:
-        return batch | {"attention_mask": None, "position_ids": padded("position_ids", 0)}
-    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples],
-                        dtype=torch.long, device=device)
-    return batch | {"attention_mask": mask}
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lisatune.data' has no attribute {name!r}")
