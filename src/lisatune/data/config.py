@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from ..schema import Number, Options
-from .chat import is_template_text
+from .chat import CHAT_ROLES, is_template_text
 from .formats import FORMATS
 from .render import LOSS_ON
 
@@ -39,6 +39,16 @@ class DataConfig(Options):
     loss_on: Literal[LOSS_ON] = "assistant"
     # A Jinja chat template, or the path of a file holding one; None: the model's (tokenizer_config.json)
     chat_template: str | None = None
+    # chat, sharegpt: role names of the data -> the template's roles, on top of the built-in names (system, user,
+    # human, assistant, gpt, model; with tools also tool, observation, function_call). axolotl's direction
+    # (template role -> list of names) is accepted too: {assistant: [bot, ai]}.
+    roles: dict[str, str | list[str]] = Field({}, description=(
+        "chat, sharegpt: the data's role names -> system | user | assistant | tool, e.g. {bot: assistant}, or "
+        "axolotl's {assistant: [bot, ai]}; on top of the built-in names"))
+    # chat, sharegpt: the keys of a message, e.g. {role: speaker, content: text}; default role/content (chat) and
+    # from/value (sharegpt), either format reading the other's keys too (axolotl's message_property_mappings).
+    message_keys: dict[str, str] = Field({}, description=(
+        "chat, sharegpt: a message's keys, {role: KEY, content: KEY}; default role/content or from/value"))
     # GSM-symbolic generator: whole templates are held out, so eval measures transfer to unseen problems.
     gsm_variants: StrictInt = 8  # numeric variants per training template
     gsm_eval_templates: StrictInt = 20
@@ -81,6 +91,30 @@ class DataConfig(Options):
             raise ValueError("neither a file nor a template (a template has {{ ... }} or {% ... %} tags)")
         return v
 
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: dict) -> dict[str, str]:
+        out = {}
+        for name, role in v.items():
+            if isinstance(role, list):  # axolotl's direction: template role -> the data's names
+                if name not in CHAT_ROLES:
+                    raise ValueError(f"{name}: a list maps names to a template role, and '{name}' is not one "
+                                     f"({', '.join(CHAT_ROLES)})")
+                out |= {str(n): name for n in role}
+            elif role not in CHAT_ROLES:
+                raise ValueError(f"{name}: '{role}' is not a role of the chat template ({', '.join(CHAT_ROLES)})")
+            else:
+                out[name] = role
+        return out
+
+    @field_validator("message_keys")
+    @classmethod
+    def _message_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - {"role", "content"})
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is not a message part (role, content)")
+        return v
+
     @model_validator(mode="after")
     def _sources(self) -> "DataConfig":
         if self.format == "gsm":
@@ -100,6 +134,9 @@ class DataConfig(Options):
         if self.packing and self.format == "text":
             raise ValueError("packing is for formats alpaca, chat, sharegpt and gsm: format 'text' already fills "
                              "every sequence (documents joined with EOS, cut into blocks of max_length)")
+        for name in ("roles", "message_keys"):
+            if getattr(self, name) and self.format not in ("chat", "sharegpt"):
+                raise ValueError(f"{name} is for formats chat and sharegpt, not '{self.format}'")
         if self.system_prompt and self.format not in ("chat", "sharegpt"):
             raise ValueError(f"system_prompt is for formats chat and sharegpt, not '{self.format}'")
         if self.loss_on != "assistant" and self.format not in ("chat", "sharegpt"):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .alpaca import load_alpaca
-from .chat import load_chat, load_sharegpt
+from .chat import ChatOptions, load_chat, load_sharegpt
 from .text import documents, load_text
 
 
@@ -21,15 +21,17 @@ class Format:
     load: Callable[[list[tuple[str, Any]], Any, Any, str], list[dict]] | None = None
 
 
+def chat_options(cfg) -> ChatOptions:
+    return ChatOptions(cfg.system_prompt, cfg.loss_on, dict(cfg.roles), dict(cfg.message_keys))
+
+
 FORMATS: dict[str, Format] = {
     "alpaca": Format({"instruction": True, "input": False, "output": True}, "instruction",
                      lambda records, tok, cfg, source: load_alpaca(records, tok)),
     "chat": Format({"messages": True}, "messages",
-                   lambda records, tok, cfg, source: load_chat(records, tok, cfg.system_prompt, cfg.loss_on,
-                                                                source)),
+                   lambda records, tok, cfg, source: load_chat(records, tok, chat_options(cfg), source)),
     "sharegpt": Format({"conversations": True}, "conversations",
-                       lambda records, tok, cfg, source: load_sharegpt(records, tok, cfg.system_prompt,
-                                                                        cfg.loss_on, source)),
+                       lambda records, tok, cfg, source: load_sharegpt(records, tok, chat_options(cfg), source)),
     "text": Format({"text": True}, "text",
                    lambda records, tok, cfg, source: load_text(documents(records), tok, cfg.max_length, source)),
     "gsm": Format({}),  # generated from the GSM-symbolic templates (data/gsm.py), not read from a file

@@ -23,9 +23,10 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def _chat(tokenizer, messages: list[dict], generation_prompt: bool, loc: str) -> str:
+def _chat(tokenizer, messages: list[dict], generation_prompt: bool, loc: str, tools: list | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja errors, e.g. a template that rejects a 'system' role
         raise LisaError(f"{loc}: the tokenizer's chat template failed ({type(e).__name__}: {e})") from None
 
@@ -48,48 +49,121 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
 LOSS_ON = ("assistant", "last_assistant", "all")  # data.loss_on: which tokens of a conversation carry loss
 
 
-def encode_chat(tokenizer, messages: list[dict], loc: str, loss_on: str = "assistant") -> dict[str, list[int]]:
+def encode_chat(tokenizer, messages: list[dict], loc: str, loss_on: str = "assistant",
+                tools: list | None = None) -> dict[str, list[int]]:
     """Token ids and labels of a conversation; encode_chat_counted without the count."""
-    return encode_chat_counted(tokenizer, messages, loc, loss_on)[0]
+    return encode_chat_counted(tokenizer, messages, loc, loss_on, tools)[0]
 
 
-def encode_chat_counted(tokenizer, messages: list[dict], loc: str,
-                        loss_on: str = "assistant") -> tuple[dict[str, list[int]], int]:
+def encode_chat_counted(tokenizer, messages: list[dict], loc: str, loss_on: str = "assistant",
+                        tools: list | None = None) -> tuple[dict[str, list[int]], int]:
+    """encode_chat_located without how the turns were located."""
+    example, trained, _ = encode_chat_located(tokenizer, messages, loc, loss_on, tools)
+    return example, trained
+
+
+def encode_chat_located(tokenizer, messages: list[dict], loc: str, loss_on: str = "assistant",
+                        tools: list | None = None) -> tuple[dict[str, list[int]], int, bool]:
     """Loss on assistant turns (loss_on "assistant"), on the last one only ("last_assistant"), or on every token
-    ("all"); also the number of tokens the conversation itself trains (the EOS appended here not counted).
+    ("all"); also the number of tokens the conversation itself trains (the EOS appended here not counted), and
+    whether the turns were located in the whole conversation (the fallback of _located) rather than incrementally.
+    Tool messages and the `tools` given to the template are prompt: they carry no loss (but with "all").
 
     The conversation is rendered incrementally: the text up to each assistant message (with the
     generation prompt) is a prompt, the text that message adds is its reply. Whitespace after a turn
     is masked, and the example ends with EOS so the model learns to stop.
     """
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if loss_on == "last_assistant" else None
+    pieces = _incremental(tokenizer, messages, loc, tools)
+    whole = pieces is None
+    if whole:
+        pieces = _located(tokenizer, messages, loc, tools)
+    if pieces is None:
+        raise LisaError(f"{loc}: {template_name(tokenizer)} renders neither a conversation as a prefix of its "
+                        "continuation nor each assistant turn's prompt as a prefix of the whole conversation, so "
+                        "assistant turns cannot be located; set data.chat_template to a template that does")
     ids: list[int] = []
     labels: list[int] = []
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if loss_on == "last_assistant" else None
-
-    def add(text: str, train: bool) -> None:
+    for text, turn in pieces:
         t = _ids(tokenizer, text)
+        train = loss_on == "all" or (turn is not None and (loss_on != "last_assistant" or turn == last))
         ids.extend(t)
         labels.extend(t if train else [IGNORE] * len(t))
-
-    done = ""  # the text already turned into tokens
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _chat(tokenizer, messages[:i], True, loc)
-        full = _chat(tokenizer, messages[: i + 1], False, loc)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise LisaError(f"{loc}: the tokenizer's chat template does not render a conversation as a prefix "
-                            f"of its continuation, so assistant turns cannot be located")
-        reply = full[len(prompt):].rstrip()
-        add(prompt[len(done):], loss_on == "all")
-        add(reply, loss_on != "last_assistant" or i == last)
-        done = prompt + reply
     trained = sum(label != IGNORE for label in labels)
     eos = eos_id(tokenizer)
     if not labels or labels[-1] != eos:
         ids.append(eos)
         labels.append(eos)
-    return {"input_ids": ids, "labels": labels}, trained
+    return {"input_ids": ids, "labels": labels}, trained, whole
+
+
+Pieces = list[tuple[str, "int | None"]]  # the conversation's text in order: (text, the assistant turn it replies in)
+
+
+def _incremental(tokenizer, messages: list[dict], loc: str, tools: list | None) -> Pieces | None:
+    """Prompt and reply pieces rendered turn by turn; None where a prefix of the conversation does not render as a
+    prefix of its continuation (a template that re-renders history, e.g. drops earlier turns' reasoning)."""
+    pieces: Pieces = []
+    done = ""  # the text already in pieces
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _chat(tokenizer, messages[:i], True, loc, tools)
+        full = _chat(tokenizer, messages[: i + 1], False, loc, tools)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            return None
+        reply = full[len(prompt):].rstrip()
+        pieces += [(prompt[len(done):], None), (reply, i)]
+        done = prompt + reply
+    return pieces
+
+
+def _located(tokenizer, messages: list[dict], loc: str, tools: list | None) -> Pieces | None:
+    """The fallback for templates that re-render history: the whole conversation rendered once, each assistant turn
+    from the end of its prompt (which must be a prefix of the whole) to the template's end-of-turn text (or, for a
+    template without one, the end of the turn's content); None where that does not hold."""
+    whole = _chat(tokenizer, messages, False, loc, tools)
+    end_of_turn = _end_of_turn(tokenizer)
+    pieces: Pieces = []
+    done = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _chat(tokenizer, messages[:i], True, loc, tools)
+        if not whole.startswith(prompt) or len(prompt) < done:
+            return None
+        mark = end_of_turn or message.get("content") or ""
+        end = whole.find(mark, len(prompt)) if mark else -1
+        if end < 0:
+            return None
+        end += len(mark)
+        pieces += [(whole[done: len(prompt)], None), (whole[len(prompt): end], i)]
+        done = end
+    return pieces
+
+
+END_PROBE = "Hello."  # an assistant reply whose rendering shows the text a template closes a turn with
+
+
+def _end_of_turn(tokenizer) -> str:
+    """The text the template writes after an assistant reply (e.g. <|im_end|>), stripped; "" if none."""
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": END_PROBE}], tokenize=False)
+    except Exception:  # a template that refuses this probe: the content itself bounds each turn
+        return ""
+    at = full.find(END_PROBE, len(prompt) if full.startswith(prompt) else 0)
+    return full[at + len(END_PROBE):].strip() if at >= 0 else ""
+
+
+def template_name(tokenizer) -> str:
+    """The template in words, for errors: data.chat_template's (see chat.use_chat_template) or the model's."""
+    given = getattr(tokenizer, "lisatune_template", None)
+    if given:
+        return given
+    name = getattr(tokenizer, "name_or_path", "")
+    return f"the chat template of '{name}'" if name else "the tokenizer's chat template"
 
 
 def encode_pair(tokenizer, instruction: str, response: str, loc: str) -> dict[str, list[int]]:
