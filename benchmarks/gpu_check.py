@@ -42,7 +42,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from lisatune import LisaOptimizer
-from lisatune.analysis.plan import Setting, parse_method, plan_memory
+from lisatune.analysis.plan import Setting, parse_setting, plan_memory
 from lisatune.analysis.shapes import SHAPES, shape_config
 from lisatune.analysis.tiny import tiny_config, tiny_model
 from lisatune.errors import first_line
@@ -114,7 +114,7 @@ def planned(config, case: Case, seq: int) -> dict:
     """Whatever the planner gives for the case (its fields change as it grows: all of them are kept)."""
     base = Setting(precision="bf16-mixed", batch=1, seq=seq, checkpointing=True)
     try:
-        plan = plan_memory(config, parse_method(case.spec, base))
+        plan = plan_memory(config, parse_setting(case.spec, base))
     except Exception as e:  # a planner gap is a finding, not a reason to lose the measurement
         return {"error": f"{type(e).__name__}: {first_line(e)}"[:300]}
     if hasattr(plan, "to_dict"):
