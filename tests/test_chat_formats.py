@@ -107,3 +107,128 @@ def test_a_template_whose_turns_cannot_be_located_is_one_line_naming_it(tmp_path
         assert str(e.value).startswith(f"{tmp_path / 'd.jsonl'}:1: {name} renders neither a conversation as a "
                                        "prefix of its continuation nor each assistant turn's prompt")
         assert "\n" not in str(e.value)
+
+
+# ---- field and role names -------------------------------------------------------------------------------------
+
+OPENAI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2?"},
+          {"role": "assistant", "content": "Two."}]
+
+
+def test_either_format_reads_the_others_message_keys(tmp_path):
+    tok, chat = encode(tmp_path, [{"messages": OPENAI}])
+    sharegpt_keys = [{"from": m["role"], "value": m["content"]} for m in OPENAI]
+    assert encode(tmp_path, [{"messages": sharegpt_keys}], tok=tok)[1][0] == chat[0]
+    assert encode(tmp_path, [{"conversations": OPENAI}], "sharegpt", tok=tok)[1][0] == chat[0]
+    assert trained_runs(tok, chat[0]) == [f"Two.<|im_end|>{EOS}"]
+
+
+def test_message_keys_and_roles_map_any_names(tmp_path):
+    tok, chat = encode(tmp_path, [{"messages": OPENAI}])
+    names = {"system": "instructions", "user": "customer", "assistant": "agent"}
+    odd = [{"speaker": names[m["role"]], "text": m["content"]} for m in OPENAI]
+    keys = {"role": "speaker", "content": "text"}
+    roles = {"instructions": "system", "customer": "user", "agent": "assistant"}
+    assert encode(tmp_path, [{"messages": odd}], tok=tok, message_keys=keys, roles=roles)[1][0] == chat[0]
+    # axolotl's direction: a template role -> the data's names
+    axolotl = {"system": ["instructions"], "user": ["customer", "client"], "assistant": ["agent"]}
+    assert DataConfig(format="chat", path="x.jsonl", roles=axolotl).roles == {**roles, "client": "user"}
+    assert encode(tmp_path, [{"messages": odd}], tok=tok, message_keys=keys, roles=axolotl)[1][0] == chat[0]
+
+
+def test_an_unknown_role_is_one_line_naming_the_line_the_role_and_the_mapping(tmp_path):
+    records = [{"messages": OPENAI}, {"messages": [*OPENAI[:2], {"role": "bot", "content": "Two."}]}]
+    path = tmp_path / "d.jsonl"
+    with pytest.raises(LisaError) as e:
+        encode(tmp_path, records, roles={"ai": "assistant", "human": "user"})
+    assert str(e.value) == (f"{path}:2: message 2 has role 'bot' (expected system, user or assistant, or a name "
+                            "data.roles maps: ai: assistant, human: user)")
+    mapped = encode(tmp_path, records, roles={"bot": "assistant"})[1]
+    assert mapped[1] == mapped[0]
+    with pytest.raises(LisaError) as e:
+        encode(tmp_path, [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]}],
+               "sharegpt", roles={"ai": "assistant"})
+    assert str(e.value) == (f"{path}:1: turn 1 is from 'bot' (expected system, human, user, gpt, assistant, model, "
+                            "or a name data.roles maps: ai: assistant)")
+    with pytest.raises(LisaError) as e:
+        encode(tmp_path, [{"messages": [{"speaker": "user", "text": "Hi"}]}], message_keys={"role": "who"})
+    assert str(e.value) == f"{path}:1: message 0 has no 'who' (data.message_keys.role; its keys: speaker, text)"
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"roles": {"bot": "robot"}}, "data.roles: bot: 'robot' is not a role of the chat template (system, user, "
+                                  "assistant, tool)"),
+    ({"roles": {"robot": ["bot"]}}, "data.roles: robot: a list maps names to a template role, and 'robot' is not "
+                                    "one (system, user, assistant, tool)"),
+    ({"message_keys": {"text": "value"}}, "data.message_keys: 'text' is not a message part (role, content)"),
+    ({"format": "alpaca", "roles": {"bot": "assistant"}}, "data: roles is for formats chat and sharegpt, not "
+                                                          "'alpaca'"),
+])
+def test_bad_mappings_are_one_line_naming_the_field(options, message):
+    with pytest.raises(LisaError) as e:
+        DataConfig.build(**{"format": "chat", "path": "x.jsonl", **options})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sharegpts_top_level_system_is_the_system_message(tmp_path):
+    turns = [{"from": "human", "value": "What is 2?"}, {"from": "gpt", "value": "Two."}]
+    tok, train = encode(tmp_path, [{"system": "Be brief.", "conversations": turns}], "sharegpt",
+                        system_prompt="Be verbose.")
+    assert train[0] == encode(tmp_path, [{"messages": OPENAI}], tok=tok)[1][0]
+    # a system turn of the conversation itself wins over the field, which wins over data.system_prompt
+    own = [{"from": "system", "value": "Be brief."}, *turns]
+    assert encode(tmp_path, [{"system": "Be verbose.", "conversations": own}], "sharegpt", tok=tok)[1] == train
+    assert tok.decode(encode(tmp_path, [{"conversations": turns}], "sharegpt", tok=tok, system_prompt="Be brief.")[1][0]
+                      ["input_ids"]) == tok.decode(train[0]["input_ids"])
+
+
+# ---- tools ----------------------------------------------------------------------------------------------------
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function') | map(attribute='name') "
+    "| join(', ') }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c['function']['name'] }} "
+    "{{ c['function']['arguments'] | tojson }}</call>{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+OPENAI_TOOLS = {"tools": [{"type": "function", "function": WEATHER}],
+                "messages": [{"role": "user", "content": "Weather in Paris?"},
+                             {"role": "assistant", "content": None, "tool_calls": [
+                                 {"type": "function", "function": {"name": "get_weather",
+                                                                   "arguments": {"city": "Paris"}}}]},
+                             {"role": "tool", "content": "18C", "tool_call_id": "1"},
+                             {"role": "assistant", "content": "18 degrees."}]}
+# LLaMA-Factory's ShareGPT with tools: function_call / observation turns, the schemas as a JSON string
+LLAMA_FACTORY_TOOLS = {"tools": json.dumps([WEATHER]),
+                       "conversations": [{"from": "human", "value": "Weather in Paris?"},
+                                         {"from": "function_call",
+                                          "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+                                         {"from": "observation", "value": "18C"},
+                                         {"from": "gpt", "value": "18 degrees."}]}
+
+
+def test_tool_turns_are_rendered_by_the_template_and_carry_no_loss(tmp_path):
+    tok, train = encode(tmp_path, [OPENAI_TOOLS], chat_template=TOOL_TEMPLATE)
+    text = tok.decode(train[0]["input_ids"])
+    assert text.startswith("<|im_start|>system\nTools: get_weather<|im_end|>\n<|im_start|>user\n")
+    assert "<|im_start|>tool\n18C<|im_end|>" in text
+    assert trained_runs(tok, train[0]) == ['<call>get_weather {"city": "Paris"}</call><|im_end|>',
+                                           f"18 degrees.<|im_end|>{EOS}"]
+    _, factory = encode(tmp_path, [LLAMA_FACTORY_TOOLS], "sharegpt", chat_template=TOOL_TEMPLATE)
+    assert factory[0] == train[0]
+
+
+def test_a_template_that_drops_tools_is_one_line(tmp_path):
+    with pytest.raises(LisaError) as e:
+        encode(tmp_path, [OPENAI_TOOLS])  # the test ChatML template renders content only
+    assert str(e.value) == (f"{tmp_path / 'd.jsonl'}:1: the tokenizer's chat template does not render the record's "
+                            "tools (function 'get_weather' is not in its rendering); use a template with tool support "
+                            "(data.chat_template)")
+    # a tool turn in a conversation without tools is refused as the unknown role it then likely is
+    with pytest.raises(LisaError, match=r":1: message 1 has role 'tool' \(expected system, user or assistant\)$"):
+        encode(tmp_path, [{"messages": [OPENAI[1], {"role": "tool", "content": "2"}, OPENAI[2]]}])
+    with pytest.raises(LisaError, match=r":1: turn 1 is a function_call but not a JSON call"):
+        bad = dict(LLAMA_FACTORY_TOOLS, conversations=[LLAMA_FACTORY_TOOLS["conversations"][0],
+                                                       {"from": "function_call", "value": "get_weather(Paris)"}])
+        encode(tmp_path, [bad], "sharegpt", chat_template=TOOL_TEMPLATE)

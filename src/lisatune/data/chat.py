@@ -83,7 +83,8 @@ def _tools(loc: str, rec: dict) -> list[dict] | None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise LisaError(f"{loc}: 'tools' is not a list of tool schemas (JSON objects)")
-    return tools
+    # LLaMA-Factory writes a bare function schema; templates read the OpenAI form {"type": "function", "function"}.
+    return [{"type": "function", "function": t} if "name" in t and "function" not in t else t for t in tools]
 
 
 def _tool_calls(loc: str, what: str, value: str) -> list[dict]:
