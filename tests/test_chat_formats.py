@@ -232,3 +232,38 @@ def test_a_template_that_drops_tools_is_one_line(tmp_path):
         bad = dict(LLAMA_FACTORY_TOOLS, conversations=[LLAMA_FACTORY_TOOLS["conversations"][0],
                                                        {"from": "function_call", "value": "get_weather(Paris)"}])
         encode(tmp_path, [bad], "sharegpt", chat_template=TOOL_TEMPLATE)
+
+
+# ---- LLaMA-Factory's alpaca system and history ----------------------------------------------------------------
+
+HISTORY = {"system": "Be brief.", "history": [["What is 2?", "Two."]], "instruction": "And 3?", "output": "Three."}
+
+
+def test_alpaca_system_and_history_are_the_conversation_before_the_instruction(tmp_path):
+    conversation = [*OPENAI, {"role": "user", "content": "And 3?"}, {"role": "assistant", "content": "Three."}]
+    tok, chat = encode(tmp_path, [{"messages": conversation}])
+    _, alpaca = encode(tmp_path, [HISTORY], "alpaca", tok=tok)
+    assert alpaca[0] == chat[0]  # every response trains, as LLaMA-Factory's default (mask_history false)
+    assert trained_runs(tok, alpaca[0]) == ["Two.<|im_end|>", f"Three.<|im_end|>{EOS}"]
+
+
+def test_alpaca_system_and_history_without_a_chat_template(tmp_path):
+    tok, train = encode(tmp_path, [HISTORY], "alpaca", tok=tiny_tokenizer(chat=False))
+    pieces = [("Be brief.\n\n### Instruction:\nWhat is 2?\n\n### Response:\n", False), ("Two.", True),
+              ("\n\n### Instruction:\nAnd 3?\n\n### Response:\n", False), ("Three.", True)]
+    expected = []
+    for text, trained in pieces:
+        expected += [(i, i if trained else IGNORE) for i in ids(tok, text)] + ([(tok.eos_token_id,) * 2] if trained
+                                                                                else [])
+    assert list(zip(train[0]["input_ids"], train[0]["labels"])) == expected
+
+
+@pytest.mark.parametrize("history,message", [
+    ([["What is 2?"]], "history[0] is not a pair [instruction, response] of strings"),
+    ([["What is 2?", "Two."], ["a", 3]], "history[1] is not a pair [instruction, response] of strings"),
+    ("What is 2?", "'history' is not a list of [instruction, response] pairs (got str)"),
+])
+def test_a_history_entry_that_is_not_a_pair_is_one_line(tmp_path, history, message):
+    with pytest.raises(LisaError) as e:
+        encode(tmp_path, [{"instruction": "a", "output": "b"}, dict(HISTORY, history=history)], "alpaca")
+    assert str(e.value) == f"{tmp_path / 'd.jsonl'}:2: {message}"
