@@ -267,3 +267,54 @@ def test_a_history_entry_that_is_not_a_pair_is_one_line(tmp_path, history, messa
     with pytest.raises(LisaError) as e:
         encode(tmp_path, [{"instruction": "a", "output": "b"}, dict(HISTORY, history=history)], "alpaca")
     assert str(e.value) == f"{tmp_path / 'd.jsonl'}:2: {message}"
+
+
+# ---- split slices ---------------------------------------------------------------------------------------------
+
+ROWS = [{"instruction": f"Add {a} and 1.", "output": f"The answer is {a + 1}."} for a in range(10)]
+
+
+def test_split_slices_select_rows_of_files_saved_datasets_and_dataset_dicts(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from lisatune.data import data_fingerprint
+    tok = tiny_tokenizer(chat=True)
+    whole, _ = load_splits(DataConfig(format="alpaca", path=write_jsonl(tmp_path / "a.jsonl", ROWS)), tok)
+    ds = Dataset.from_list(ROWS)
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    DatasetDict({"train": ds.select(range(6)), "test": ds.select(range(6, 10))}).save_to_disk(str(tmp_path / "dict"))
+    for path in ["a.jsonl", "a.parquet", "saved"]:
+        def rows(split):
+            return load_splits(DataConfig(format="alpaca", path=str(tmp_path / path), split=split), tok)[0]
+        assert rows("train[:3]") == whole[:3], path
+        assert rows("train[80%:]") == whole[8:], path
+        assert rows("train[-2:]") == whole[8:], path
+        cfg = DataConfig(format="alpaca", path=str(tmp_path / path))
+        assert data_fingerprint(cfg.model_copy(update={"split": "train[:3]"})) != data_fingerprint(cfg)
+        assert data_fingerprint(cfg.model_copy(update={"split": "train[:4]"})) != data_fingerprint(
+            cfg.model_copy(update={"split": "train[:3]"}))
+    saved = str(tmp_path / "dict")
+    assert load_splits(DataConfig(format="alpaca", path=saved, split="train[:2]+test[50%:]"), tok)[0] == \
+        whole[:2] + whole[8:]
+    train, val = load_splits(DataConfig(format="alpaca", path=saved, val_path=saved, val_split="test[:1]"), tok)
+    assert train == whole[:6] and val == whole[6:7]
+
+
+@pytest.mark.parametrize("path,split,message", [
+    ("a.jsonl", "test[:2]", "data.split 'test[:2]': Unknown split \"test\". Should be one of ['train']. ('PATH' is "
+                            "one split, train; the syntax is the datasets library's, e.g. train[:8], train[10%:], "
+                            "train+test)"),
+    ("a.jsonl", "train[1:2:3]", "data.split 'train[1:2:3]': Unrecognized instruction format: train[1:2:3] ('PATH' "
+                                "is one split, train;"),
+    ("a.jsonl", "train[5:2]", "PATH: data.split 'train[5:2]' selects no record"),
+    ("dict", "validation[:2]", "data.split 'validation[:2]': Unknown split \"validation\". Should be one of "
+                               "['train']. ('PATH' has splits train;"),
+])
+def test_a_bad_split_is_one_line_naming_data_split(tmp_path, path, split, message):
+    from datasets import Dataset, DatasetDict
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(LisaError) as e:
+        load_splits(DataConfig(format="alpaca", path=str(tmp_path / path), split=split), tiny_tokenizer(chat=True))
+    assert message.replace("PATH", str(tmp_path / path)) in str(e.value) and "\n" not in str(e.value)

@@ -5,6 +5,10 @@
     a directory              written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
     anything else            a Hugging Face Hub dataset name, through `datasets.load_dataset`
 Records of a `datasets` source are located as `source[row]` in errors.
+
+data.split (data.val_split) takes the `datasets` split syntax everywhere: `train[:8]`, `train[10%:]`, `train+test`.
+A Hub dataset reads it itself; a saved DatasetDict is sliced here; a single file or a saved Dataset is one split,
+train (validation too, for data.val_path, its default), so only its slices apply.
 """
 from __future__ import annotations
 
@@ -43,12 +47,16 @@ def read_source(path: str, option: str, fmt: str, split: str, columns: dict[str,
     """(location, record) pairs of `path`, records keyed by the format's field names."""
     p = Path(path).expanduser()
     if p.suffix.lower() in OWN_READER:
-        return [(loc, _rename(loc, rec, fmt, columns)) for loc, rec in read_records(path, option)]
+        records = read_records(path, option)
+        records = [r for start, stop in one_split(len(records), path, option, split) for r in records[start:stop]]
+        if not records:
+            raise LisaError(f"{path}: {split_option(option)} '{split}' selects no record")
+        return [(loc, _rename(loc, rec, fmt, columns)) for loc, rec in records]
     if p.is_file():
         if p.suffix.lower() not in FILE_BUILDERS:
             raise LisaError(f"{option} '{path}': unknown file type '{p.suffix}' (expected "
                             f"{', '.join(sorted(FILE_SUFFIXES - {'.txt'}))}, a dataset directory or a Hub name)")
-        ds, name = _load_file(p, option), path
+        ds, name = _sliced(_load_file(p, option), path, option, split), path
     elif p.is_dir():
         ds, name = _load_dir(p, path, option, split)
     elif p.suffix.lower() in FILE_SUFFIXES or not HUB_NAME.match(path):
@@ -57,11 +65,49 @@ def read_source(path: str, option: str, fmt: str, split: str, columns: dict[str,
         ds, name = _load_hub(path, option, split), f"{path}:{split}"
     _check_columns(ds, name, fmt, columns)
     if len(ds) == 0:
+        if is_slice(split):
+            raise LisaError(f"{name}: {split_option(option)} '{split}' selects no record")
         raise LisaError(f"{name}: the dataset is empty")
     back = {col: field for field, col in columns.items()}  # dataset column -> format field
     # A field comes only from its mapped column (a column of the field's own name is then left out).
     return [(f"{name}[{i}]", {back.get(k, k): v for k, v in row.items() if k in back or k not in columns})
             for i, row in enumerate(ds)]
+
+
+DEFAULT_SPLIT = {"data.path": "train", "data.val_path": "validation"}
+
+
+def split_option(option: str) -> str:
+    return {"data.path": "data.split", "data.val_path": "data.val_split"}.get(option, "data.split")
+
+
+def is_slice(split: str) -> bool:
+    return "[" in split or "+" in split
+
+
+def _absolute(split: str, sizes: dict[str, int], option: str, where: str) -> list[tuple[str, int, int]]:
+    """datasets' split syntax as (split, start, stop) over splits of `sizes` rows, or one line naming the option."""
+    from datasets import ReadInstruction
+    try:
+        return [(a.splitname, a.from_, a.to) for a in ReadInstruction.from_spec(split).to_absolute(sizes)]
+    except (ValueError, AssertionError) as e:
+        raise LisaError(f"{split_option(option)} '{split}': {first_line(e)} ({where}; the syntax is the datasets "
+                        "library's, e.g. train[:8], train[10%:], train+test)") from None
+
+
+def one_split(n: int, path: str, option: str, split: str) -> list[tuple[int, int]]:
+    """The row ranges `split` selects of a source that is one split (a single file, a saved Dataset): all of it for
+    the option's default split name, else datasets' syntax over the one split, named train."""
+    if split == DEFAULT_SPLIT.get(option, "train"):
+        return [(0, n)]
+    return [(a, b) for _, a, b in _absolute(split, {"train": n}, option, f"'{path}' is one split, train")]
+
+
+def _sliced(ds: Dataset, path: str, option: str, split: str) -> Dataset:
+    ranges = one_split(len(ds), path, option, split)
+    if ranges == [(0, len(ds))]:
+        return ds
+    return ds.select([i for a, b in ranges for i in range(a, b)])
 
 
 def _rename(loc: str, rec: Any, fmt: str, columns: dict[str, str]) -> Any:
@@ -128,13 +174,17 @@ def _load_dir(p: Path, path: str, option: str, split: str) -> tuple[Dataset, str
     except Exception as e:
         raise LisaError(f"{option} '{path}' is a directory but not one written by save_to_disk "
                         f"({first_line(e, cause=True)})") from None
-    from datasets import DatasetDict
+    from datasets import DatasetDict, concatenate_datasets
     if isinstance(ds, DatasetDict):
+        if is_slice(split):
+            parts = _absolute(split, {k: len(v) for k, v in ds.items()}, option,
+                              f"'{path}' has splits {', '.join(ds)}")
+            return concatenate_datasets([ds[name].select(range(a, b)) for name, a, b in parts]), f"{path}:{split}"
         if split not in ds:
             raise LisaError(f"{option} '{path}' has no split '{split}' (splits: {', '.join(ds)}); "
                             "set data.split / data.val_split (lisatune eval: --split)")
         return ds[split], f"{path}:{split}"
-    return ds, path
+    return _sliced(ds, path, option, split), path
 
 
 def read_hub_fingerprint(path: str, option: str, split: str) -> str:

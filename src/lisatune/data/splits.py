@@ -14,7 +14,7 @@ from .config import DataConfig
 from .formats import FORMATS
 from .gsm import encode_items, gsm_eval_items, gsm_train_items
 from .pack import pack
-from .sources import read_hub_fingerprint, read_source
+from .sources import DEFAULT_SPLIT, read_hub_fingerprint, read_source
 from .text import load_text, read_paragraphs
 
 log = logging.getLogger("lisatune.data")
@@ -106,6 +106,10 @@ def source_digest(path: str, option: str, split: str) -> str:
     rewritten or added shard counts); a Hub dataset's split by the datasets library's own fingerprint of it."""
     p = Path(path).expanduser()
     h = hashlib.sha256()
+    if split != DEFAULT_SPLIT.get(option, "train") and (p.is_file() or p.is_dir()):
+        # the part of the source read (a slice, another split) is data too; the default adds nothing, so
+        # fingerprints stored before this stay valid
+        h.update(f"split:{split}\0".encode())
     try:
         if p.is_file():
             _hash_file(h, p)
