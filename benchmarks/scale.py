@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from lisatune.analysis.plan import GIB, Plan, Setting, parse_method, plan_memory
+from lisatune.analysis.plan import GIB, MemoryPlan, Setting, parse_setting, plan_memory
 from lisatune.cli import main
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
@@ -34,8 +34,8 @@ REPORTED = {"lisa": 52.1, "lora": 34.6}
 
 
 @functools.cache
-def plan(model: str, spec: str, setting: Setting = BASE) -> Plan:
-    return plan_memory(model, parse_method(spec, setting))
+def plan(model: str, spec: str, setting: Setting = BASE) -> MemoryPlan:
+    return plan_memory(model, parse_setting(spec, setting))
 
 
 def run(command: str) -> str:
@@ -77,7 +77,7 @@ def targets() -> str:
     p = {spec: plan("Llama-3.1-8B", spec) for spec in QUANT_SPECS}
     lora, qlora = p["lora"], p["qlora"]
 
-    def row(target: str, q: Plan, against: str, limit: int, total_limit: int | None = None, strict=False) -> str:
+    def row(target: str, q: MemoryPlan, against: str, limit: int, total_limit: int | None = None, strict=False) -> str:
         def ok(v, lim):
             return "**met**" if (v < lim if strict else v <= lim) else "not met"
         total_limit = limit if total_limit is None else total_limit
@@ -112,7 +112,7 @@ def targets() -> str:
     return "\n".join(lines) + "\n\n" + targets_after(p, one)
 
 
-def targets_after(p: dict[str, Plan], one: Plan) -> str:
+def targets_after(p: dict[str, MemoryPlan], one: MemoryPlan) -> str:
     lora, frozen, eight = p["lora"], p["lisa:embed_head=false,frozen=nf4"], p["lisa:eh_state=8bit,frozen=nf4"]
     # a step whose chunks held at most 256 MiB of fp32 gradient, splitting larger tensors into row blocks (not
     # built): its transient, one chunk's fp32 gradients and foreach moment, at most 2 x 256 MiB

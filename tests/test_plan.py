@@ -20,7 +20,7 @@ from lisatune.methods import build_method
 from lisatune.methods.full import MasterAdamW
 from lisatune.recipe.meter import (ActivationMeter, AllocationMeter, checkpointed_blocks, grad_bytes,
                                    optimizer_state_bytes, unique_bytes, weight_bytes)
-from lisatune.analysis.plan import (ALLOCATOR_SLACK, CUBLAS_WORKSPACE, CUDA_CONTEXT, GIB, Setting, parse_method,
+from lisatune.analysis.plan import (ALLOCATOR_SLACK, CUBLAS_WORKSPACE, CUDA_CONTEXT, GIB, Setting, parse_setting,
                                     parse_size, plan_memory)
 from lisatune.analysis.shapes import PARAMS, SHAPES, shape_config
 from lisatune.analysis.tiny import tiny_config
@@ -467,9 +467,9 @@ def test_bad_inputs_are_one_line_errors(capsys):
     with pytest.raises(LisaError, match="gamma 5 exceeds the model's 4 blocks"):
         planned("llama", "lisa", gamma=5)
     with pytest.raises(LisaError, match="galore"):
-        parse_method("galore", Setting())
+        parse_setting("galore", Setting())
     with pytest.raises(LisaError, match="gamma"):
-        parse_method("lisa:gama=3", Setting())
+        parse_setting("lisa:gama=3", Setting())
     assert main(["plan", "--gpu", "24 gigs"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lisatune: error: --gpu '24 gigs'") and err.count("\n") == 1
@@ -522,7 +522,7 @@ def test_qlora_plans_like_peft_on_a_bitsandbytes_nf4_base(dtype):
     from lisatune.quant import quantize_linears
     precision = "fp32" if dtype == torch.float32 else "bf16"
     m = measure(quantize_linears(real("llama", dtype), "nf4"), SPECS["lora"][0])
-    p = plan_memory(config("llama"), parse_method("qlora", Setting(batch=B, seq=S, attention="eager",
+    p = plan_memory(config("llama"), parse_setting("qlora", Setting(batch=B, seq=S, attention="eager",
                                                                    precision=precision)))
     assert p.label == "QLoRA r=16"
     assert_same(p, m)
@@ -533,11 +533,11 @@ def test_qlora_plans_like_peft_on_a_bitsandbytes_nf4_base(dtype):
 
 def test_method_specs_and_flags_for_quantized_rows(capsys):
     base = Setting()
-    assert parse_method("qlora:r=64", base) == replace(base, method="lora", lora_r=64, lora_base="nf4")
-    assert parse_method("lora:base=int8", base).label == "LoRA r=16 (int8 base)"
-    s = parse_method("lisa:embed_head=false,frozen=nf4", base)
+    assert parse_setting("qlora:r=64", base) == replace(base, method="lora", lora_r=64, lora_base="nf4")
+    assert parse_setting("lora:base=int8", base).label == "LoRA r=16 (int8 base)"
+    s = parse_setting("lisa:embed_head=false,frozen=nf4", base)
     assert s.label == "LISA 2L (E/H frozen, nf4 frozen blocks)"
-    assert parse_method("lisa:embed_head_state=8bit,frozen_weights=int8", base).label == \
+    assert parse_setting("lisa:embed_head_state=8bit,frozen_weights=int8", base).label == \
         "LISA E+H+2L (8-bit E/H state, int8 frozen blocks)"
     for spec, msg in [("lisa:frozen=nf3", "frozen 'nf3' is not one of full, int8, nf4"),
                       ("lisa:eh_state=4bit", "eh_state '4bit' is not one of fp32, 8bit"),
@@ -545,7 +545,7 @@ def test_method_specs_and_flags_for_quantized_rows(capsys):
                       ("lisa:eh_state=8bit,embed_head=false", "eh_state=8bit is the state of the embedding"),
                       ("qlora:frozen=nf4", "key of qlora (r, base)"), ("lisa:frozen=4", "frozen = '4' is not a name")]:
         with pytest.raises(LisaError, match=re.escape(msg)) as e:
-            parse_method(spec, base)
+            parse_setting(spec, base)
         assert "\n" not in str(e.value)
     args = parser().parse_args(["plan", "--model", "SmolLM2-135M", "--method", "lisa", "lora", "--seq", "64",
                                 "--eh-state", "8bit", "--frozen", "nf4", "--lora-base", "nf4", "--json"])

@@ -78,6 +78,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..engine import Masters, find_layers
+from ..engine.masters import ALIGN, CHUNK_BYTES
 from ..engine.layers import decoder_of
 from ..errors import LisaError
 from ..methods import build_method
@@ -166,6 +167,7 @@ class Setting:
     state_policy: str = "drop"  # LISA: a frozen block's state dropped, kept on the device, or offloaded to the host
     world: int = 1  # DDP processes (data parallel: each holds everything, plus DDP's gradient buckets if > 1)
     device: str = "cuda"  # cuda: foreach AdamW, the device allowance; cpu: single-tensor AdamW, no allowance
+    step_chunk: int | None = None  # bf16-mixed: the master step's byte cap (engine Masters(chunk_bytes)); None: none
 
     @property
     def label(self) -> str:
@@ -195,6 +197,8 @@ class Setting:
             raise LisaError(f"plan: batch {self.batch} x seq {self.seq}: need batch >= 1 and seq >= 2")
         if self.world < 1:
             raise LisaError(f"plan: world {self.world}: need >= 1 processes")
+        if self.step_chunk is not None and self.step_chunk < 4 * ALIGN:
+            raise LisaError(f"plan: step_chunk {self.step_chunk} bytes: need at least {4 * ALIGN}")
         if self.lora_r < 1 or self.gamma < 0:
             raise LisaError(f"plan: lora r={self.lora_r}, gamma={self.gamma}: need r >= 1 and gamma >= 0")
         if self.method == "lisa" and self.gamma == 0 and not self.embed_head:
@@ -219,7 +223,7 @@ _SPEC_TYPES = {"lora_r": (int, "an integer"), "gamma": (int, "an integer"), "emb
                "state_policy": (str, "a name")}
 
 
-def parse_method(spec: str, base: Setting) -> Setting:
+def parse_setting(spec: str, base: Setting) -> Setting:
     """"full", "lora", "lora:r=128", "lora:base=nf4" (= "qlora"), "lisa:gamma=4", "lisa:gamma=0,embed_head=false",
     "lisa:eh_state=8bit", "lisa:frozen=nf4", "lisa:state_policy=offload" over `base`."""
     name, _, rest = spec.partition(":")
@@ -241,7 +245,7 @@ def parse_method(spec: str, base: Setting) -> Setting:
     return replace(base, **changes).check()
 
 
-def load_config(model: str | PretrainedConfig) -> tuple[str, PretrainedConfig]:
+def model_config_for(model: str | PretrainedConfig) -> tuple[str, PretrainedConfig]:
     """(name, config) of a built-in shape, a model directory, a config.json, or a config object."""
     if isinstance(model, PretrainedConfig):
         return type(model).__name__.removesuffix("Config"), copy.deepcopy(model)
@@ -260,7 +264,7 @@ def load_config(model: str | PretrainedConfig) -> tuple[str, PretrainedConfig]:
 
 # -- one plan -------------------------------------------------------------------------------------
 @dataclass
-class Plan:
+class MemoryPlan:
     label: str
     setting: dict
     params: int  # the model's own parameters (LoRA's adapters not included)
@@ -464,40 +468,45 @@ def _fwd_bwd_peak(m: nn.Module, activations: int, by_block: list[int], loss_held
     return max(peak, held + made + bottom)
 
 
-def _adamw_temporary(tensors: list[nn.Parameter], moment: dict[int, int], device: str) -> int:
-    """The bytes torch's AdamW allocates beyond its state while it steps the tensors of one group at once."""
-    if not tensors:
+def _adamw_temporary(sizes: list[int], device: str) -> int:
+    """The bytes torch's AdamW allocates beyond its state while it steps tensors (or slices) of one moment's
+    `sizes` bytes each, of one group, at once."""
+    if not sizes:
         return 0
     if device == "cuda":  # foreach: sqrt(exp_avg_sq) of every tensor, then divided and added to in place
-        return sum(moment[id(p)] for p in tensors)
+        return sum(sizes)
     # single-tensor: sqrt(exp_avg_sq) and its quotient by the bias correction, while the previous tensor's
     # quotient (`denom`) is still bound
-    sizes = [moment[id(p)] for p in tensors]
     return max(2 * m + prev for m, prev in zip(sizes, [0] + sizes[:-1]))
 
 
-def _step_transient(prep: _Prepared, moment: dict[int, int], device: str, chunked: bool) -> int:
-    """The optimizer step's transient. chunked (fp32 masters): engine/masters.py's chunks, each with the fp32
-    copy of its gradients and the optimizer's temporary for its tensors; else the largest group's temporary."""
-    def temporary(groups: dict[int, list[nn.Parameter]]) -> int:  # one optimizer.step() over `groups`
-        return max((_adamw_temporary(ps, moment, device) for i, ps in groups.items() if i >= prep.n8), default=0)
+def _step_transient(prep: _Prepared, moment: dict[int, int], device: str, chunked: bool,
+                    cap: int | None = None) -> int:
+    """The optimizer step's transient. chunked (fp32 masters): engine/masters.py's chunks of Masters.budget
+    (the largest trained tensor's fp32 size, or `cap` if smaller; a tensor over it in slices: AdamW and AdamW8bit
+    are elementwise), each with the fp32 copy of its gradients and the optimizer's temporary for its tensors;
+    else the largest group's temporary."""
+    def temporary(groups: dict[int, list[int]]) -> int:  # one optimizer.step() over `groups` (moment bytes)
+        return max((_adamw_temporary(sizes, device) for i, sizes in groups.items() if i >= prep.n8), default=0)
 
     if not chunked:
-        return temporary(dict(enumerate(prep.ordered)))
+        return temporary({i: [moment[id(p)] for p in g] for i, g in enumerate(prep.ordered)})
+    tensors = [(i, p) for i, g in enumerate(prep.ordered) for p in g]
+    budget = Masters.budget(tensors, cap)
     worst = 0
-    for chunk in Masters.chunks([(i, p) for i, g in enumerate(prep.ordered) for p in g]):
-        groups: dict[int, list[nn.Parameter]] = {}
-        for i, p in chunk:
-            groups.setdefault(i, []).append(p)
-        worst = max(worst, sum(4 * p.numel() for _, p in chunk) + temporary(groups))
+    for chunk in Masters.chunks(Masters.pieces(tensors, budget, lambda i, p: True), budget):
+        groups: dict[int, list[int]] = {}
+        for i, p, a, b in chunk:
+            groups.setdefault(i, []).append(moment[id(p)] * (b - a) // p.numel())
+        worst = max(worst, sum(4 * (b - a) for _, _, a, b in chunk) + temporary(groups))
     return worst
 
 
-def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
+def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     """Predict one training step's memory for `setting` on `model` (a shape name, directory, config.json or
     config), phase by phase, running the real forward and backward on the meta device."""
     s = setting.check()
-    _, config = load_config(model)
+    _, config = model_config_for(model)
     prep = _prepare(_build(config, s), s)
     m, groups = prep.model, prep.groups
     trainable = list({id(p): p for g in groups + [prep.eight_bit] for p in g}.values())
@@ -539,7 +548,7 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
                  for b in prep.frozen_blocks for p in b.parameters()) if s.method == "lisa" else 0
     kept, offloaded = (parked if s.state_policy == "keep" else 0), (parked if s.state_policy == "offload" else 0)
     state += kept
-    step_transient = _step_transient(prep, moment, s.device, chunked=masters > 0)
+    step_transient = _step_transient(prep, moment, s.device, chunked=masters > 0, cap=s.step_chunk)
     # quantized linears: bitsandbytes' bytes in place of the meta model's full-precision weights
     weights = (weight_bytes(m, meta=True) - unique_bytes([q.weight for q in prep.quantized], meta=True)
                + sum(quantized_linear_bytes(q.out_features, q.in_features, kind) for q in prep.quantized))
@@ -560,7 +569,7 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> Plan:
     step = static + grads + step_transient
     peak = max(fwd_bwd, step)  # the switch starts at static + grads, never above the step
     own = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
-    return Plan(label=s.label, setting=asdict(s), params=own,
+    return MemoryPlan(label=s.label, setting=asdict(s), params=own,
                 trainable=sum(p.numel() for p in trainable), weights=weights,
                 grads=grads, masters=masters, state=state, activations=meter.bytes,
                 loss_held=loss_held, loss_transient=loss_transient, recompute=recompute, step_transient=step_transient, buckets=buckets, static=static,
@@ -614,19 +623,19 @@ def _levers(s: Setting) -> list[tuple[str, dict]]:
 
 
 def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: dict | None = None,
-                 max_plans: int = 24, reserve: int | None = None) -> list[tuple[str, Plan]]:
+                 max_plans: int = 24, reserve: int | None = None) -> list[tuple[str, MemoryPlan]]:
     """Changes to `s` under which the planner predicts a total (tensor peak + device allowance, or + `reserve`
     when given) within `budget` bytes: each single lever that fits; if none, pairs, then all levers together;
     then the largest smaller batch that fits (alone and with all levers). At most `max_plans` plans are computed."""
     cache = {} if cache is None else cache
 
-    def run(ch: dict) -> Plan:
+    def run(ch: dict) -> MemoryPlan:
         key = tuple(sorted(ch.items()))
         if key not in cache:
             cache[key] = plan_memory(model, replace(s, **ch))
         return cache[key]
 
-    def fits(p: Plan) -> bool:
+    def fits(p: MemoryPlan) -> bool:
         return p.peak + (p.allowance if reserve is None else reserve) <= budget
 
     def valid(ch: dict) -> bool:  # e.g. 8-bit E/H state with E/H frozen is no setting
@@ -637,7 +646,7 @@ def alternatives(model: str | PretrainedConfig, s: Setting, budget: int, cache: 
             return False
 
     levers = _levers(s)
-    found: list[tuple[str, Plan]] = []
+    found: list[tuple[str, MemoryPlan]] = []
     for k in (1, 2):
         for combo in combinations(levers, k):
             if len(cache) >= max_plans:
@@ -689,8 +698,8 @@ def _setting_line(name: str, params: int, s: Setting) -> str:
             f"{s.device}{ddp}")
 
 
-def markdown(name: str, plans: list[Plan], budget: int | None = None, reserve: int | None = None,
-             alts: dict[str, list[tuple[str, Plan]]] | None = None) -> str:
+def markdown(name: str, plans: list[MemoryPlan], budget: int | None = None, reserve: int | None = None,
+             alts: dict[str, list[tuple[str, MemoryPlan]]] | None = None) -> str:
     """One table, a row per method, in GiB (MiB if every total is under 1 GiB): the parts, the phases, the tensor
     peak, the device allowance beside it (or the --reserve held back), the total, and host memory."""
     unit = GIB if max(p.total for p in plans) >= GIB else MIB
@@ -757,10 +766,10 @@ def run_plan(model: str, specs: list[str], base: Setting, gpu: str | None = None
              reserve: str | None = None) -> dict:
     """Plans for every method spec; with `gpu`, whether each fits (tensor peak + device allowance, or + `reserve`
     when given: a fixed size held back in its place, as before the allowance) and, if not, the alternatives."""
-    name, config = load_config(model)
+    name, config = model_config_for(model)
     budget = parse_size(gpu) if gpu else None
     res = parse_size(reserve, "--reserve", zero=True) if reserve is not None else None
-    settings = [parse_method(spec, base) for spec in specs]
+    settings = [parse_setting(spec, base) for spec in specs]
     plans = [plan_memory(config, s) for s in settings]
     alts = {}
     if budget:
