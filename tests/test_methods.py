@@ -6,7 +6,7 @@ from peft.tuners.lora import LoraLayer
 
 from helpers import batches, tiny_model
 from lisatune import LisaAdamW, LisaConfig, LisaError, find_layers
-from lisatune.methods import (METHODS, GaloreOptions, LisaRecipe, LoraOptions, block_linears, build_method,
+from lisatune.methods import (METHODS, GaloreOptions, LisaOptions, LoraOptions, block_linears, build_method,
                               default_targets)
 
 X = batches(1, seed=3)[0]  # one fixed batch: every method should overfit it
@@ -197,19 +197,19 @@ def test_lora_optimizer_needs_the_prepared_model():
 def test_options_are_validated_into_their_models():
     assert build_method("lora", {"r": 4}).options == LoraOptions(r=4)
     assert build_method("galore", GaloreOptions(rank=16)).options.rank == 16
-    assert build_method("lisa", {"gamma": 3, "K": 7}).options == LisaRecipe(n_layers=3, interval=7)
-    assert build_method("lisa", None).options == LisaRecipe()
+    assert build_method("lisa", {"gamma": 3, "K": 7}).options == LisaOptions(n_layers=3, interval=7)
+    assert build_method("lisa", None).options == LisaOptions()
     engine = LisaConfig(n_layers=3)
     assert build_method("lisa", engine).options is engine  # the engine's own config is kept as given
     assert set(METHODS) == {"full", "lora", "galore", "lisa"}
 
 
 def test_lisa_recipe_defaults_and_the_paper_defaults_of_the_engine():
-    recipe, paper = LisaRecipe(), LisaConfig()
+    recipe, paper = LisaOptions(), LisaConfig()
     assert (recipe.embed_head_lr, paper.embed_head_lr) == (0.1, None)
     assert {k: v for k, v in recipe.model_dump().items() if k != "embed_head_lr"} == \
         {k: v for k, v in paper.model_dump().items() if k != "embed_head_lr"}
-    assert LisaRecipe(embed_head_lr=None).model_dump() == paper.model_dump()
+    assert LisaOptions(embed_head_lr=None).model_dump() == paper.model_dump()
     model = tiny_model("llama", 2)
     opt = build_method("lisa", {"n_layers": 1}).optimizer(model, lr=1e-2, weight_decay=0.0)
     assert [g["lr"] for g in opt.param_groups[:2]] == [pytest.approx(1e-3)] * 2  # embedding/head, norms

@@ -29,7 +29,8 @@ log = logging.getLogger("lisatune")
 class Backend:
     """How `lisatune train` runs on several processes: what happens before the optimizer exists (prepare), the
     module training calls (wrap), and what the backend supports. A new backend is a subclass here plus its entry
-    in BACKENDS; the config's choices, the recipe's checks and the loop read them."""
+    in BACKENDS and its line in the run config's light table (recipe/config.py DISTRIBUTED, which loads without
+    torch; tests/test_config.py holds the two equal)."""
     name: ClassVar[str]
     fused_loss: ClassVar[bool] = True  # the head + cross-entropy over chunks runs through its module
     whole_model: ClassVar[bool] = True  # every rank holds the whole model (lm-eval tasks can run on one)

@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LisaError
+from .units import check_n_layers
 
 POLICIES = ("uniform", "bernoulli", "weighted", "cyclic")
 
@@ -23,6 +24,7 @@ class Sampler:
         if policy not in POLICIES:
             raise LisaError(f"policy '{policy}' is not one of {', '.join(POLICIES)}")
         self.n_units, self.n_active, self.policy, self.seed = n_units, n_active, policy, int(seed)
+        check_n_layers(n_active, n_units if policy != "bernoulli" or probabilities is None else None)
         self.p = None
         if policy == "bernoulli":
             # Algorithm 1 in its general form; without probabilities, its uniform form γ/N_L.
@@ -32,8 +34,6 @@ class Sampler:
                 bad = int(np.argmax(self.p > 1))
                 raise LisaError(f"probabilities[{bad}] = {self.p[bad]} is outside [0, 1]")
         else:
-            if not 1 <= n_active <= n_units:
-                raise LisaError(f"n_layers (γ) = {n_active} must be between 1 and the {n_units} sampleable units")
             if policy == "weighted":
                 if probabilities is None:
                     raise LisaError("policy 'weighted' needs probabilities (one weight per layer)")

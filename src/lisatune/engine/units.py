@@ -3,7 +3,7 @@
 By default each transformer block is one sampled unit. With `units="module"` each block's direct submodules that
 hold a matrix (attention and MLP in a Llama block) are units of their own, and γ counts them; a block's other
 parameters (its norms) belong to every unit of the block, so they train while any of them is active. With
-`sample_embed_head` the embedding and head are one more unit. γ is checked against the model here.
+`sample_embed_head` the embedding and head are one more unit. γ is bounded here, the one place (check_n_layers).
 """
 from __future__ import annotations
 
@@ -56,9 +56,21 @@ def build_units(lm: LayerMap, cfg: LisaConfig) -> Units:
         units.names.append("embed_head")
         units.params.append(list(eh))
         units.block.append(None)
-    if cfg.policy != "bernoulli" and cfg.n_layers > len(units):
-        found = (f"{lm.n_blocks} transformer blocks found at {lm.blocks_path}" if cfg.units == "block" else
-                 f"{len(units) - cfg.sample_embed_head} block submodules (units: module) found at {lm.blocks_path}")
-        raise LisaError(f"n_layers (γ) = {cfg.n_layers} exceeds the {found}"
-                        + (" (+1 embed_head unit)" if cfg.sample_embed_head else ""))
+    found = (f"{lm.n_blocks} transformer blocks found at {lm.blocks_path}" if cfg.units == "block" else
+             f"{len(units) - cfg.sample_embed_head} block submodules (units: module) found at {lm.blocks_path}")
+    # bernoulli with its own probabilities draws a random number of units: γ is then only >= 1
+    check_n_layers(cfg.n_layers, len(units) if cfg.policy != "bernoulli" or cfg.probabilities is None else None,
+                   found + (" (+1 embed_head unit)" if cfg.sample_embed_head else ""))
     return units
+
+
+def check_n_layers(n_layers: int, n_units: int | None, found: str | None = None) -> None:
+    """γ's one bound, wherever it is given (the run config, LisaAdamW's arguments, a Sampler): 1 <= γ <= the units
+    there are to sample (`n_units`; None: no upper bound). `found` says what they are, for the message."""
+    if n_layers >= 1 and (n_units is None or n_layers <= n_units):
+        return
+    if n_units is None:
+        raise LisaError(f"n_layers (γ) = {n_layers} must be >= 1")
+    over = n_layers > n_units and found is not None  # a model's units: name what was found
+    raise LisaError(f"n_layers (γ) = {n_layers} {'exceeds the' if over else 'must be between 1 and the'} "
+                    f"{found or f'{n_units} sampleable units'}")

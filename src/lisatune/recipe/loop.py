@@ -20,7 +20,6 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, set_seed
-from pydantic import BaseModel
 
 from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
 from .meter import PhaseMemory
@@ -30,10 +29,11 @@ from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync
 from ..distributed.launch import BACKENDS
 from ..errors import LisaError
 from ..integrations import harness
-from ..methods import Method, build_method
+from ..methods import METHODS, Method
 from ..schema import os_reason
 from .allocator import release_freed_memory
 from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .evaluate import eval_loss, gsm_accuracy
 from .loss import pick_loss, standard_loss
 from .metrics import Metrics, NoMetrics, check_sinks
@@ -94,7 +94,7 @@ def lr_schedule(optimizer, kind: str, warmup: int, total: int,
 @dataclass
 class Run:
     """Everything one training run holds, set up once by `setup` and advanced by `train_step`."""
-    cfg: BaseModel
+    cfg: TrainConfig
     dir: Path
     device: torch.device
     world: int
@@ -132,7 +132,7 @@ class Run:
         return collate(examples, self.tokenizer.pad_token_id, self.device, self.flat)
 
 
-def train(cfg: BaseModel) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Run (or resume, or report the finished) training run `cfg`; returns its summary."""
     # From the first line: a signal while the model loads or the first eval runs is a clean stop too.
     with StopRequest() as stop, console():
@@ -169,7 +169,7 @@ def train(cfg: BaseModel) -> dict:
 
 
 # -- setup --------------------------------------------------------------------------------------------
-def setup(cfg: BaseModel) -> Run | dict:
+def setup(cfg: TrainConfig) -> Run | dict:
     """Processes, run directory, model, data, method, optimizer, schedule, loss, checkpoint: in that order."""
     t = cfg.train
     if t.release_memory:
@@ -192,6 +192,7 @@ def setup(cfg: BaseModel) -> Run | dict:
                                               option="train.eval_include_path", **task_code(t)))
 
     mixed = t.precision == "bf16-mixed"
+    use_tf32(accelerator.device, t)
     model, tokenizer = load_model(cfg.model.model_copy(update={"dtype": "bf16"}) if mixed else cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer)
     check_positions(model, train_set + val_set, cfg.data.max_length, "data.max_length")
@@ -200,7 +201,7 @@ def setup(cfg: BaseModel) -> Run | dict:
                         f"fewer than train.batch_size={t.batch_size}" + (f" × {world} processes" if world > 1 else ""))
     gsm_items = gsm_eval_items(cfg.data)[: t.gsm_eval_samples] if cfg.data.format == "gsm" else []
 
-    method = build_method(cfg.method, cfg.method_options())
+    method = METHODS[cfg.method](cfg.method_options(), t)  # its typed section and the train options, as they are
     model = method.prepare(model)
     if mode != "none":  # ddp/fsdp: on the device (fsdp: sharded) before the optimizer exists
         model = prepare_model(mode, model.to(accelerator.device))
@@ -209,8 +210,7 @@ def setup(cfg: BaseModel) -> Run | dict:
     if resume_from is not None:  # the active set drawn at construction is not the run's: the resume line says it
         log.addFilter(no_switch_log)
     try:
-        optimizer = method.optimizer(model, t.lr, t.weight_decay, t.betas, t.eps, master_weights=mixed,
-                                     device=accelerator.device if mode == "none" else None)
+        optimizer = method.optimizer(model, master_weights=mixed, device=accelerator.device if mode == "none" else None)
     finally:
         log.removeFilter(no_switch_log)
     # After the optimizer has frozen what it does not train: FSDP2 sets itself up at its first forward (this
@@ -245,6 +245,18 @@ def setup(cfg: BaseModel) -> Run | dict:
     run.metrics = Metrics(run.dir, t.sinks(), resume_step=run.step if resume_from else None,
                           config=cfg.model_dump(mode="json")) if rank == 0 else NoMetrics()
     return run
+
+
+def use_tf32(device: torch.device, t) -> bool:
+    """fp32 runs on CUDA multiply on TF32 tensor cores (train.tf32, on by default), as torch's own fp32 default does
+    not: about 10 bits of mantissa in the products, accumulated in fp32, several times the fp32 matmul speed.
+    Whether it was turned on."""
+    on = device.type == "cuda" and t.precision == "fp32" and t.tf32
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = True  # what set_float32_matmul_precision("high") also sets
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+    return on
 
 
 def choose_loss(run: Run) -> Callable:

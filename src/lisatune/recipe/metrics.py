@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import LisaError
+from ..options import SINKS  # train.report_to's choices; metrics.jsonl is always written
 from ..schema import is_number, os_reason
 from .files import open_append, write_atomic
-
-SINKS = ("tensorboard", "wandb")  # train.report_to's choices; metrics.jsonl is always written
 
 
 def _rows(text: str) -> list[dict]:

