@@ -318,3 +318,14 @@ def test_a_bad_split_is_one_line_naming_data_split(tmp_path, path, split, messag
     with pytest.raises(LisaError) as e:
         load_splits(DataConfig(format="alpaca", path=str(tmp_path / path), split=split), tiny_tokenizer(chat=True))
     assert message.replace("PATH", str(tmp_path / path)) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_split_slice_selects_paragraphs_of_a_text_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("What is the sum of two and three?\n\nThe answer is five.\n\nWrite a haiku.\n")
+    tok = tiny_tokenizer(chat=False)
+    first, _ = load_splits(DataConfig(format="text", path=str(path), split="train[:1]", max_length=8), tok)
+    text = tok.decode([i for e in first for i in e["input_ids"]])
+    assert text.startswith("What is the sum") and "answer" not in text
+    with pytest.raises(LisaError, match=r"t\.txt: data\.split 'train\[3:\]' selects no paragraph$"):
+        load_splits(DataConfig(format="text", path=str(path), split="train[3:]"), tok)

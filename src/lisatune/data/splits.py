@@ -14,16 +14,20 @@ from .config import DataConfig
 from .formats import FORMATS
 from .gsm import encode_items, gsm_eval_items, gsm_train_items
 from .pack import pack
-from .sources import DEFAULT_SPLIT, read_hub_fingerprint, read_source
+from .sources import DEFAULT_SPLIT, one_split, read_hub_fingerprint, read_source, split_option
 from .text import load_text, read_paragraphs
 
 log = logging.getLogger("lisatune.data")
 
 
 def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]:
-    if cfg.format == "text" and path.endswith(".txt"):
-        return load_text(read_paragraphs(path, option), tokenizer, cfg.max_length, path)
     split = cfg.split if option == "data.path" else cfg.val_split
+    if cfg.format == "text" and path.endswith(".txt"):  # one split of paragraphs, sliced as a single file's rows
+        docs = read_paragraphs(path, option)
+        docs = [d for start, stop in one_split(len(docs), path, option, split) for d in docs[start:stop]]
+        if not docs:
+            raise LisaError(f"{path}: {split_option(option)} '{split}' selects no paragraph")
+        return load_text(docs, tokenizer, cfg.max_length, path)
     records = read_source(path, option, cfg.format, split, cfg.columns)
     return FORMATS[cfg.format].load(records, tokenizer, cfg, path)
 
