@@ -2,8 +2,9 @@
 
 A switch hook on one optimizer instance (attach_frozen_weights: at once, at each switch and after
 load_state_dict), registered by whoever builds the optimizer (LisaAdamW): every nn.Linear
-of a frozen block is replaced in its parent by a bitsandbytes Linear8bitLt (int8, threshold 0) or Linear4bit
-(nf4) built from its high-precision weight; an active block gets its original nn.Linear back, with the same
+of a frozen block is replaced in its parent by a FrozenInt8Linear (bitsandbytes' int8 weight with fp32 row
+scales, computing x @ dequant(W).T on every device) or a bitsandbytes Linear4bit (nf4) built from its
+high-precision weight; an active block gets its original nn.Linear back, with the same
 Parameter objects the optimizer holds, so it trains exactly as with `full`. The high-precision copies live in
 host memory (`FrozenWeights.host`: parameter name -> CPU tensor): a frozen weight's data is its host copy, and
 an active one's is copied back to it when it freezes (on CPU the two are one tensor, so nothing is saved there;
@@ -14,13 +15,12 @@ touched: state_bytes() is the same as with `full`.
 """
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine import LisaOptimizer, find_layers
+from ..engine.parking import to_param
 from ..errors import LisaError
 
 
@@ -52,11 +52,6 @@ def quantized_weight(bnb, w: torch.Tensor, kind: str, device: torch.device) -> n
     else:
         q = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
     return q.to(device)
-
-
-def requantize(w: torch.Tensor, kind: str, device: torch.device) -> nn.Parameter:
-    """quantized_weight without a module object to carry (a partial of it stays deep-copyable)."""
-    return quantized_weight(_bitsandbytes(kind), w, kind, device)
 
 
 def quantized_module(cls: type, lin: nn.Linear, kind: str, dtype: torch.dtype) -> nn.Module:
@@ -92,8 +87,41 @@ def quantize_linears(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-class _FullStateDict:
-    """A frozen quantized linear whose state dict is its high-precision weight (the Parameter LISA trains)."""
+def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An int8 weight with fp32 row scales (bitsandbytes' CB, SCB) in `dtype`: each row times its scale / 127,
+    rounded once (bitsandbytes' int8_vectorwise_dequant up to one fp32 rounding: it multiplies by the scale, then
+    by 1/127). Built in place in `dtype`, never fp32 first: the transient a frozen int8 linear adds while it runs
+    is out x in values of `dtype`, plus an fp32 scale per row."""
+    return cb.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+
+
+class Int8DequantLinear(torch.autograd.Function):
+    """y = x @ dequant(W).T + b, with the input gradient through the same dequantized weight and no weight
+    gradient (the weight is frozen). Nothing of x is kept: backward needs only W, which dequantizes again."""
+
+    @staticmethod
+    def forward(ctx, x, cb, scb, bias):
+        ctx.save_for_backward(cb, scb)  # the weight itself, not a copy: no activation memory
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, dequantize_int8(cb, scb, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cb, scb = ctx.saved_tensors
+        gx = grad.matmul(dequantize_int8(cb, scb, grad.dtype)) if ctx.needs_input_grad[0] else None
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        return gx, None, None, gb
+
+
+class _Frozen:
+    """A frozen quantized linear: its weight is quantized from `lisa_full` (the high-precision Parameter LISA
+    trains, on the host) onto `lisa_device`, and its state dict is that full weight."""
+    kind: str
+
+    def quantize(self) -> None:
+        """The one quantize path: when its block freezes, and when a state dict is loaded into it."""
+        self.weight = quantized_weight(_bitsandbytes(self.kind), self.__dict__["lisa_full"], self.kind,
+                                       self.__dict__["lisa_device"])
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         full = self.__dict__["lisa_full"]
@@ -116,7 +144,30 @@ class _FullStateDict:
                 continue
             with torch.no_grad():
                 target.copy_(value)  # into the host copy
-        self.weight = self.__dict__["lisa_quantize"](self.__dict__["lisa_full"])
+        self.quantize()
+
+
+class FrozenInt8Linear(_Frozen, nn.Module):
+    """A frozen block's linear held in int8 (bitsandbytes' Int8Params: int8 values and an fp32 scale per output
+    row, the bytes quant/sizes.py counts), computing x @ dequant(W).T + b on every device and in train and eval
+    mode. Not bitsandbytes' Linear8bitLt: its matmul quantizes the activations to int8 on CUDA (and on CPU in
+    eval mode), and dequantizes the weight on CPU in train mode, so CPU runs neither carried over to CUDA nor
+    evaluated what they trained. The price is a transient per call, forward and backward: the dequantized weight
+    (out x in values of the input's dtype), freed when the matmul returns."""
+    kind = "int8"
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.register_parameter("weight", None)  # set by quantize()
+        self.register_parameter("bias", lin.bias)  # frozen, kept as it is
+        self.train(lin.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Int8DequantLinear.apply(x, self.weight, self.weight.SCB, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class FrozenWeights:
@@ -127,9 +178,9 @@ class FrozenWeights:
         sharded = next((n for b in opt.layers.blocks for n, p in b if hasattr(p, "to_local")), None)
         if sharded:
             raise LisaError(f"lisa.frozen_weights: {kind} does not support FSDP2 (sharded) parameters ({sharded})")
-        self.bnb = _bitsandbytes(kind)
-        base = self.bnb.nn.Linear8bitLt if kind == "int8" else self.bnb.nn.Linear4bit
-        self._cls = type(f"Frozen{base.__name__}", (_FullStateDict, base), {})
+        bnb = _bitsandbytes(kind)  # (refused here, before any block changes, when it is missing)
+        self._cls = FrozenInt8Linear if kind == "int8" else \
+            type("FrozenLinear4bit", (_Frozen, bnb.nn.Linear4bit), {"kind": "nf4"})
         self.host: dict[str, torch.Tensor] = {}  # parameter name -> high-precision weight, on the host
         self._device: dict[str, torch.device] = {}  # where each weight computes (default: where it is now)
         self._linears: list[list[tuple[nn.Module, str, nn.Linear, str]]] = []  # per block: parent, attr, linear
@@ -154,20 +205,17 @@ class FrozenWeights:
     def quantized_blocks(self) -> list[int]:
         return sorted(self._quantized)
 
-    def _quantize(self, name: str, w: torch.Tensor) -> nn.Parameter:
-        return quantized_weight(self.bnb, w, self.kind, self._device[name])
-
     def _freeze(self, i: int) -> None:
         for parent, attr, lin, name in self._linears[i]:
             w = lin.weight
             self.host[name] = host = w.detach().to("cpu")  # its trained weights (the same tensor on CPU)
             w.data = host  # the device copy is freed
-            q = quantized_module(self._cls, lin, self.kind, w.dtype)
+            q = self._cls(lin) if self.kind == "int8" else quantized_module(self._cls, lin, self.kind, w.dtype)
             q.__dict__["lisa_full"] = w  # not registered: the model's parameters are the quantized ones
-            # a partial, not a method of self: a reference from the model back here would be a cycle that keeps
+            # plain values, nothing of self: a reference from the model back here would be a cycle that keeps
             # every block alive after `del model, opt` until the garbage collector runs
-            q.__dict__["lisa_quantize"] = functools.partial(requantize, kind=self.kind, device=self._device[name])
-            q.weight = self._quantize(name, host)
+            q.__dict__["lisa_device"] = self._device[name]
+            q.quantize()
             setattr(parent, attr, q)
         self._quantized.add(i)
 
@@ -181,10 +229,8 @@ class FrozenWeights:
             if m is not None and m.device != w.device:
                 m.data = m.data.to(w.device)
             st = opt.state.get(m if m is not None else w)
-            if st:
-                for k, v in st.items():
-                    if torch.is_tensor(v) and k != "step" and v.device != w.device:
-                        st[k] = v.to(w.device)
+            for k, v in (st or {}).items():
+                st[k] = to_param(w, k, v)  # `step` stays where torch keeps it
         self._quantized.discard(i)
 
     def sync(self, opt: LisaOptimizer) -> None:
@@ -196,16 +242,10 @@ class FrozenWeights:
                 self._freeze(i)
 
 
-def _not_cast_note(record: logging.LogRecord) -> bool:
-    # Int8 matmuls cast fp32/bf16 inputs to fp16 by design; bitsandbytes logs that on every call.
-    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-
-
 def attach_frozen_weights(opt: LisaOptimizer, kind: str, device: torch.device | str | None = None) -> FrozenWeights:
     """Hold `opt`'s frozen blocks quantized from now on: synced at once, at every switch and after loading; with
     `device`, quantized straight onto it from wherever the weights are (the host), never whole there in full."""
     fw = FrozenWeights(opt, kind, device)
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_cast_note)  # (once: filters are a set)
     fw.sync(opt)
     opt.register_switch_hook(fw.sync)
     return fw

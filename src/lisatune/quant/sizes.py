@@ -25,7 +25,8 @@ def nf4_bytes(out_features: int, in_features: int) -> int:
 
 
 def int8_bytes(out_features: int, in_features: int) -> int:
-    """A Linear8bitLt's int8 weight: one int8 per value and an fp32 scale per output row (SCB)."""
+    """An int8 weight (bitsandbytes' Int8Params, in a frozen block's FrozenInt8Linear or a Linear8bitLt): one int8
+    per value and an fp32 scale per output row (SCB)."""
     return out_features * in_features + 4 * out_features
 
 
