@@ -329,3 +329,13 @@ def test_a_split_slice_selects_paragraphs_of_a_text_file(tmp_path):
     assert text.startswith("What is the sum") and "answer" not in text
     with pytest.raises(LisaError, match=r"t\.txt: data\.split 'train\[3:\]' selects no paragraph$"):
         load_splits(DataConfig(format="text", path=str(path), split="train[3:]"), tok)
+
+
+def test_a_template_that_fails_on_a_record_is_one_line_naming_the_record_and_the_template(tmp_path):
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                 "supported\nat all') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(LisaError) as e:
+        encode(tmp_path, [{"messages": OPENAI[1:]}, {"messages": OPENAI}], chat_template=no_system)
+    assert str(e.value) == (f"{tmp_path / 'd.jsonl'}:2: data.chat_template failed (TemplateError: System role not "
+                            "supported)")

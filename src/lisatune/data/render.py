@@ -6,7 +6,7 @@ response tokens are exactly what the model has to produce after it.
 """
 from __future__ import annotations
 
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 
 IGNORE = -100  # label of tokens that carry no loss (torch's cross-entropy ignore_index)
 # Used when the tokenizer has no chat template (base models).
@@ -28,7 +28,7 @@ def _chat(tokenizer, messages: list[dict], generation_prompt: bool, loc: str, to
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja errors, e.g. a template that rejects a 'system' role
-        raise LisaError(f"{loc}: the tokenizer's chat template failed ({type(e).__name__}: {e})") from None
+        raise LisaError(f"{loc}: {template_name(tokenizer)} failed ({type(e).__name__}: {first_line(e)})") from None
 
 
 def render_prompt(tokenizer, question: str) -> str:
