@@ -25,6 +25,7 @@ from lisatune.analysis.plan import (ALLOCATOR_SLACK, CUBLAS_WORKSPACE, CUDA_CONT
 from lisatune.analysis.shapes import PARAMS, SHAPES, shape_config
 from lisatune.analysis.tiny import tiny_config
 from lisatune.engine import Masters, decay_groups
+from lisatune.engine.masters import ALIGN
 from lisatune.cli import main
 from lisatune.errors import LisaError
 from lisatune.recipe.loss import fused_loss, held_hidden_grads, standard_loss
@@ -313,6 +314,28 @@ def test_the_step_transient_is_what_foreach_adamw_allocates_chunk_by_chunk(preci
             assert p.step_transient <= 8 * largest
         else:  # one moment of the largest group, far more than one tensor's
             assert p.step_transient == 4 * max(sum(q.numel() for q in g["params"]) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("method", ["full", "lisa"])
+def test_a_capped_master_step_plans_what_the_sliced_step_allocates(method):
+    """With a cap below the largest trained tensor (the embedding/head, 96 x 32), the engine steps it in slices;
+    the planner walks the same pieces: its step transient equals the allocator's, below the uncapped one."""
+    cap = 4 * 4 * ALIGN  # 1,024 fp32 values: the 3,072-value embedding and head in three slices each
+    model = real("llama", torch.bfloat16)
+    opt = (MasterAdamW(model, lr=1e-3, foreach=True) if method == "full" else
+           LisaAdamW(model, n_layers=2, interval=5, master_weights=True, optimizer_kwargs={"foreach": True}))
+    opt._masters.chunk_bytes = cap  # the engine's Masters(chunk_bytes)
+    ids = torch.randint(0, 96, (B, S))
+    for _ in range(2):
+        fused_loss(model, ids, None, ids).backward()
+        with AllocationMeter() as alloc:
+            opt.step()
+        opt.zero_grad()
+    p = planned("llama", method, precision="bf16-mixed", step_chunk=cap)
+    # beyond the plan only scalars: each slice's copy of its tensor's step counter and foreach's bias corrections
+    assert 0 <= alloc.peak - p.step_transient <= 256
+    assert p.step_transient <= 2 * cap < planned("llama", method, precision="bf16-mixed").step_transient
+    assert p.step == p.static + p.grads + p.step_transient
 
 
 def test_the_planner_chunks_as_the_engine_does():

@@ -19,7 +19,8 @@ from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
 from ..recipe.meter import token_batches
 from .norms import run_norms
-from .plan import DEVICES, EH_STATES, PRECISIONS, STATE_POLICIES, WEIGHTS, Setting, run_plan, to_json
+from .plan import (DEVICES, EH_STATES, PRECISIONS, STATE_POLICIES, WEIGHTS, Setting, parse_size, run_plan,
+                   to_json)
 from .shapes import SHAPES
 from .speed import bench_speed
 
@@ -92,7 +93,8 @@ def cmd_plan(args) -> int:
     base = Setting(precision=precision, batch=args.batch, seq=args.seq, checkpointing=args.checkpointing == "on",
                    loss=args.loss, attention=args.attention, lora_r=args.lora_r, lora_base=args.lora_base,
                    gamma=args.gamma, embed_head=not args.no_embed_head, eh_state=args.eh_state, frozen=args.frozen,
-                   state_policy=args.state_policy, world=args.world, device=args.device)
+                   state_policy=args.state_policy, world=args.world, device=args.device,
+                   step_chunk=parse_size(args.step_chunk, "--step-chunk") if args.step_chunk else None)
     r = run_plan(args.model, args.method, base, args.gpu, args.reserve)
     print(to_json(r) if args.json else r["markdown"], end="")
     return 0
@@ -183,6 +185,9 @@ def register(subparsers) -> None:
     pl.add_argument("--device", choices=list(DEVICES), default="cuda",
                     help="cuda (default): foreach AdamW's step temporaries and the device allowance (CUDA context, "
                          "cuBLAS workspaces, allocator slack); cpu: single-tensor AdamW, no allowance")
+    pl.add_argument("--step-chunk", metavar="SIZE",
+                    help="bf16-mixed: the master step's cap on the fp32 gradients it holds at once, a tensor above it "
+                         "stepped in slices (e.g. 256MiB; default: none, one largest trained tensor)")
     pl.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     pl.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
     pl.add_argument("--checkpointing", choices=["off", "on"], default="off", help="gradient checkpointing of every block")

@@ -97,6 +97,7 @@ SPECS = ("full", "lora", "qlora", "lisa")  # qlora: lora with an nf4 base
 WEIGHTS = ("full", "int8", "nf4")  # how quantizable linears are held: as they are, or by bitsandbytes
 EH_STATES = ("fp32", "8bit")
 STATE_POLICIES = ("drop", "keep", "offload")  # LISA: where a frozen block's optimizer state waits
+STEP_CHUNK_KEY = "train.step_chunk_mib"  # the config key that sets the engine's Masters(chunk_bytes)
 DEVICES = ("cuda", "cpu")  # the step's AdamW kernel (foreach / single-tensor) and whether the allowance applies
 
 # The device allowance: device memory a CUDA run holds beyond its tensors. Public figures, to be calibrated from
@@ -596,6 +597,8 @@ def parse_size(text: str, what: str = "--gpu", zero: bool = False) -> int:
 def _levers(s: Setting) -> list[tuple[str, dict]]:
     """Single changes that lower memory, most usual first, each named by the config keys that make it."""
     out = []
+    if s.precision == "bf16-mixed" and s.step_chunk is None:  # no cost but a few more kernel launches
+        out.append((f"{STEP_CHUNK_KEY}: {CHUNK_BYTES // MIB}", {"step_chunk": CHUNK_BYTES}))
     if not s.checkpointing:
         out.append(("model.gradient_checkpointing: true", {"checkpointing": True}))
     if s.loss == "standard":
@@ -693,6 +696,8 @@ def _gib(v: int) -> str:
 
 def _setting_line(name: str, params: int, s: Setting) -> str:
     ddp = f", DDP over {s.world} processes (per process)" if s.world > 1 else ""
+    if s.step_chunk is not None and s.precision == "bf16-mixed":
+        ddp = f", master step in {_gib(s.step_chunk)} chunks" + ddp
     return (f"{name} ({params / 1e9:.2f}B params): batch {s.batch} x {s.seq} tokens, {s.precision}, "
             f"checkpointing {'on' if s.checkpointing else 'off'}, {s.loss} loss, {s.attention} attention, "
             f"{s.device}{ddp}")
