@@ -91,3 +91,22 @@ def test_fp32_on_cuda_uses_tf32_unless_turned_off(matmul_precision, device, over
     t = load_config(None, overrides).train
     assert use_tf32(torch.device(device), t) is on
     assert torch.get_float32_matmul_precision() == ("high" if on else "highest")
+
+
+def test_lisatune_config_lists_every_key_with_its_default_and_help(capsys):
+    from lisatune.cli import main
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    listed = {ln.split(" = ")[0]: ln for ln in out.splitlines() if " = " in ln and not ln.startswith(" ")}
+    sections = {n: f.annotation for n, f in TrainConfig.model_fields.items()}
+    keys = [f"{s}.{k}" if hasattr(a, "model_fields") else s for s, a in sections.items()
+            for k in (a.model_fields if hasattr(a, "model_fields") else [None])]
+    assert list(listed) == keys
+    assert listed["lisa.n_layers"].split()[2] == "2" and "γ" in listed["lisa.n_layers"]
+    assert "(cosine | linear | constant)" in listed["train.schedule"]
+    helpless = [k for k, ln in listed.items() if len(ln.split("  ")) < 2 and not k.startswith("data.")]
+    assert helpless == []  # every key of lisatune's own sections says what it is (data: lisatune.data's)
+    assert main(["config", "lisa", "--aliases"]) == 0
+    lisa = capsys.readouterr().out
+    assert lisa.startswith("lisa.n_layers = 2") and "lisa_activated_layers" in lisa
+    assert all(ln.startswith(("lisa.", " ")) for ln in lisa.splitlines())

@@ -1,7 +1,9 @@
-"""`lisatune train | eval | generate | bench | norms | plan | study | data`: a light front door over the library.
+"""`lisatune train | eval | config | generate | bench | norms | plan | study | data`: a light front door over the library.
 
 `lisatune --help` imports no torch: each subcommand lives in a module that registers its arguments
 (`register(subparsers)`) and imports the library, and that module is imported only when its subcommand runs.
+A module may register a light parser whose `func` names what runs as "module:function" (train, eval: their
+`--help` imports no torch either); that module is imported only then.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from .schema import OneLineParser, os_reason
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 # subcommand -> (the module that registers and runs it, its line in `lisatune --help`)
 COMMANDS = {
-    "train": ("lisatune.recipe.commands", "fine-tune a model from a YAML config (none: the embedded SmolLM2 default)"),
-    "eval": ("lisatune.recipe.commands", "eval loss / perplexity (and GSM exact match), or lm-eval tasks, of a model"),
+    "train": ("lisatune.recipe.arguments", "fine-tune a model from a YAML config (none: the embedded SmolLM2 default)"),
+    "eval": ("lisatune.recipe.arguments", "eval loss / perplexity (and GSM exact match), or lm-eval tasks, of a model"),
+    "config": ("lisatune.recipe.arguments", "every key of the run config with its default and one line of help"),
     "generate": ("lisatune.recipe.generate", "complete a prompt, or chat over stdin, with a model"),
     "bench": ("lisatune.analysis.commands", "measure memory or speed of the fine-tuning methods"),
     "norms": ("lisatune.analysis.commands", "layerwise weight norms of LoRA vs full FT -> LISA probabilities"),
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     front, _ = _parser({n: h for n, (_, h) in COMMANDS.items()})
     command = front.parse_known_args(argv)[0].command  # --help, no or an unknown subcommand: answered here
     args = build_parser(command).parse_args(argv)
+    if isinstance(args.func, str):  # "module:function", imported now that it runs
+        module, _, name = args.func.partition(":")
+        args.func = getattr(importlib.import_module(module), name)
     configure_logging(args.log_level, args.quiet)
     try:
         return args.func(args)

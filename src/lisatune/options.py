@@ -33,31 +33,38 @@ class LisaConfig(Options):
 
     # γ and K; the aliases are ModelScope SWIFT's names for the same settings.
     # Strict ints: a YAML `true` is not 1.
-    n_layers: StrictInt = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"))
-    interval: StrictInt = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"))
+    n_layers: StrictInt = Field(2, validation_alias=AliasChoices("n_layers", "gamma", "lisa_activated_layers"),
+        description="γ: the units (blocks) trained at a time, drawn again every `interval` steps")
+    interval: StrictInt = Field(20, validation_alias=AliasChoices("interval", "K", "lisa_step_interval"),
+        description="K: optimizer steps between two draws of the active units")
     policy: Literal["uniform", "bernoulli", "weighted", "cyclic"] = "uniform"
-    # Per-layer probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file.
-    probabilities: list[Number] | str | None = None  # each finite, not a boolean; ranges: the sampler
-    seed: StrictInt = Field(0, ge=0)
-    train_embedding: bool = True
-    train_head: bool = True
+    # each finite, not a boolean; ranges: the sampler
+    probabilities: list[Number] | str | None = Field(None,
+        description="per-unit probabilities (bernoulli) or weights (weighted): a list, or a .json/.yaml/.txt file")
+    seed: StrictInt = Field(0, ge=0,
+        description="seed of the draws (each a pure function of seed and switch: every rank and resume agree)")
+    train_embedding: bool = Field(True, description="train the embedding at every step (the always-on set)")
+    train_head: bool = Field(True, description="train the output head at every step (the always-on set)")
     train_norm: bool = True  # the final norm and any other non-block language-model parameter
     sample_embed_head: bool = False  # embedding+head become one more sampled unit instead of always on
     # What the sampler draws: whole blocks, or each block's matrix-holding submodules (attention, MLP) as units
     # of their own; γ counts units either way. A block's norms train while any of its units is active.
-    units: Literal["block", "module"] = "block"
+    units: Literal["block", "module"] = Field("block",
+        description="what is sampled: whole blocks, or each block's attention and MLP as units of their own")
     train_other: bool = False  # parameters outside the language model (e.g. a vision tower)
-    state_policy: Literal["drop", "offload", "keep"] = "drop"
+    state_policy: Literal["drop", "offload", "keep"] = Field("drop",
+        description="the optimizer state of a unit that freezes: dropped, offloaded to the host, or kept")
     blocks_path: str | None = None  # dotted path to the block list, walked through registered submodules
-    # A multiplier of the run's lr for the always-on set (groups 0 and 1); None or 1.0: the same lr.
-    embed_head_lr: float | None = None
-    # Optimizer steps over which a block activated at a switch ramps its lr up (0: none); at most interval.
-    activation_warmup: StrictInt = 0
-    # Optimizer state of the always-on set (groups 0, 1): fp32 AdamW, or 8-bit blockwise AdamW (bitsandbytes).
-    embed_head_state: Literal["fp32", "8bit"] = "fp32"
-    # How frozen blocks' nn.Linear weights are held: as they are, or quantized (bitsandbytes; held by LisaAdamW,
-    # which attaches the quantization to its instance: the engine alone holds weights as given).
-    frozen_weights: Literal["full", "int8", "nf4"] = "full"
+    # groups 0 and 1; 1.0 is the same as None
+    embed_head_lr: float | None = Field(None,
+        description="a multiplier of train.lr for the always-on set (embedding, head, norms); null: train.lr")
+    activation_warmup: StrictInt = Field(0,
+        description="steps over which a newly activated unit ramps its lr up (0: none; at most interval)")
+    embed_head_state: Literal["fp32", "8bit"] = Field("fp32",
+        description="the always-on set's AdamW state: fp32, or 8-bit blockwise (bitsandbytes)")
+    # Held by LisaAdamW, which attaches the quantization to its instance: the engine alone holds weights as given.
+    frozen_weights: Literal["full", "int8", "nf4"] = Field("full",
+        description="frozen blocks' linear weights as they are, or quantized to int8 / nf4 (bitsandbytes)")
 
     @model_validator(mode="before")
     @classmethod
@@ -117,26 +124,31 @@ class LisaOptions(LisaConfig):
     `embed_head_lr: null` (or 1.0) is the paper's LISA, the engine's own default."""
     # A tenth of the lr for the embedding, head and norms: the one mechanism of study 4 that helped on both tasks
     # (docs/results.md).
-    embed_head_lr: float | None = 0.1
+    embed_head_lr: float | None = Field(0.1,
+        description="a multiplier of train.lr for the always-on set (embedding, head, norms); null: train.lr")
 
 
 class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    r: StrictInt = Field(8, ge=1)
-    alpha: StrictInt = Field(16, ge=1)  # the update is scaled by alpha / r
-    dropout: Number = Field(0.0, ge=0.0, lt=1.0)
-    # peft semantics: module names matched by suffix (e.g. "q_proj"). None: every linear layer in the blocks.
-    target_modules: list[str] | None = None
+    r: StrictInt = Field(8, ge=1, description="the adapters' rank")
+    # the update is scaled by alpha / r
+    alpha: StrictInt = Field(16, ge=1, description="the update is scaled by alpha / r")
+    dropout: Number = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    # peft's semantics
+    target_modules: list[str] | None = Field(None,
+        description="module names matched by suffix (e.g. q_proj); null: every linear layer in the blocks")
 
 
 class GaloreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rank: StrictInt = Field(128, ge=1)
+    rank: StrictInt = Field(128, ge=1,
+        description="the rank of the gradient's projection (matrices not larger than it train with plain AdamW)")
     update_proj_gap: StrictInt = Field(200, ge=1)  # optimizer steps between SVDs of the gradient
-    scale: Number = Field(0.25, gt=0)
-    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    scale: Number = Field(0.25, gt=0, description="the projected update's scale")
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = Field("std",
+        description="which side(s) of the gradient the projection acts on")
 
 
 class TrainOptions(BaseModel):
@@ -144,70 +156,84 @@ class TrainOptions(BaseModel):
     YAML `true` is not 1, `4.0` is not 4); a bad value is one line naming it."""
     model_config = ConfigDict(extra="forbid")
 
-    output_dir: str = "runs/default"
-    seed: StrictInt = Field(0, ge=0)
-    lr: Number = Field(1e-4, gt=0)
-    weight_decay: Number = Field(0.0, ge=0)
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    eps: Number = Field(1e-8, gt=0)
-    batch_size: StrictInt = Field(4, ge=1)
-    grad_accum: StrictInt = Field(1, ge=1)
+    output_dir: str = Field("runs/default",
+        description="the run directory: checkpoints, metrics.jsonl, final/ (the trained model)")
+    seed: StrictInt = Field(0, ge=0,
+        description="seed of the data order and the model's initialisation of new parameters")
+    lr: Number = Field(1e-4, gt=0, description="the peak learning rate (after warmup; the schedule decays it)")
+    weight_decay: Number = Field(0.0, ge=0, description="AdamW's decoupled weight decay (not on norms and biases)")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW's beta1, beta2")
+    eps: Number = Field(1e-8, gt=0, description="AdamW's epsilon")
+    batch_size: StrictInt = Field(4, ge=1, description="sequences per micro-batch, per process")
+    grad_accum: StrictInt = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: Steps | None = None  # optimizer steps; overrides epochs
-    epochs: Number = Field(1.0, gt=0)
-    warmup_steps: StrictInt = Field(0, ge=0)
+    epochs: Number = Field(1.0, gt=0, description="passes over the training data (unless max_steps is set)")
+    warmup_steps: StrictInt = Field(0, ge=0, description="optimizer steps of linear lr warmup")
     warmup_ratio: Number = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the run's steps (rounded up), as HF's
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="the lr schedule after warmup")
     # cosine/linear decay to this fraction of train.lr instead of 0 (the embedding/head's lr alike)
-    min_lr_ratio: Number = Field(0.0, ge=0, le=1)
+    min_lr_ratio: Number = Field(0.0, ge=0, le=1,
+        description="cosine/linear decay to this fraction of train.lr instead of 0")
     max_grad_norm: Number | None = 1.0  # clip the gradient's global norm to this; null (None): no clipping
     # bf16-mixed: bf16 weights (model.dtype is then bf16), fp32 master weights and fp32 optimizer state for
     # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    precision: Literal["fp32", "bf16-mixed"] = Field("fp32",
+        description="fp32, or bf16 weights with fp32 masters and optimizer state for what is trained (bf16-mixed)")
     # fp32 on a CUDA device: matmuls on TF32 tensor cores (10-bit mantissa products, fp32 accumulation; several
     # times faster on A100/H100). false: full fp32 products. Nothing changes on a CPU.
     tf32: StrictBool = True
     # Head + cross-entropy over chunks of labelled tokens: no full logits tensor (one process or DDP, not FSDP;
     # checked against the model's own loss on a batch first). false: the model's own forward(labels=...).loss.
-    fused_loss: StrictBool = True
+    fused_loss: StrictBool = Field(True,
+        description="head + cross-entropy over chunks of labelled tokens: no full logits tensor")
     # Linux/glibc: serve large allocations with mmap at a fixed threshold, so freed tensors leave the process
     # at once instead of staying resident in the heap. On SmolLM2 (CPU): peak RSS -0.5 GB, steps ~35 % slower
     # (docs/benchmarks.md): for when memory, not time, is what runs out.
-    release_memory: StrictBool = False
+    release_memory: StrictBool = Field(False,
+        description="glibc: give freed memory back to the system at once (less peak RSS, slower steps)")
     eval_every: StrictInt = Field(0, ge=0)  # 0: evaluate only before and after training
     eval_before: StrictBool = True  # false: no evaluation before the first step (the summary's "before" is null)
-    eval_batch_size: StrictInt = Field(8, ge=1)
+    eval_batch_size: StrictInt = Field(8, ge=1, description="sequences per evaluation batch")
     gsm_eval_samples: StrictInt = Field(8, ge=0)  # exact-match accuracy on this many held-out problems (GSM data)
-    gsm_max_new_tokens: StrictInt = Field(200, ge=1)
+    gsm_max_new_tokens: StrictInt = Field(200, ge=1, description="the longest answer generated per GSM problem")
     # lm-evaluation-harness tasks, run at each evaluation (pip install 'lisatune[eval]'): lisatune's own
     # lisatune_gsm (generation) and lisatune_gsm_mc (log-likelihood), tasks in eval_include_path, lm-eval's.
-    eval_tasks: list[StrictStr] = []
+    eval_tasks: list[StrictStr] = Field([],
+        description="lm-evaluation-harness tasks run at each evaluation (pip install 'lisatune[eval]')")
     eval_include_path: str | None = None  # a folder of lm-eval task YAML files
     # Their `!function` entries import and run Python from that folder: refused unless this opt-in is true
     # (as a model's trust_remote_code).
-    eval_allow_task_code: StrictBool = False
+    eval_allow_task_code: StrictBool = Field(False,
+        description="allow task files under eval_include_path to run their `!function` Python")
     eval_limit: Steps | None = None  # documents per task (none: every one)
     save_every: StrictInt = Field(0, ge=0)  # 0: checkpoint only at the end (and on interrupt)
     # false: no checkpoint (weights + optimizer state) at the end, only final/ (save_every ones are still written)
-    save_final_state: StrictBool = True
-    keep_last: StrictInt = Field(2, ge=1)
+    save_final_state: StrictBool = Field(True,
+        description="a last checkpoint (weights + optimizer state) at the end, besides final/")
+    keep_last: StrictInt = Field(2, ge=1, description="checkpoints kept (older ones are deleted)")
     # Seconds a rank waits in a collective while rank 0 works alone (a checkpoint write, lm-eval tasks) before
     # the run fails in one line; torch's own default is 10 minutes under NCCL, short for a 70B checkpoint.
-    collective_timeout: StrictInt = Field(3600, ge=1)
+    collective_timeout: StrictInt = Field(3600, ge=1,
+        description="seconds a rank waits for the others (a checkpoint write, lm-eval) before failing")
     # eval_loss: the model of the evaluation (after step 1) with the lowest held-out loss so far is kept in
     # <output_dir>/best (a Hugging Face model directory), replaced when a later evaluation is lower.
-    keep_best: Literal["eval_loss"] | None = None
-    log_every: StrictInt = Field(1, ge=1)
+    keep_best: Literal["eval_loss"] | None = Field(None,
+        description="keep the model of the evaluation with the lowest held-out loss in <output_dir>/best")
+    log_every: StrictInt = Field(1, ge=1, description="optimizer steps between two rows of metrics.jsonl")
     resume: bool | Literal["auto"] = False  # True: must resume; "auto": resume if a checkpoint exists
     overwrite: StrictBool = False  # replace output_dir, if it is a lisatune run directory (never anything else)
     # Resume although the training data's content changed since the checkpoint was written (its fingerprint
     # is stored in every checkpoint); normally that is refused, since the resumed run would not be the same run.
     # Also accepted under the name allow_data_change.
-    data_may_change: StrictBool = Field(False, validation_alias=AliasChoices("data_may_change", "allow_data_change"))
+    data_may_change: StrictBool = Field(False, validation_alias=AliasChoices("data_may_change", "allow_data_change"),
+        description="resume although the training data changed since the checkpoint (alias allow_data_change)")
     merge_lora: StrictBool = True  # save LoRA merged into a plain model (else the adapter)
     tensorboard: StrictBool = True  # older name of report_to: [tensorboard] (true) or [] (false)
     # Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tb) and/or wandb (Weights & Biases,
     # offline unless WANDB_MODE says otherwise, under <output_dir>/wandb; pip install 'lisatune[wandb]').
-    report_to: list[Literal[SINKS]] | None = None  # none: [tensorboard] if train.tensorboard, else []
+    # none: [tensorboard] if train.tensorboard, else []
+    report_to: list[Literal[SINKS]] | None = Field(None,
+        description="where metrics go besides metrics.jsonl; null: [tensorboard] if train.tensorboard, else []")
 
     @model_validator(mode="before")
     @classmethod

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+import inspect
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterable, get_args
+from typing import Annotated, Any, Callable, ClassVar, Iterable, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, FiniteFloat, ValidationError
@@ -43,6 +45,44 @@ def section_of(model: type[BaseModel], parts) -> type[BaseModel]:
             return model
         model = inner or model
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _source(cls: type) -> list[str]:
+    try:
+        return inspect.getsourcelines(cls)[0]
+    except (OSError, TypeError):  # no source shipped: no help beyond the descriptions
+        return []
+
+
+def field_help(model: type[BaseModel], name: str) -> str:
+    """One line of help for an option: its description, else the comment that declares it in its class (the one
+    trailing its line, or the comment lines just above it); the first sentence. The comments stay the one source."""
+    field = model.model_fields[name]
+    text = field.description or ""
+    owner = next((c for c in model.__mro__ if name in c.__dict__.get("__annotations__", {})), model)
+    lines = _source(owner)
+    at = next((i for i, ln in enumerate(lines) if re.match(rf"\s+{re.escape(name)}\s*:", ln)), None)
+    if not text and at is not None:
+        trailing = re.search(r"\s#\s+(.*)$", lines[at])
+        above = []
+        for ln in reversed(lines[:at]):
+            if not ln.strip().startswith("#"):
+                break
+            above.insert(0, ln.strip().lstrip("#").strip())
+        text = trailing.group(1).strip() if trailing else " ".join(above)
+    first = re.split(r"(?<!e\.g)(?<!i\.e)\. (?=[A-Z])", text, maxsplit=1)[0]
+    return first.removesuffix(".")
+
+
+def choices(annotation: Any) -> tuple | None:
+    """The values a Literal option takes (optional, or a list of them: each item's), else None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) is list:
+        return choices(get_args(annotation)[0])
+    members = [choices(a) for a in get_args(annotation) if a is not type(None)]
+    return tuple(c for m in members for c in m) if members and all(members) else None
 
 
 def format_error(e: ValidationError, model: type[BaseModel], where: str, section: bool = False,

@@ -1,23 +1,23 @@
 """`lisatune train` and `lisatune eval`: the run and the evaluation of a model, as subcommands.
 
-cli.py imports this module only when one of them runs (it imports the whole library).
+Their arguments are declared in recipe/arguments.py (no torch, so that `--help` answers at once); this module,
+which imports the whole library, is imported only when one of them runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import get_args
 
 from ..data import DataConfig, gsm_eval_items, load_splits
 from ..data.sources import FILE_SUFFIXES, OWN_READER
 from ..errors import LisaError
 from ..integrations import harness
-from ..schema import cli_column, cli_int, no_effect, read_text
+from ..schema import no_effect, read_text
+from .arguments import GSM_SAMPLES
 from .checkpoint import latest_checkpoint
 from .config import load_config
 from .evaluate import eval_loss, gsm_accuracy, placement
@@ -25,9 +25,6 @@ from .loop import Interrupted, train
 from .models import ModelConfig, check_positions, load_model
 from .progress import console
 from .run_dir import describe_eval
-
-GSM_SAMPLES = 16  # lisatune eval --gsm-samples' default
-
 
 def train_command(args, resume: bool) -> str:
     """This `lisatune train` as a command to paste: the config, every --set and --output-dir (so it names this
@@ -170,37 +167,3 @@ def cmd_eval_tasks(args) -> int:
                             progress=logging.getLogger("lisatune").isEnabledFor(logging.INFO), **names)
     print(json.dumps(res, indent=1))
     return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train")  # (its line in `lisatune --help`: cli.COMMANDS)
-    t.add_argument("config", nargs="?", help="run config (YAML); omit for the embedded default")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-5")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
-    t.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("eval")
-    e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")
-    # The loss options default to None, so that one given with --tasks (where it does nothing) is refused.
-    e.add_argument("--format", help="data format (default: gsm)", choices=get_args(DataConfig.model_fields["format"].annotation))
-    e.add_argument("--data", help="data file, saved dataset directory or Hub dataset name (every format but gsm)")
-    e.add_argument("--split", help="split of a Hub dataset or saved DatasetDict, e.g. test or 'train[:500]' "
-                                   "(as data.split; default: train)")
-    e.add_argument("--columns", nargs="+", action="extend", type=cli_column, metavar="FIELD=COLUMN",
-                   help="the dataset's column for a field of the format, e.g. instruction=prompt (as data.columns)")
-    e.add_argument("--max-length", type=cli_int(8), help="tokens; longer examples are dropped (default: "
-                   f"training's, {DataConfig.model_fields['max_length'].default})")
-    e.add_argument("--max-examples", type=int, metavar="N", help="evaluate the loss on the first N examples only")
-    e.add_argument("--batch-size", type=cli_int(1), default=8)
-    e.add_argument("--gsm-samples", type=cli_int(0), help=f"held-out GSM problems to answer (0: loss only; default "
-                   f"{GSM_SAMPLES})")
-    e.add_argument("--trust-remote-code", action="store_true")
-    e.add_argument("--tasks", metavar="NAMES", help="lm-evaluation-harness tasks, comma-separated, instead of the "
-                   "loss: lisatune_gsm, lisatune_gsm_mc (shipped), or any under --include-path or lm-eval's own")
-    e.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAML files (with --tasks)")
-    e.add_argument("--limit", type=cli_int(1), metavar="N", help="documents per lm-eval task (with --tasks)")
-    e.add_argument("--allow-task-code", action="store_true", help="run the Python that task files under "
-                   "--include-path import with '!function' (refused without it, as trust_remote_code)")
-    e.set_defaults(func=cmd_eval)

@@ -12,14 +12,15 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from ..data.config import DataConfig
 from ..data.infer import infer_format
 from ..data.sources import FILE_SUFFIXES
 from ..errors import LisaError
 from ..options import GaloreOptions, LisaOptions, LoraOptions, TrainOptions
-from ..schema import Options, YamlTagError, format_error, no_effect, parse_yaml, read_yaml, section_of
+from ..schema import (Options, YamlTagError, choices, field_help, format_error, no_effect, parse_yaml, read_yaml,
+                      section_of)
 
 
 # Which methods exist and what each needs from the config, declared here without importing them (the registry,
@@ -60,9 +61,11 @@ class ModelConfig(Options):
 
     source: str = SMOLLM2  # "smollm2", a model directory, a .gguf file or a Hugging Face Hub id (org/name)
     revision: str | None = None  # of a Hub id: a branch, tag or commit (None: main)
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    gradient_checkpointing: StrictBool = False
-    trust_remote_code: StrictBool = False
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="the weights' dtype, as loaded and trained")
+    gradient_checkpointing: StrictBool = Field(False, description="recompute activations in the backward pass: "
+                                                                  "less memory, about a third more compute")
+    trust_remote_code: StrictBool = Field(False, description="run the model's own Python code from its directory "
+                                                             "or the Hub (transformers' trust_remote_code)")
     # The attention kernel (transformers' attn_implementation); None: transformers' default (sdpa where it can).
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
 
@@ -74,7 +77,7 @@ class TrainConfig(BaseModel):
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    method: str = "lisa"
+    method: str = Field("lisa", description="the fine-tuning method; its options are the section of its name")
     # Several processes (torchrun / accelerate launch): "ddp" replicates the model, "fsdp" shards it
     # (FSDP2; lisa and full only). train.batch_size is then per process. See docs/distributed.md.
     distributed: Literal[MODES] = "none"
@@ -180,6 +183,29 @@ DEFAULT = {
     "train": {"output_dir": "runs/default", "lr": 3e-4, "batch_size": 4, "max_steps": 40, "warmup_steps": 4,
               "gsm_eval_samples": 8, "resume": "auto"},
 }
+
+
+def config_keys(section: str | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, one line of help) of every key of the run config (or of one section), in the
+    declared order: what `lisatune config` lists. The help is the field's description or declaring comment, with
+    a Literal's choices."""
+    rows = []
+    for name, field in TrainConfig.model_fields.items():
+        inner = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+            else None
+        if section is not None and name != section:
+            continue
+        model, fields, prefix = (inner, inner.model_fields, f"{name}.") if inner else (TrainConfig, {name: field}, "")
+        for key, f in fields.items():
+            if key == "method":
+                options = list(METHOD_SPECS)
+            else:
+                options = choices(f.annotation)
+            text = field_help(model, key)
+            if options:
+                text = f"{text} ({' | '.join(map(str, options))})" if text else " | ".join(map(str, options))
+            rows.append((prefix + key, f.get_default(call_default_factory=True), text))
+    return rows
 
 
 def parse_value(text: str):
