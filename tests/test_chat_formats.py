@@ -339,3 +339,14 @@ def test_a_template_that_fails_on_a_record_is_one_line_naming_the_record_and_the
         encode(tmp_path, [{"messages": OPENAI[1:]}, {"messages": OPENAI}], chat_template=no_system)
     assert str(e.value) == (f"{tmp_path / 'd.jsonl'}:2: data.chat_template failed (TemplateError: System role not "
                             "supported)")
+
+
+def test_rows_of_a_parquet_file_mixing_both_key_styles_read_alike(tmp_path):
+    from datasets import Dataset
+    sharegpt_keys = [{"from": m["role"], "value": m["content"]} for m in OPENAI]
+    # arrow gives every message all four keys, the absent ones None
+    Dataset.from_list([{"conversations": OPENAI}, {"conversations": sharegpt_keys}]).to_parquet(str(tmp_path / "m.pq"))
+    (tmp_path / "m.parquet").write_bytes((tmp_path / "m.pq").read_bytes())
+    tok = tiny_tokenizer(chat=True)
+    train, _ = load_splits(DataConfig(format="sharegpt", path=str(tmp_path / "m.parquet")), tok)
+    assert train[0] == train[1] == encode(tmp_path, [{"messages": OPENAI}], tok=tok)[1][0]

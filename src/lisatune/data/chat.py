@@ -54,7 +54,8 @@ def _keys(turn: dict, fmt: str, message_keys: dict[str, str]) -> tuple[str, str]
     if message_keys:
         return message_keys.get("role", own[0]), message_keys.get("content", own[1])
     other = KEYS["sharegpt" if fmt == "chat" else "chat"]
-    return other if own[0] not in turn and other[0] in turn else own
+    # .get: a datasets source gives every row all the keys of the column's struct, the absent ones None
+    return other if turn.get(own[0]) is None and turn.get(other[0]) is not None else own
 
 
 def _unknown_role(loc: str, fmt: str, i: int, who: Any, names: dict[str, str], opts: ChatOptions) -> LisaError:
