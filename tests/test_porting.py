@@ -209,6 +209,28 @@ def test_lmflow_names_in_their_sections_and_an_alias_beside_its_key():
         validate_config({"lisa": {"gamma": 3, "n_layers": 2}}, "x.yaml")
 
 
+def test_ms_swift_names_and_its_lisa_as_train_type_full():
+    from lisatune.recipe.config import validate_config
+    swift = {"train_type": "full", "lisa_activated_layers": 2, "lisa_step_interval": 10, "learning_rate": 1e-5,
+             "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "model_id_or_path": "m"}
+    cfg = validate_config(swift, "x.yaml")
+    assert (cfg.method, cfg.lisa.n_layers, cfg.lisa.interval, cfg.train.lr, cfg.train.batch_size,
+            cfg.train.grad_accum, cfg.model.source) == ("lisa", 2, 10, 1e-5, 2, 4, "m")
+    assert validate_config({**swift, "lisa_activated_layers": 0}, "x.yaml").method == "full"  # its "LISA off"
+    assert validate_config({"train_type": "full"}, "x.yaml").method == "full"
+    lora = validate_config({"sft_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout_p": 0.05}, "x.yaml")
+    assert (lora.method, lora.lora.r, lora.lora.alpha, lora.lora.dropout) == ("lora", 16, 32, 0.05)
+    for bad, message in [
+        ({"train_type": "vera"}, "x.yaml: train_type 'vera' is not one of lisatune's methods (full, lora, galore, lisa)"),
+        ({"train_type": "full", "sft_type": "full"}, "x.yaml: give train_type or its older name sft_type, not both"),
+        ({"train_type": "lora", "method": "lisa"}, "x.yaml: train_type is ms-swift's name of method, which is given "
+                                                   "too with another value ('lora' and 'lisa'); give one"),
+    ]:
+        with pytest.raises(LisaError) as e:
+            validate_config(bad, "x.yaml")
+        assert str(e.value) == message
+
+
 def test_every_unknown_key_is_reported_at_once_with_the_closest_valid_one():
     from lisatune.recipe.config import validate_config
     with pytest.raises(LisaError) as e:

@@ -73,15 +73,15 @@ def test_cyclic_visits_every_layer_once_per_cycle(n, k):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(n_units=4, n_active=5), r"n_layers \(γ\) = 5 must be between 1 and the 4"),
-    (dict(n_units=4, n_active=0), r"n_layers \(γ\) = 0 must be between 1"),
-    (dict(n_units=3, n_active=1, policy="bernoulli", probabilities=[0.5, 1.5, 0]), r"probabilities\[1\] = 1.5 is outside \[0, 1\]"),
-    (dict(n_units=3, n_active=1, policy="bernoulli", probabilities=[0.5, -0.1, 0]), r"probabilities\[1\] = -0.1 is outside"),
-    (dict(n_units=3, n_active=1, policy="bernoulli", probabilities=[0.5]), "has 1 entries but the model has 3"),
-    (dict(n_units=3, n_active=2, policy="weighted", probabilities=[1, 0, 0]), "at least γ = 2 layers with a weight"),
-    (dict(n_units=3, n_active=1, policy="weighted"), "needs probabilities"),
-    (dict(n_units=3, n_active=1, policy="uniform", probabilities=[1, 1, 1]), "apply to policies"),
-    (dict(n_units=3, n_active=1, policy="best"), "policy 'best' is not one of"),
+    (dict(n_units=4, n_layers=5), r"n_layers \(γ\) = 5 must be between 1 and the 4"),
+    (dict(n_units=4, n_layers=0), r"n_layers \(γ\) = 0 must be between 1"),
+    (dict(n_units=3, n_layers=1, policy="bernoulli", probabilities=[0.5, 1.5, 0]), r"probabilities\[1\] = 1.5 is outside \[0, 1\]"),
+    (dict(n_units=3, n_layers=1, policy="bernoulli", probabilities=[0.5, -0.1, 0]), r"probabilities\[1\] = -0.1 is outside"),
+    (dict(n_units=3, n_layers=1, policy="bernoulli", probabilities=[0.5]), "has 1 entries but the model has 3"),
+    (dict(n_units=3, n_layers=2, policy="weighted", probabilities=[1, 0, 0]), "at least γ = 2 layers with a weight"),
+    (dict(n_units=3, n_layers=1, policy="weighted"), "needs probabilities"),
+    (dict(n_units=3, n_layers=1, policy="uniform", probabilities=[1, 1, 1]), "apply to policies"),
+    (dict(n_units=3, n_layers=1, policy="best"), "policy 'best' is not one of"),
 ])
 def test_bad_settings_are_rejected(kw, msg):
     with pytest.raises(LisaError, match=msg):

@@ -17,18 +17,19 @@ POLICIES = ("uniform", "bernoulli", "weighted", "cyclic")
 
 
 class Sampler:
-    """Draws the active set for switch s (the interval of optimizer steps [sK, (s+1)K))."""
+    """Draws the active set for switch s (the interval of optimizer steps [sK, (s+1)K)): `n_layers` (γ) of
+    `n_units` units, or under bernoulli each unit with its own probability."""
 
-    def __init__(self, n_units: int, n_active: int, policy: str = "uniform",
+    def __init__(self, n_units: int, n_layers: int, policy: str = "uniform",
                  probabilities: Sequence[float] | None = None, seed: int = 0):
         if policy not in POLICIES:
             raise LisaError(f"policy '{policy}' is not one of {', '.join(POLICIES)}")
-        self.n_units, self.n_active, self.policy, self.seed = n_units, n_active, policy, int(seed)
-        check_n_layers(n_active, n_units if policy != "bernoulli" or probabilities is None else None)
+        self.n_units, self.n_layers, self.policy, self.seed = n_units, n_layers, policy, int(seed)
+        check_n_layers(n_layers, n_units if policy != "bernoulli" or probabilities is None else None)
         self.p = None
         if policy == "bernoulli":
             # Algorithm 1 in its general form; without probabilities, its uniform form γ/N_L.
-            p = [n_active / n_units] * n_units if probabilities is None else list(probabilities)
+            p = [n_layers / n_units] * n_units if probabilities is None else list(probabilities)
             self.p = self._check(p, "probabilities")
             if np.any(self.p > 1):
                 bad = int(np.argmax(self.p > 1))
@@ -38,8 +39,8 @@ class Sampler:
                 if probabilities is None:
                     raise LisaError("policy 'weighted' needs probabilities (one weight per layer)")
                 w = self._check(list(probabilities), "weights")
-                if np.count_nonzero(w) < n_active:
-                    raise LisaError(f"weighted sampling needs at least γ = {n_active} layers with a weight > 0")
+                if np.count_nonzero(w) < n_layers:
+                    raise LisaError(f"weighted sampling needs at least γ = {n_layers} layers with a weight > 0")
                 self.p = w / w.sum()
             elif probabilities is not None:
                 raise LisaError(f"probabilities apply to policies 'bernoulli' and 'weighted', not '{policy}'")
@@ -58,7 +59,7 @@ class Sampler:
 
     def active(self, switch: int) -> tuple[int, ...]:
         """Sorted indices of the active units during switch interval `switch`."""
-        n, k = self.n_units, self.n_active
+        n, k = self.n_units, self.n_layers
         if self.policy == "uniform":
             chosen = self._rng(switch).choice(n, size=k, replace=False)
         elif self.policy == "weighted":

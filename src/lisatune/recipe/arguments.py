@@ -12,7 +12,7 @@ from typing import get_args
 
 from ..data.config import DataConfig
 from ..schema import cli_column, cli_int
-from .config import ALIASES, TrainConfig, config_keys
+from .config import ALIASES, METHOD_KEYS, TrainConfig, config_keys
 
 GSM_SAMPLES = 16  # lisatune eval --gsm-samples' default
 
@@ -56,7 +56,7 @@ def cmd_config(args) -> int:
     """Every key of the run config with its default and one line of help, from the declared schema."""
     rows = config_keys(args.section)
     aliases = {f"{section}.{key}": sorted(a for a, k in names.items() if k == key)
-               for section, names in ALIASES.items() for key in set(names.values())}
+               for section, names in ALIASES.items() for key in set(names.values())} | {"method": list(METHOD_KEYS)}
     width = max(len(f"{k} = {_value(d)}") for k, d, _ in rows) + 2
     wrap = max(40, shutil.get_terminal_size((120, 24)).columns - width)
     for key, default, text in rows:

@@ -268,7 +268,8 @@ def validate_config(data: dict, where: str) -> TrainConfig:
 
 
 # -- porting a config from other tools -----------------------------------------------------------------------
-# Hugging Face TrainingArguments (also TRL, LMFlow, LLaMA-Factory), axolotl, LMFlow, ms-swift names -> ours.
+# Hugging Face TrainingArguments (also TRL, LMFlow, LLaMA-Factory), axolotl, LMFlow, ms-swift (3.x and 2.x) names ->
+# ours.
 # In their section, or at the top of the file, as flat configs have them.
 ALIASES: dict[str, dict[str, str]] = {
     "train": {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
@@ -279,9 +280,13 @@ ALIASES: dict[str, dict[str, str]] = {
     "lisa": {"lisa_activated_layers": "n_layers", "lisa_n_layers": "n_layers", "gamma": "n_layers",
              "lisa_interval_steps": "interval", "lisa_step_interval": "interval", "K": "interval",
              "lisa_layers_attribute": "blocks_path"},
-    "model": {"model_name_or_path": "source", "base_model": "source"},
-    "lora": {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules"},
+    "model": {"model_name_or_path": "source", "base_model": "source", "model_id_or_path": "source"},
+    "lora": {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
+             "lora_rank": "r", "lora_dropout_p": "dropout"},
 }
+# ms-swift names the method train_type (sft_type before 3.0); its LISA is train_type full with
+# lisa_activated_layers > 0. Its values that are one of our methods: that method.
+METHOD_KEYS = ("train_type", "sft_type")
 # Names that are the same in TrainingArguments and here, accepted at the top of a flat config as well.
 TOP_LEVEL = {"max_steps": "train.max_steps", "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio",
              "warmup_steps": "train.warmup_steps", "max_grad_norm": "train.max_grad_norm",
@@ -317,6 +322,28 @@ def port_aliases(data: Any, where: str) -> Any:
             raise LisaError(f"{where}: {alias} is an alias of {section}.{key}, which is given too with another value "
                             f"({value!r} and {target[key]!r}); give one")
         target[key] = value
+    return port_method(data, where)
+
+
+def port_method(data: dict, where: str) -> dict:
+    """ms-swift's train_type / sft_type as our method (full with lisa_activated_layers > 0: lisa)."""
+    given = [k for k in METHOD_KEYS if k in data]
+    if not given:
+        return data
+    if len(given) > 1:
+        raise LisaError(f"{where}: give {given[0]} or its older name {given[1]}, not both")
+    kind = data.pop(given[0])
+    if kind not in METHOD_SPECS:
+        raise LisaError(f"{where}: {given[0]} '{kind}' is not one of lisatune's methods ({', '.join(METHOD_SPECS)})")
+    lisa = data.get("lisa")
+    gamma = lisa.get("n_layers") if isinstance(lisa, dict) else None
+    method = "lisa" if kind == "full" and isinstance(gamma, int) and gamma > 0 else kind
+    if gamma == 0 and kind == "full":  # ms-swift's "LISA off": its section would be unused
+        del lisa["n_layers"]
+    if data.get("method", method) != method:
+        raise LisaError(f"{where}: {given[0]} is ms-swift's name of method, which is given too with another value "
+                        f"({method!r} and {data['method']!r}); give one")
+    data["method"] = method
     return data
 
 
