@@ -350,3 +350,25 @@ def test_rows_of_a_parquet_file_mixing_both_key_styles_read_alike(tmp_path):
     tok = tiny_tokenizer(chat=True)
     train, _ = load_splits(DataConfig(format="sharegpt", path=str(tmp_path / "m.parquet")), tok)
     assert train[0] == train[1] == encode(tmp_path, [{"messages": OPENAI}], tok=tok)[1][0]
+
+
+# Qwen3-like again, with no end-of-turn text (so the reasoning-stripped first turn cannot be found by its content),
+# but its assistant text marked with {% generation %}: the template's own marks locate the turns.
+GENERATION_QWEN3_LIKE = (
+    "{% set ns = namespace(last_query=0) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_query = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}A: {% generation %}"
+    "{% if loop.index0 < ns.last_query %}{{ m['content'].split('</think>')[-1].lstrip('\n') }}"
+    "{% else %}{{ m['content'] }}{% endif %}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A: {% endif %}")
+
+
+def test_a_template_with_generation_marks_is_masked_by_them(tmp_path):
+    from lisatune.data import render
+    tok, train = encode(tmp_path, [{"messages": THINKING}], chat_template=GENERATION_QWEN3_LIKE)
+    assert trained_runs(tok, train[0]) == ["Two.", f"<think>\nthree\n</think>\n\nThree.{EOS}"]
+    assert tok.decode(train[0]["input_ids"]) == "user: What is 2?\nA: Two.\nuser: And 3?\nA: " \
+                                                 f"<think>\nthree\n</think>\n\nThree.{EOS}"
+    # without the marks the content-bounded fallback cannot find the first turn: the one-line refusal
+    assert render._located(tok, THINKING, "x", None) is None

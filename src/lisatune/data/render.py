@@ -6,6 +6,8 @@ response tokens are exactly what the model has to produce after it.
 """
 from __future__ import annotations
 
+import re
+
 from ..errors import LisaError, first_line
 
 IGNORE = -100  # label of tokens that carry no loss (torch's cross-entropy ignore_index)
@@ -66,7 +68,7 @@ def encode_chat_located(tokenizer, messages: list[dict], loc: str, loss_on: str 
                         tools: list | None = None) -> tuple[dict[str, list[int]], int, bool]:
     """Loss on assistant turns (loss_on "assistant"), on the last one only ("last_assistant"), or on every token
     ("all"); also the number of tokens the conversation itself trains (the EOS appended here not counted), and
-    whether the turns were located in the whole conversation (the fallback of _located) rather than incrementally.
+    whether the turns were located in the whole conversation (_generation or _located) rather than incrementally.
     Tool messages and the `tools` given to the template are prompt: they carry no loss (but with "all").
 
     The conversation is rendered incrementally: the text up to each assistant message (with the
@@ -77,7 +79,7 @@ def encode_chat_located(tokenizer, messages: list[dict], loc: str, loss_on: str 
     pieces = _incremental(tokenizer, messages, loc, tools)
     whole = pieces is None
     if whole:
-        pieces = _located(tokenizer, messages, loc, tools)
+        pieces = _generation(tokenizer, messages, loc, tools) or _located(tokenizer, messages, loc, tools)
     if pieces is None:
         raise LisaError(f"{loc}: {template_name(tokenizer)} renders neither a conversation as a prefix of its "
                         "continuation nor each assistant turn's prompt as a prefix of the whole conversation, so "
@@ -115,6 +117,41 @@ def _incremental(tokenizer, messages: list[dict], loc: str, tools: list | None) 
         reply = full[len(prompt):].rstrip()
         pieces += [(prompt[len(done):], None), (reply, i)]
         done = prompt + reply
+    return pieces
+
+
+GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def _generation(tokenizer, messages: list[dict], loc: str, tools: list | None) -> Pieces | None:
+    """A template that marks assistant text with {% generation %} tags says itself where the turns are
+    (transformers' return_assistant_tokens_mask): the whole conversation, each run of marked tokens the reply of
+    the next assistant message; None for a template without the tags, or runs that do not match the turns."""
+    if not GENERATION.search(tokenizer.chat_template or ""):
+        return None
+    whole = _chat(tokenizer, messages, False, loc, tools)
+    try:
+        marked = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                               return_assistant_tokens_mask=True)["assistant_masks"]
+        enc = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception:  # a slow tokenizer (no offsets) or a template transformers cannot mask: the next fallback
+        return None
+    if len(enc["input_ids"]) != len(marked):
+        return None
+    spans: list[list[int]] = []  # [start, end) in characters of each run of marked tokens
+    for (start, end), flag, before in zip(enc["offset_mapping"], marked, [0, *marked]):
+        if flag and before:
+            spans[-1][1] = end
+        elif flag:
+            spans.append([start, end])
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(spans) != len(turns):
+        return None
+    pieces: Pieces = []
+    done = 0
+    for (start, end), turn in zip(spans, turns):
+        pieces += [(whole[done:start], None), (whole[start:end], turn)]
+        done = end
     return pieces
 
 
