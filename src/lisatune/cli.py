@@ -1,4 +1,5 @@
-"""`lisatune train | eval | config | generate | bench | norms | plan | study | data`: a light front door over the library.
+"""`lisatune train | eval | config | generate | bench | norms | plan | study | data`: a light front door over the
+library.
 
 `lisatune --help` imports no torch: each subcommand lives in a module that registers its arguments
 (`register(subparsers)`) and imports the library, and that module is imported only when its subcommand runs.

@@ -86,12 +86,16 @@ class Method(ABC):
                   master_weights: bool = False, device: torch.device | str | None = None) -> torch.optim.Optimizer:
         """The optimizer of the prepared model, with the train options' AdamW hyperparameters (those given here
         replace them); with master_weights, over fp32 master copies of the (bf16) weights it trains; with
-        `device`, the model (on the host) moves there first."""
+        `device`, the model (on the host) moves there first, or as the method builds its optimizer (place)."""
         self.check_precision(master_weights)
-        hyper = self.hyper(lr, weight_decay, betas, eps)
-        if device is not None:
-            model.to(device)
+        hyper = self.hyper(lr, weight_decay, betas, eps) | (self.place(model, device) if device is not None else {})
         return self.master_optimizer(model, hyper) if master_weights else self.make_optimizer(model, hyper)
+
+    def place(self, model: nn.Module, device: torch.device | str) -> dict[str, Any]:
+        """Move the model to `device` before its optimizer is built; or return what the optimizer needs to do it
+        itself (passed to it with the hyperparameters)."""
+        model.to(device)
+        return {}
 
     def make_optimizer(self, model: nn.Module, hyper: dict[str, Any]) -> torch.optim.Optimizer:
         """Build the optimizer; `hyper` holds lr, weight_decay, betas and eps as torch optimizers take them. (A

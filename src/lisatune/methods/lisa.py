@@ -26,12 +26,15 @@ class Lisa(Method):
 
     def optimizer(self, model, lr=None, weight_decay=None, betas=None, eps=None, master_weights=False, device=None):
         """LisaAdamW straight from the `lisa:` section and the train options. With bf16-mixed, fp32 masters and
-        state for the active set only (the engine makes and frees them at the switches). With `device` and
-        quantized frozen weights, LisaAdamW quantizes the frozen blocks onto it, then moves the rest."""
-        if device is not None and self.options.frozen_weights == "full":
-            model, device = model.to(device), None
-        return LisaAdamW(model, self.options, device=device, master_weights=master_weights,
-                         **self.hyper(lr, weight_decay, betas, eps))
+        state for the active set only (the engine makes and frees them at the switches)."""
+        placed = self.place(model, device) if device is not None else {}
+        return LisaAdamW(model, self.options, master_weights=master_weights, **self.hyper(lr, weight_decay, betas, eps),
+                         **placed)
+
+    def place(self, model, device):
+        if self.options.frozen_weights == "full":
+            return super().place(model, device)
+        return {"device": device}  # LisaAdamW quantizes the frozen blocks onto it, then moves the rest
 
     def status(self, optimizer):
         opt = optimizer
