@@ -16,7 +16,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from helpers import batches, tiny_model
-from dist_scripts.workers import (build, diverge_worker, full_state_worker, launch, load_worker, resume_worker,
+from dist_scripts.workers import (build, diverge_worker, full_state_worker, launch, load_state_worker, load_worker,
+                                  resume_worker,
                                   slow_rank0_worker, snapshot, train_steps, train_worker)
 from lisatune import LisaAdamW, LisaError
 from lisatune.distributed import LisaDDP, verify_active_set
@@ -292,3 +293,40 @@ def test_fsdp2_full_optimizer_state_is_gathered_one_tensor_at_a_time_to_rank_0(t
     assert r0["gathers"] == r1["gathers"] > 10 and r0["most_alive"] == r1["most_alive"] == 0
     assert r0["kinds"] == ["Tensor"] and r0["devices"] == ["cpu"]  # (step counters are plain tensors already)
     assert "NoneType" in r1["kinds"]
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_offloaded_state_is_parked_as_plain_host_shards_and_resumes_bitwise(tmp_path):
+    """#27: under FSDP2 with state_policy: offload a frozen block's moments are parked as this rank's shard, a
+    plain host tensor (a DTensor with host shards on a GPU mesh would all-gather through NCCL at the checkpoint),
+    after a switch and after loading a checkpoint (not re-sharded onto the device); the checkpoint holds them in
+    full (single-process format) and the resume is bitwise."""
+    stop, lisa = 12, dict(ADAMW, state_policy="offload")
+    launch(resume_worker, str(tmp_path), "fsdp", lisa, STEPS, BATCH, stop)
+    ranks = [torch.load(tmp_path / f"resumed{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        for when in ("straight", "saved", "loaded"):
+            parked = r["parked"][when]
+            assert parked["kinds"] == [("Tensor", "cpu")] and parked["n"] > 0 and parked["shard_shaped"], (when, parked)
+            assert parked["specs"] > 0
+    straight = ranks[0]["straight"]
+    assert all(torch.equal(r["final"][n], straight["final"][n]) for r in ranks for n in straight["final"])
+    assert ranks[0]["history"] == straight["history"]
+    ck = tmp_path / "run" / "checkpoints" / f"step-{stop:06d}"
+    parked = torch.load(ck / "optimizer.pt", weights_only=True)["lisa"]["parked"]
+    model = tiny_model(n_layers=6)
+    assert parked and all(st["exp_avg"].shape == model.get_parameter(n).shape for n, st in parked.items())
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_checkpoint_load_cuts_each_full_tensor_to_its_shard_one_at_a_time(tmp_path):
+    """#27: loading a full optimizer state under FSDP2 never has the optimizer hold a full (unsharded) state
+    tensor or master, at any point (torch's own load would move every full tensor to the parameter's device at
+    once, re-sharded only afterwards); optimizer.pt is memory-mapped, not read into each rank's memory, no
+    loaded tensor keeps the mapping, and the loaded shards equal the saved ones bitwise."""
+    lisa = dict(ADAMW, master_weights=True, state_policy="keep")
+    launch(load_state_worker, str(tmp_path), lisa, 7, BATCH)  # past a switch: active, kept and master states
+    for r in range(2):
+        res = torch.load(tmp_path / f"load{r}.pt", weights_only=False)
+        assert res["most_full"] == 0 and res["cuts"] > 10 and res["mmap"] is True and res["same"], res
+        assert not res["mapped"]  # what was loaded owns its memory: a deleted checkpoint frees its disk space

@@ -6,6 +6,7 @@ a worker (e.g. LisaError) reach the test as torch.multiprocessing.ProcessRaisedE
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -110,9 +111,11 @@ def resume_worker(rank, world, out, mode, lisa, steps, batch, stop):
     model, run, opt = build(mode, 0, lisa)
     train_steps(run, opt, data, rank, world)
     straight = {"final": snapshot(model), "history": opt.history}
+    parked = {"straight": parked_kinds(opt)}
     del model, run, opt
     model, run, opt = build(mode, 0, lisa)
     train_steps(run, opt, data[:stop], rank, world)
+    parked["saved"] = parked_kinds(opt)
     ck = save_checkpoint(Path(out) / "run", stop, model, opt, extra={"stop": stop})
     del model, run, opt
     model, run, opt = build(mode, 0, lisa, arch_layers=6)
@@ -121,9 +124,25 @@ def resume_worker(rank, world, out, mode, lisa, steps, batch, stop):
             p.mul_(0.5)
     extra = load_checkpoint(ck, model, opt)
     assert extra["stop"] == stop and opt.steps_done == stop
+    parked["loaded"] = parked_kinds(opt)
     train_steps(run, opt, data[stop:], rank, world)
-    torch.save({"final": snapshot(model), "history": opt.history, "straight": straight},
+    torch.save({"final": snapshot(model), "history": opt.history, "straight": straight, "parked": parked},
                Path(out) / f"resumed{rank}.pt")
+
+
+def parked_kinds(opt) -> dict:
+    """How the parked states' moments are held: {(class, device)}, how many, and whether each is this rank's
+    shard of its parameter (shape of the parameter's local shard) when the parameter is sharded."""
+    kinds, shard_shaped, n = set(), True, 0
+    for name, st in opt.parked_states().items():
+        p = opt.module.get_parameter(name)
+        local = p.to_local() if hasattr(p, "to_local") else p
+        for k, v in st.items():
+            if k != "step" and torch.is_tensor(v):
+                n += 1
+                kinds.add((type(v).__name__, v.device.type))
+                shard_shaped &= tuple(v.shape) == tuple(local.shape)
+    return {"kinds": sorted(kinds), "n": n, "shard_shaped": shard_shaped, "specs": len(getattr(opt, "parked_shards", dict)())}
 
 
 def load_worker(rank, world, out, mode, lisa):
@@ -174,3 +193,86 @@ def full_state_worker(rank, world, out, lisa, steps, batch):
     leaves = [v for st in sd["state"].values() for v in st.values()] + list(sd["lisa"].get("masters", {}).values())
     torch.save({"gathers": len(alive), "most_alive": most[0], "kinds": sorted({type(v).__name__ for v in leaves}),
                 "devices": sorted({str(v.device) for v in leaves if torch.is_tensor(v)})}, Path(out) / f"full{rank}.pt")
+
+
+def load_state_worker(rank, world, out, lisa, steps, batch):
+    """Save an FSDP2 checkpoint, then load it into a fresh run while counting the full (unsharded) state tensors
+    the optimizer holds at every point where load could put them (after torch's load, after parking, at each
+    shard cut, at the end), and how optimizer.pt was read."""
+    from helpers import batches
+    from lisatune.distributed import fsdp
+    from lisatune.engine import parking
+    from lisatune.recipe import checkpoint
+    from lisatune.recipe.checkpoint import load_checkpoint, save_checkpoint
+    model, run, opt = build("fsdp", 0, lisa)
+    train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
+    before = local_states(opt)
+    ck = save_checkpoint(Path(out) / "run", steps, model, opt)
+    del model, run, opt
+    model, run, opt = build("fsdp", 0, lisa)
+    most, cuts, reads = [0], [0], {}
+
+    def sample(*_):
+        most[0] = max(most[0], held_full(opt))
+
+    real_cut, real_park, real_read = parking.shard_full, parking.Parking.load, checkpoint.read_torch
+
+    def cut(p, v):
+        sample()
+        cuts[0] += 1
+        return real_cut(p, v)
+
+    def park(self, *a, **k):
+        real_park(self, *a, **k)
+        sample()
+
+    def read(path, name, **k):
+        reads[name] = k.get("mmap", False)
+        return real_read(path, name, **k)
+
+    fsdp.shard_full = parking.shard_full = cut
+    parking.Parking.load, checkpoint.read_torch = park, read
+    opt.inner.register_load_state_dict_post_hook(sample)
+    try:
+        load_checkpoint(ck, model, opt)
+    finally:
+        fsdp.shard_full, parking.shard_full = real_cut, real_cut
+        parking.Parking.load, checkpoint.read_torch = real_park, real_read
+    sample()
+    gc.collect()
+    maps = Path("/proc/self/maps")
+    mapped = "optimizer.pt" in maps.read_text() if maps.exists() else False  # nothing loaded holds the file
+    after = local_states(opt)
+    same = before.keys() == after.keys() and all(
+        torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
+    torch.save({"most_full": most[0], "cuts": cuts[0], "mmap": reads.get("optimizer.pt"), "same": same,
+                "n_states": len(before), "mapped": mapped}, Path(out) / f"load{rank}.pt")
+
+
+def local_states(opt) -> dict:
+    """Every state tensor and master as this rank holds it (local shards), by parameter name and key."""
+    out = {}
+    for m, st in opt.state.items():
+        out[_name(opt, m)] = {k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in st.items()}
+    for name, st in opt.parked_states().items():
+        out["parked." + name] = {k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in st.items()}
+    for name, m in opt.masters().items():
+        out["master." + name] = {"m": m.to_local().clone()}
+    return out
+
+
+def held_full(opt) -> int:
+    """How many full (unsharded) state tensors or masters of sharded parameters the optimizer holds now."""
+    def full_of(p, v):
+        return hasattr(p, "to_local") and torch.is_tensor(v) and not hasattr(v, "to_local") and v.shape == p.shape
+    n = 0
+    for t, st in opt.inner.state.items():
+        n += sum(full_of(opt.module.get_parameter(name), v) for name in [_name(opt, t)] for v in st.values())
+    for name, st in opt.parked_states().items():
+        n += sum(full_of(opt.module.get_parameter(name), v) for v in st.values())
+    n += sum(not hasattr(m, "to_local") for m in opt.masters().values())
+    return n
+
+
+def _name(opt, t) -> str:
+    return next((n for n, m in opt.masters().items() if m is t), None) or opt.name_of(t)

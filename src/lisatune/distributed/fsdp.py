@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from ..engine import find_layers, unwrap
+from ..engine.parking import is_full_of, shard_full
 from ..errors import LisaError
 from .collectives import initialized, is_dtensor, rank
 
@@ -53,47 +54,87 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
+def _gather(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """One sharded tensor gathered whole, copied to the host at once, kept on rank 0 only (None elsewhere)."""
+    mesh = t.device_mesh
+    if t.to_local().device.type != mesh.device_type:  # a host shard on a GPU mesh: NCCL gathers device memory
+        t = DTensor.from_local(t.to_local(), mesh, t.placements, shape=t.shape, stride=t.stride())  # (moves it)
+    full = t.full_tensor()
+    return full.to("cpu", copy=True) if keep else None
+
+
 def full_optimizer_state_dict(opt) -> dict:
     """Collective under FSDP2: LisaAdamW.state_dict() with every sharded tensor gathered to a full one.
 
     The result is exactly what a single-process LisaAdamW produces (plain tensors, same keys), so it loads
     into one process, DDP or FSDP2 at any world size. All ranks must call it. Each sharded tensor is gathered
     alone and copied to the host at once, and kept on rank 0 only (None in its place elsewhere): the unsharded
-    state never exists whole on a device, nor on the ranks that do not write it.
+    state never exists whole on a device, nor on the ranks that do not write it. An offloaded parked state is a
+    plain host shard (LisaAdamW.parked_shards()): it is gathered the same way, one tensor at a time.
     """
     keep = rank() == 0
+    sd = opt.state_dict()
+    shards = opt.parked_shards() if hasattr(opt, "parked_shards") else {}
+    if shards:
+        parked = {}
+        for n, st in sd["lisa"]["parked"].items():
+            spec = shards.get(n, {})
+            parked[n] = {k: _gather(_unparked(spec[k], v), keep) if k in spec else v for k, v in st.items()}
+        sd = {**sd, "lisa": {**sd["lisa"], "parked": parked}}
+    return _map_tensors(sd, lambda t: _gather(t, keep) if is_dtensor(t) else t)
 
-    def gather(t: torch.Tensor) -> torch.Tensor | None:
-        if not is_dtensor(t):
-            return t
-        full = t.full_tensor()
-        return full.to("cpu", copy=True) if keep else None
 
-    return _map_tensors(opt.state_dict(), gather)
+def _unparked(spec: tuple, local: torch.Tensor) -> torch.Tensor:
+    mesh, placements, shape, stride = spec
+    return DTensor.from_local(local.to(mesh.device_type), mesh, placements, shape=shape, stride=stride)
 
 
 def load_full_optimizer_state_dict(opt, state_dict: dict) -> None:
     """Load a full (single-process format) optimizer state dict (LisaAdamW or a plain torch optimizer such as
-    AdamW); under FSDP2 each rank keeps its own shard, of the state and of bf16-mixed's fp32 masters."""
-    def shard(p: torch.Tensor, v: Any) -> Any:
-        if not (is_dtensor(p) and torch.is_tensor(v) and not is_dtensor(v) and v.shape == p.shape):
-            return v
-        return distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)  # each rank slices its own
+    AdamW); under FSDP2 each rank keeps its own shard, of the state and of bf16-mixed's fp32 masters.
 
+    Each full tensor is cut to this rank's shard on the host, one at a time, before the optimizer sees it
+    (torch's load would otherwise move every full state tensor to the parameter's device at once); an offloaded
+    parked state is cut and stays on the host. With the state dict memory-mapped (load_checkpoint does so under
+    FSDP2) no rank holds the full state in its own memory.
+    """
     lisa = state_dict.get("lisa")
-    if lisa and lisa.get("masters"):
-        masters = {n: shard(opt.module.get_parameter(n), m) for n, m in lisa["masters"].items()}
-        state_dict = {**state_dict, "lisa": {**lisa, "masters": masters}}
-    opt.load_state_dict(state_dict)
+    if lisa:
+        param = opt.module.get_parameter
+        masters = {n: _shard(param(n), m) for n, m in (lisa.get("masters") or {}).items()}
+        parked = {n: {k: _copy(param(n), v) for k, v in st.items()} for n, st in lisa.get("parked", {}).items()}
+        state_dict = {**state_dict, "lisa": {**lisa, **({"masters": masters} if masters else {}), "parked": parked}}
+    inner = getattr(opt, "inner", opt)  # LisaAdamW loads the torch state through its inner optimizer
+    handle = inner.register_load_state_dict_pre_hook(_shard_state)
+    try:
+        opt.load_state_dict(state_dict)  # LisaAdamW's parked states are cut by its Parking
+    finally:
+        handle.remove()
 
-    def shard_like(p: torch.Tensor, st: dict) -> dict:
-        return {k: shard(p, v) for k, v in st.items()}
 
-    if hasattr(opt, "map_states"):  # a LisaOptimizer: active and parked states
-        opt.map_states(shard_like)
-    else:
-        for p in list(opt.state):
-            opt.state[p] = shard_like(p, opt.state[p])
+def _shard(p: torch.Tensor, v: Any) -> Any:
+    return shard_full(p, v) if is_full_of(p, v) else _copy(p, v)
+
+
+def _copy(p: torch.Tensor, v: Any) -> Any:
+    """A tensor of a sharded parameter's state that is not cut (a step counter) copied: a mapped checkpoint's
+    tensors are pages of its file, and one kept would keep the file, and its disk space once deleted."""
+    if is_dtensor(p) and torch.is_tensor(v) and not is_dtensor(v) and not is_full_of(p, v):
+        return v.clone()
+    return v
+
+
+def _shard_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """A load_state_dict pre-hook: the torch state with each full tensor of a sharded parameter cut to this
+    rank's shard, one tensor at a time (the saved ids map to the groups' parameters as torch maps them)."""
+    saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    by_id = dict(zip(saved, params))
+    state = {}
+    for i, st in state_dict["state"].items():
+        p = by_id.get(i)
+        state[i] = {k: _shard(p, v) for k, v in st.items()} if p is not None and isinstance(st, dict) else st
+    return {**state_dict, "state": state}
 
 
 def _fsdp(model: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from .groups import (ALWAYS, SAMPLED, WARMING, assign, build_inner, decay_groups
 from .layers import find_layers, unwrap
 from .masters import Masters, check_master_weights
 from .options import LisaConfig
-from .parking import Parking, held_bytes, tensor_bytes
+from .parking import Parking, held_bytes, move_state, tensor_bytes
 from .sampling import Sampler
 from .units import build_units
 
@@ -314,8 +314,15 @@ class LisaOptimizer(torch.optim.Optimizer):
                 **self._meta()}
 
     def parked_states(self) -> dict[str, dict]:
-        """The optimizer states of frozen parameters kept (`keep`) or offloaded (`offload`), by parameter name."""
+        """The optimizer states of frozen parameters kept (`keep`) or offloaded (`offload`), by parameter name.
+        Under FSDP2 an offloaded state of a sharded parameter is this rank's shard, a plain host tensor
+        (parked_shards() says how it is sharded)."""
         return self._parking.states
+
+    def parked_shards(self) -> dict[str, dict[str, tuple]]:
+        """For each offloaded state of a sharded parameter: key -> (mesh, placements, shape, stride) of the
+        DTensor its plain host shard in parked_states() stands for."""
+        return self._parking.specs
 
     @torch.no_grad()
     def to(self, device: torch.device | str) -> "LisaOptimizer":
@@ -326,12 +333,9 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.module.to(device)
         for m in self._masters.of.values():
             m.data = m.data.to(device)
-        for states in (self.inner.state.values(), self._parking.states.values() if self._parking.policy == "keep"
-                       else ()):
-            for st in states:
-                for k, v in st.items():
-                    if torch.is_tensor(v) and k != "step":
-                        st[k] = v.to(device)
+        for st in self.inner.state.values():
+            move_state(st, device)
+        self._parking.to(device)
         self._device = self.module.get_parameter(self._probe).device
         return self
 
@@ -353,6 +357,8 @@ class LisaOptimizer(torch.optim.Optimizer):
                 "master_weights": self.master_weights, "embed_head_state": c.embed_head_state}
 
     def state_dict(self) -> dict:
+        # Under FSDP2 the sharded tensors are DTensors and offloaded parked ones this rank's plain host shards
+        # (parked_shards()): the full (single-process) form is gathered by whoever sharded the model.
         sd = self.inner.state_dict()
         sd["lisa"] = {**self._meta(), "step": self._step, "active": list(self._active),
                       "history": [dict(h) for h in self.history],
@@ -384,7 +390,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         if list(target) != list(lisa["active"]):
             raise LisaError(f"checkpoint active set {lisa['active']} does not match the sampler's {list(target)}")
         self.inner.state.clear()
-        self._parking.states.clear()
+        self._parking.clear()
         switch = self._step // self.config.interval
         self._apply(target, self.sampler.active(switch - 1) if switch else ())
         self.inner.load_state_dict(sd)

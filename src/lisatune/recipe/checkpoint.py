@@ -34,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..distributed import (drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict, gather_to_rank0,
-                           load_full_model_state_dict, load_full_optimizer_state_dict, on_rank0, rank, world)
+                           is_dtensor, load_full_model_state_dict, load_full_optimizer_state_dict, on_rank0, rank,
+                           world)
 from ..engine import unwrap
 from ..errors import LisaError, first_line
 from ..schema import os_reason
@@ -256,10 +257,12 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
         raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
     if sums is not None:
         verify(path, sums, need[1:])
-    opt_sd = read_torch(path, OPTIMIZER) if optimizer is not None else None
+    model = unwrap(model)
+    # FSDP2: the full optimizer state is mapped, not read: each rank copies only its shards, one at a time.
+    sharded = any(is_dtensor(p) for p in model.parameters())
+    opt_sd = read_torch(path, OPTIMIZER, mmap=sharded) if optimizer is not None else None
     sched_sd = read_torch(path, SCHEDULER) if scheduler is not None else None
     rng = read_torch(path, rng_name)
-    model = unwrap(model)
     try:
         model_sd = fill_tied(model, load_file(str(path / MODEL)))
         _check_fits(model, model_sd)
@@ -375,10 +378,11 @@ def _check_fits(model: torch.nn.Module, sd: dict) -> None:
             raise ValueError(f"{k} has shape {tuple(v.shape)}, the model's is {want}")
 
 
-def read_torch(path: Path, name: str) -> Any:
-    """torch.load with weights_only=True (no pickled code runs); a bad file is one LisaError line."""
+def read_torch(path: Path, name: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True (no pickled code runs); a bad file is one LisaError line. With mmap the
+    tensors are pages of the file (copy-on-write), read as they are used."""
     try:
-        return torch.load(path / name, map_location="cpu", weights_only=True)
+        return torch.load(path / name, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise LisaError(f"checkpoint '{path}': {name} is corrupt or unsafe ({first_line(e)})") from None
 
