@@ -121,6 +121,30 @@ def test_offloaded_state_is_restored_on_reactivation():
     assert int(st["step"]) == 2  # continued, not restarted
 
 
+
+@pytest.mark.parametrize("policy", ["keep", "offload"])
+def test_to_moves_state_and_kept_state_but_not_offloaded_state_or_step_counters(policy):
+    model = tiny_model(n_layers=4)
+    opt = LisaAdamW(model, n_layers=1, interval=2, lr=1e-3, state_policy=policy, seed=1)
+    train(model, opt, batches(5))  # past two switches: active and parked state exist
+    assert opt.parked_states() and opt.state
+    assert opt.to("meta") is opt  # stands for .to("cuda") (masters cannot go to meta: .data keeps its kind)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    where = {k: {v.device.type for st in opt.state.values() for k2, v in st.items() if k2 == k}
+             for k in ("step", "exp_avg", "exp_avg_sq")}
+    assert where == {"step": {"cpu"}, "exp_avg": {"meta"}, "exp_avg_sq": {"meta"}}
+    parked = {(k, v.device.type) for st in opt.parked_states().values() for k, v in st.items()}
+    moments = "meta" if policy == "keep" else "cpu"
+    assert parked == {("step", "cpu"), ("exp_avg", moments), ("exp_avg_sq", moments)}
+
+
+def test_move_state_moves_one_states_tensors_in_place_but_never_the_step_counter():
+    from lisatune.engine.parking import move_state
+    step, other = torch.tensor(3.0), object()
+    st = {"step": step, "exp_avg": torch.ones(2), "note": other}
+    assert move_state(st, "meta") is st
+    assert st["step"] is step and st["note"] is other and st["exp_avg"].device.type == "meta"
+
 def snapshot(model, opt, sched):
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
