@@ -72,8 +72,10 @@ def encode_chat_located(tokenizer, messages: list[dict], loc: str, loss_on: str 
     Tool messages and the `tools` given to the template are prompt: they carry no loss (but with "all").
 
     The conversation is rendered incrementally: the text up to each assistant message (with the
-    generation prompt) is a prompt, the text that message adds is its reply. Whitespace after a turn
-    is masked, and the example ends with EOS so the model learns to stop.
+    generation prompt) is a prompt, the text that message adds is its reply. A template that re-renders history
+    (the rendering of a prefix is not a prefix of the whole) is rendered whole once instead, and the replies are
+    located in it (_generation, else _located). Whitespace after a turn is masked, and the example ends with EOS
+    so the model learns to stop.
     """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if loss_on == "last_assistant" else None
     pieces = _incremental(tokenizer, messages, loc, tools)
