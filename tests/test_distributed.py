@@ -296,14 +296,15 @@ def test_fsdp2_full_optimizer_state_is_gathered_one_tensor_at_a_time_to_rank_0(t
 
 
 @pytest.mark.timeout(300)
-def test_fsdp2_offloaded_state_is_parked_as_plain_host_shards_and_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("world", [1, 2])
+def test_fsdp2_offloaded_state_is_parked_as_plain_host_shards_and_resumes_bitwise(tmp_path, world):
     """#27: under FSDP2 with state_policy: offload a frozen block's moments are parked as this rank's shard, a
     plain host tensor (a DTensor with host shards on a GPU mesh would all-gather through NCCL at the checkpoint),
     after a switch and after loading a checkpoint (not re-sharded onto the device); the checkpoint holds them in
     full (single-process format) and the resume is bitwise."""
     stop, lisa = 12, dict(ADAMW, state_policy="offload")
-    launch(resume_worker, str(tmp_path), "fsdp", lisa, STEPS, BATCH, stop)
-    ranks = [torch.load(tmp_path / f"resumed{r}.pt", weights_only=False) for r in range(2)]
+    launch(resume_worker, str(tmp_path), "fsdp", lisa, STEPS, BATCH, stop, world=world)
+    ranks = [torch.load(tmp_path / f"resumed{r}.pt", weights_only=False) for r in range(world)]
     for r in ranks:
         for when in ("straight", "saved", "loaded"):
             parked = r["parked"][when]
