@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -51,6 +52,16 @@ def test_the_dry_run_goes_through_every_task(tmp_path):
         st = row["step_s"]
         assert st["plain_n"] + st["switch_n"] == 4 and st["plain_median"] > 0, name
         assert (st["switch_n"] > 0) == (case.method == "lisa"), (name, st)  # K=2: steps 2 and 4 switch
+        assert row["static"]["setup_peak_allocated"] > 0, name
+        build = row["build"]
+        if gc.host_first(case):  # frozen blocks arrived quantized; their full-precision copies stayed on the host
+            assert build["path"] == "host, then LisaAdamW(device=...)" and build["quantized_blocks"] == 2, build
+            assert build["host_copies_on_host"], build
+        else:
+            assert build["path"] == "on the device", build
+    bnb = res["checks-bnb"]
+    assert bnb["int8_frozen_exact"]["output_equal"] and bnb["int8_frozen_exact"]["input_grad_equal"], bnb
+    assert bnb["int8_frozen_loss_falls"]["ok"] and bnb["int8_bnb_linear8bitlt"]["eval_rel_err"] > 1e-3, bnb
     log = (tmp_path / "gpu_check.log").read_text()
     assert all(f"\n{t}: " in log for t in gc.TASKS), log
 
@@ -97,3 +108,34 @@ def test_a_wrong_shape_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("gpu_check: --shape Llama-9 is not a built-in shape ("), err
+
+
+def test_lisa_with_quantized_frozen_blocks_is_built_on_the_host_and_given_to_lisaadamw_with_the_device(monkeypatch):
+    """The product's loading path: the model on the host in bf16, LisaAdamW(device=...) quantizes the frozen
+    blocks onto the device and moves the rest; the other cases are built on the device."""
+    gc = gpu_check()
+    from lisatune import LisaAdamW
+    calls, real = [], LisaAdamW.__init__
+
+    def init(self, model, config=None, *, device=None, **kwargs):
+        calls.append((device, {p.device.type for p in model.parameters()}, {p.dtype for p in model.parameters()}))
+        real(self, model, config, device="cpu", **kwargs)  # (the host stands in for the device it was given)
+
+    monkeypatch.setattr(LisaAdamW, "__init__", init)
+    dev = torch.device("meta")  # where build was asked to train: nothing may be made there before LisaAdamW
+    assert [n for n, c in gc.CASES.items() if gc.host_first(c)] == ["lisa-eh-frozen-nf4", "lisa-8bit-eh-nf4"]
+    model, opt = gc.build(gc.tiny_shape(), gc.CASES["lisa-eh-frozen-nf4"], dev, lr=1e-3)
+    assert calls == [(dev, {"cpu"}, {torch.bfloat16})]
+    assert opt.frozen_weights.quantized_blocks() == [i for i in range(4) if i not in opt.active_blocks]
+
+
+def test_the_host_model_is_random_and_finite_where_the_skipped_init_left_garbage():
+    gc = gpu_check()
+    model = gc.host_model(gc.tiny_shape())
+    ps = dict(model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in ps.values())
+    q = ps["model.layers.0.self_attn.q_proj.weight"].float()
+    assert 0.01 < q.std() < 0.03 and not torch.equal(q, ps["model.layers.1.self_attn.q_proj.weight"].float())
+    assert torch.equal(ps["model.norm.weight"], torch.ones_like(ps["model.norm.weight"]))
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert torch.isfinite(model(input_ids=x, labels=x).loss)

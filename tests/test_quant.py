@@ -15,7 +15,7 @@ import lisatune.quant  # noqa: F401  (installs lisa.frozen_weights)
 from lisatune import LisaAdamW, LisaError
 from lisatune.recipe.meter import ActivationMeter, optimizer_state_bytes, weight_bytes
 from lisatune.analysis.tiny import tiny_config
-from lisatune.quant.frozen import FrozenInt8Linear, dequantize_int8, quantized_module, quantized_weight
+from lisatune.quant.frozen import FrozenInt8Linear, dequantize_int8, frozen_module, quantized_module, quantized_weight
 from lisatune.quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -427,10 +427,7 @@ def test_the_active_lower_block_s_gradient_is_right_under_nf4_frozen_blocks_afte
 # -- #26: a frozen int8 linear computes x @ dequant(W).T + b on every device, in train and eval mode -------------
 def frozen_int8(lin):
     """A FrozenInt8Linear in `lin`'s place, as FrozenWeights builds it when a block freezes."""
-    q = FrozenInt8Linear(lin)
-    q.__dict__.update(lisa_full=lin.weight, lisa_device=lin.weight.device)
-    q.quantize()
-    return q
+    return frozen_module(FrozenInt8Linear, lin, "int8", lin.weight.device)
 
 
 def dequantized_int8(w, dtype):

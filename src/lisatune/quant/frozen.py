@@ -170,6 +170,18 @@ class FrozenInt8Linear(_Frozen, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def frozen_module(cls: type, lin: nn.Linear, kind: str, device: torch.device | str) -> nn.Module:
+    """A frozen quantized linear of class `cls` (FrozenInt8Linear, or a Linear4bit with _Frozen) in `lin`'s place,
+    its weight quantized from lin.weight (its full-precision copy, wherever it is) onto `device`."""
+    q = cls(lin) if kind == "int8" else quantized_module(cls, lin, kind, lin.weight.dtype)
+    q.__dict__["lisa_full"] = lin.weight  # not registered: the model's parameters are the quantized ones
+    # plain values, nothing of FrozenWeights: a reference from the model back there would be a cycle that keeps
+    # every block alive after `del model, opt` until the garbage collector runs
+    q.__dict__["lisa_device"] = torch.device(device)
+    q.quantize()
+    return q
+
+
 class FrozenWeights:
     """The quantized frozen blocks of one LisaOptimizer (its `frozen_weights` attribute)."""
 
@@ -210,13 +222,7 @@ class FrozenWeights:
             w = lin.weight
             self.host[name] = host = w.detach().to("cpu")  # its trained weights (the same tensor on CPU)
             w.data = host  # the device copy is freed
-            q = self._cls(lin) if self.kind == "int8" else quantized_module(self._cls, lin, self.kind, w.dtype)
-            q.__dict__["lisa_full"] = w  # not registered: the model's parameters are the quantized ones
-            # plain values, nothing of self: a reference from the model back here would be a cycle that keeps
-            # every block alive after `del model, opt` until the garbage collector runs
-            q.__dict__["lisa_device"] = self._device[name]
-            q.quantize()
-            setattr(parent, attr, q)
+            setattr(parent, attr, frozen_module(self._cls, lin, self.kind, self._device[name]))
         self._quantized.add(i)
 
     def _activate(self, opt: LisaOptimizer, i: int) -> None:
