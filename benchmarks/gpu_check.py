@@ -29,6 +29,7 @@ mean nothing. Nothing here is a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -50,8 +51,11 @@ from transformers import AutoModelForCausalLM
 
 try:
     from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4
-    from transformers.modeling_utils import no_init_weights
+except ImportError:
+    try:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # slower (transformers' own random init, then overwritten), never wrong
+        no_init_weights = contextlib.nullcontext
 
 from lisatune import LisaOptimizer
 from lisatune.analysis.plan import Setting, parse_setting, plan_memory
