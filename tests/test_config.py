@@ -110,3 +110,13 @@ def test_lisatune_config_lists_every_key_with_its_default_and_help(capsys):
     lisa = capsys.readouterr().out
     assert lisa.startswith("lisa.n_layers = 2") and "lisa_activated_layers" in lisa
     assert all(ln.startswith(("lisa.", " ")) for ln in lisa.splitlines())
+
+
+def test_a_mistake_in_the_run_config_is_reported_before_the_library_loads(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("train:\n  lrr: 1\n")
+    code = ("import sys\nfrom lisatune.cli import main\n"
+            f"rc = main(['train', {str(bad)!r}])\nprint(rc, [m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "2 []"
+    assert "unknown option 'train.lrr' (did you mean 'lr'?" in out.stderr

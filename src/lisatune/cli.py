@@ -4,7 +4,8 @@ library.
 `lisatune --help` imports no torch: each subcommand lives in a module that registers its arguments
 (`register(subparsers)`) and imports the library, and that module is imported only when its subcommand runs.
 A module may register a light parser whose `func` names what runs as "module:function" (train, eval: their
-`--help` imports no torch either); that module is imported only then.
+`--help` imports no torch either); that module is imported only then, after an optional light `prepare(args)`
+(train: loading its config, so that a mistake in it answers at once).
 """
 from __future__ import annotations
 
@@ -72,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     front, _ = _parser({n: h for n, (_, h) in COMMANDS.items()})
     command = front.parse_known_args(argv)[0].command  # --help, no or an unknown subcommand: answered here
     args = build_parser(command).parse_args(argv)
-    if isinstance(args.func, str):  # "module:function", imported now that it runs
-        module, _, name = args.func.partition(":")
-        args.func = getattr(importlib.import_module(module), name)
     configure_logging(args.log_level, args.quiet)
     try:
+        if getattr(args, "prepare", None) is not None:  # light work first (train: its config), kept as args.prepared
+            args.prepared = args.prepare(args)
+        if isinstance(args.func, str):  # "module:function", imported now that it runs
+            module, _, name = args.func.partition(":")
+            args.func = getattr(importlib.import_module(module), name)
         return args.func(args)
     except LisaError as e:
         print(f"lisatune: error: {e}", file=sys.stderr)

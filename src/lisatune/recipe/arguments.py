@@ -1,6 +1,7 @@
 """The arguments of `lisatune train`, `lisatune eval` and `lisatune config`, declared without the runtime: their
 `--help` (and `lisatune config`, which lists every key of the run config) imports no torch. What runs is named
-as "module:function" and imported by cli.main only when it runs (train and eval: recipe/commands.py).
+as "module:function" and imported by cli.main only when it runs (train and eval: recipe/commands.py); train's
+run config is loaded and checked before that (`prepare`), so a mistake in it is reported without the library.
 """
 from __future__ import annotations
 
@@ -12,9 +13,21 @@ from typing import get_args
 
 from ..data.config import DataConfig
 from ..schema import cli_column, cli_int
-from .config import ALIASES, METHOD_KEYS, TrainConfig, config_keys
+from .config import ALIASES, METHOD_KEYS, TrainConfig, config_keys, load_config
 
 GSM_SAMPLES = 16  # lisatune eval --gsm-samples' default
+
+
+def train_config(args):
+    """The run config of `lisatune train ARGS`: the file (or the embedded default), --set, then the flags."""
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append("train.resume=true")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
     t.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
-    t.set_defaults(func="lisatune.recipe.commands:cmd_train")  # imported when it runs
+    # The config is checked first, without the library: a mistake in it answers at once.
+    t.set_defaults(func="lisatune.recipe.commands:cmd_train", prepare=train_config)
 
     e = sub.add_parser("eval")
     e.add_argument("model", help="model directory, .gguf file, or 'smollm2'")

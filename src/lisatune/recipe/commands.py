@@ -17,14 +17,14 @@ from ..data.sources import FILE_SUFFIXES, OWN_READER
 from ..errors import LisaError
 from ..integrations import harness
 from ..schema import no_effect, read_text
-from .arguments import GSM_SAMPLES
+from .arguments import GSM_SAMPLES, train_config
 from .checkpoint import latest_checkpoint
-from .config import load_config
 from .evaluate import eval_loss, gsm_accuracy, placement
 from .loop import Interrupted, train
 from .models import ModelConfig, check_positions, load_model
 from .progress import console
 from .run_dir import describe_eval
+
 
 def train_command(args, resume: bool) -> str:
     """This `lisatune train` as a command to paste: the config, every --set and --output-dir (so it names this
@@ -39,14 +39,7 @@ def train_command(args, resume: bool) -> str:
 
 
 def cmd_train(args) -> int:
-    overrides = list(args.set or [])
-    if args.resume:
-        overrides.append("train.resume=true")
-    if args.overwrite:
-        overrides.append("train.overwrite=true")
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(args.config, overrides)
+    cfg = getattr(args, "prepared", None) or train_config(args)  # cli.main loads it before importing this module
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun/accelerate, one summary, not one per rank
     try:
         s = train(cfg)
