@@ -19,8 +19,8 @@ from ..schema import cli_int, cli_positive_float, read_text
 from .memory import bench_memory, load_bench_model
 from ..recipe.meter import token_batches
 from .norms import run_norms
-from .plan import (DEVICES, EH_STATES, PRECISIONS, STATE_POLICIES, WEIGHTS, Setting, parse_size, run_plan,
-                   to_json)
+from .plan import (DEVICES, DISTRIBUTED, EH_STATES, PRECISIONS, STATE_POLICIES, WEIGHTS, Setting, parse_size,
+                   run_plan, to_json)
 from .shapes import SHAPES
 from .speed import bench_speed
 
@@ -94,6 +94,7 @@ def cmd_plan(args) -> int:
                    loss=args.loss, attention=args.attention, lora_r=args.lora_r, lora_base=args.lora_base,
                    gamma=args.gamma, embed_head=not args.no_embed_head, eh_state=args.eh_state, frozen=args.frozen,
                    state_policy=args.state_policy, world=args.world, device=args.device,
+                   distributed=args.distributed, trained_blocks=args.trained_blocks,
                    step_chunk=parse_size(args.step_chunk, "--step-chunk") if args.step_chunk else None)
     r = run_plan(args.model, args.method, base, args.gpu, args.reserve)
     print(to_json(r) if args.json else r["markdown"], end="")
@@ -157,8 +158,8 @@ def register(subparsers) -> None:
     pl = subparsers.add_parser("plan", help="predict a training step's memory per method from the config alone "
                                             "(meta device: no weights loaded)")
     pl.add_argument("--model", default="SmolLM2-135M",
-                    help=f"a built-in shape ({', '.join(SHAPES)}), a model directory or a config.json "
-                         "(default SmolLM2-135M)")
+                    help=f"a built-in shape ({', '.join(SHAPES)}), a model directory, a config.json or a Hub "
+                         "id whose config.json is in the Hugging Face cache (read offline; default SmolLM2-135M)")
     pl.add_argument("--method", nargs="+", default=["full", "lora", "lisa"], metavar="SPEC",
                     help="methods to plan: full, lora, qlora (lora:base=nf4), lisa, each refinable as lora:r=128, "
                          "lora:base=int8, lisa:gamma=4, lisa:gamma=0 (embedding + head only), lisa:embed_head=false, "
@@ -182,6 +183,13 @@ def register(subparsers) -> None:
     pl.add_argument("--world", type=cli_int(1), default=1, metavar="N",
                     help="DDP processes (distributed: ddp): above 1 each also holds DDP's buckets, one copy of the "
                          "trained gradients (default 1)")
+    pl.add_argument("--distributed", choices=list(DISTRIBUTED), default="ddp",
+                    help="with --world above 1: ddp (default; every process holds everything, plus DDP's buckets) or "
+                         "fsdp (FSDP2: parameters, gradients, masters and state sharded 1/world, plus one block's "
+                         "all-gather; per rank)")
+    pl.add_argument("--trained-blocks", type=cli_int(0), metavar="K",
+                    help="LISA with quantized frozen blocks: blocks trained so far, each holding its own host copy "
+                         "(private RAM; the others are the checkpoint's mapped pages); default: every block")
     pl.add_argument("--device", choices=list(DEVICES), default="cuda",
                     help="cuda (default): foreach AdamW's step temporaries and the device allowance (CUDA context, "
                          "cuBLAS workspaces, allocator slack); cpu: single-tensor AdamW, no allowance")

@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -74,6 +75,7 @@ from pathlib import Path
 
 import torch
 import transformers.masking_utils as masking_utils
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -98,6 +100,7 @@ WEIGHTS = ("full", "int8", "nf4")  # how quantizable linears are held: as they a
 EH_STATES = ("fp32", "8bit")
 STATE_POLICIES = ("drop", "keep", "offload")  # LISA: where a frozen block's optimizer state waits
 STEP_CHUNK_KEY = "train.step_chunk_mib"  # the config key that sets the engine's Masters(chunk_bytes)
+DISTRIBUTED = ("ddp", "fsdp")  # what `world` > 1 means: replicas with DDP buckets, or FSDP2 shards
 DEVICES = ("cuda", "cpu")  # the step's AdamW kernel (foreach / single-tensor) and whether the allowance applies
 
 # The device allowance: device memory a CUDA run holds beyond its tensors. Public figures, to be calibrated from
@@ -117,7 +120,8 @@ ALLOCATOR_SLACK = 0.05  # of the tensor peak: reserved but unallocated blocks (r
 def device_allowance(peak: int) -> int:
     """What a CUDA run needs beyond a tensor peak of `peak` bytes: context, cuBLAS workspaces, allocator slack."""
     return CUDA_CONTEXT + CUBLAS_WORKSPACE + int(ALLOCATOR_SLACK * peak)
-SDPA = "lisatune_plan_sdpa"  # the fused-kernel attention the planner registers with transformers
+SDPA = "lisatune_plan_fused"  # the fused-kernel attention the planner registers (no "sdpa" in the name: transformers
+# refuses names with it for models without SDPA support, Gemma-2 among them)
 
 
 def _sdpa_saves(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -169,6 +173,9 @@ class Setting:
     world: int = 1  # DDP processes (data parallel: each holds everything, plus DDP's gradient buckets if > 1)
     device: str = "cuda"  # cuda: foreach AdamW, the device allowance; cpu: single-tensor AdamW, no allowance
     step_chunk: int | None = None  # bf16-mixed: the master step's byte cap (engine Masters(chunk_bytes)); None: none
+    distributed: str = "ddp"  # with world > 1: ddp (each process holds everything) or fsdp (FSDP2: sharded 1/world)
+    trained_blocks: int | None = None  # LISA, quantized frozen blocks: blocks trained so far (private host copies);
+    # None: every block (a long run's steady state)
 
     @property
     def label(self) -> str:
@@ -198,6 +205,12 @@ class Setting:
             raise LisaError(f"plan: batch {self.batch} x seq {self.seq}: need batch >= 1 and seq >= 2")
         if self.world < 1:
             raise LisaError(f"plan: world {self.world}: need >= 1 processes")
+        if self.distributed not in DISTRIBUTED:
+            raise LisaError(f"plan: distributed '{self.distributed}' is not one of {', '.join(DISTRIBUTED)}")
+        if self.distributed == "fsdp":
+            self._check_fsdp()
+        if self.trained_blocks is not None and self.trained_blocks < 0:
+            raise LisaError(f"plan: trained_blocks {self.trained_blocks}: need >= 0")
         if self.step_chunk is not None and self.step_chunk < 4 * ALIGN:
             raise LisaError(f"plan: step_chunk {self.step_chunk} bytes: need at least {4 * ALIGN}")
         if self.lora_r < 1 or self.gamma < 0:
@@ -213,6 +226,24 @@ class Setting:
             raise LisaError("plan: eh_state=8bit is the state of the embedding and head, but embed_head=false "
                             "freezes them")
         return self
+
+    def _check_fsdp(self) -> None:
+        """What lisatune's FSDP2 (distributed/launch.py, recipe/config.py DISTRIBUTED) cannot shard: one line each."""
+        why = None
+        if self.world < 2:
+            why = f"--world {self.world}: fsdp shards over 2 processes or more"
+        elif self.method == "lora":
+            why = "method lora: lisatune's fsdp trains lisa and full only"
+        elif self.method == "lisa" and self.frozen != "full":
+            why = (f"lisa.frozen_weights: {self.frozen}: bitsandbytes' quantized weights are no DTensors, FSDP2 "
+                   "cannot shard them (one process, or distributed: ddp)")
+        elif self.method == "lisa" and self.eh_state == "8bit":
+            why = ("lisa.embed_head_state: 8bit: bitsandbytes' AdamW8bit steps plain tensors, not FSDP2's "
+                   "DTensors (embed_head_state: fp32)")
+        elif self.method == "full" and self.precision == "bf16-mixed":
+            why = "train.precision: bf16-mixed under fsdp is built for method lisa only"
+        if why:
+            raise LisaError(f"plan: distributed fsdp: {why}")
 
 
 _SPEC_KEYS = {"lora": {"r": "lora_r", "base": "lora_base"},
@@ -246,21 +277,41 @@ def parse_setting(spec: str, base: Setting) -> Setting:
     return replace(base, **changes).check()
 
 
-def model_config_for(model: str | PretrainedConfig) -> tuple[str, PretrainedConfig]:
-    """(name, config) of a built-in shape, a model directory, a config.json, or a config object."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells repositories
+
+
+def _hub_cache() -> str:
+    """The Hugging Face cache folder as huggingface_hub resolves it, read now (not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return os.path.join(os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"),
+                        "hub")
+
+
+def model_config_for(model: str | PretrainedConfig, revision: str | None = None) -> tuple[str, PretrainedConfig]:
+    """(name, config) of a built-in shape, a model directory, a config.json, a Hub id whose config.json is in the
+    Hugging Face cache (read offline: the planner never downloads), or a config object."""
     if isinstance(model, PretrainedConfig):
         return type(model).__name__.removesuffix("Config"), copy.deepcopy(model)
     cfg = shape_config(model)
     if cfg is not None:
         return next(k for k in SHAPES if k.lower() == model.lower()), cfg
-    path = Path(model).expanduser()
+    path, name = Path(model).expanduser(), None
+    if not path.exists() and _HUB_ID.fullmatch(model):
+        cached = try_to_load_from_cache(model, "config.json", cache_dir=_hub_cache(), revision=revision)
+        if not isinstance(cached, str):
+            raise LisaError(f"plan: model '{model}' is not a built-in shape and its config.json is not in the "
+                            f"Hugging Face cache ({_hub_cache()}): download it first (hf download {model} "
+                            "config.json), or give a model directory or a config.json")
+        path, name = Path(cached).parent, model
     if path.is_dir() and (path / "config.json").is_file() or path.is_file() and path.suffix == ".json":
         try:
-            return path.name if path.is_dir() else path.parent.name or path.name, AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             raise LisaError(f"plan: {model} is not a transformers config ({str(e).strip().splitlines()[0]})") from None
+        return name or (path.name if path.is_dir() else path.parent.name or path.name), config
     raise LisaError(f"plan: model '{model}' is not a built-in shape ({', '.join(SHAPES)}), "
-                    "a model directory with a config.json, or a config.json file")
+                    "a model directory with a config.json, a config.json file or a Hub id in the Hugging Face cache")
 
 
 # -- one plan -------------------------------------------------------------------------------------
@@ -285,8 +336,13 @@ class MemoryPlan:
     step: int = 0  # the optimizer step: static + grads + step_transient
     switch: int = 0  # LISA's switch: its start, static + grads (0: no switch)
     allowance: int = 0  # device allowance (CUDA context, cuBLAS workspaces, allocator slack): beside the peak
-    host_frozen: int = 0  # host RAM: full-precision copies of quantized frozen blocks' linears
+    host_frozen: int = 0  # host: full-precision copies of quantized frozen blocks' linears (private + mapped)
     host_offload: int = 0  # host RAM: offloaded optimizer state of the frozen blocks
+    host_private: int = 0  # host RAM the run needs: trained blocks' own copies, converted copies, offloaded state
+    host_mapped: int = 0  # the checkpoint's file pages never-trained blocks' copies are (reclaimable, not RAM)
+    setup: int = 0  # device peak while the model is set up, blocks moved one at a time (quantized on arrival)
+    setup_whole: int = 0  # the same if the whole model first moves to the device in its dtype
+    gathered: int = 0  # FSDP2: unsharded transients of forward+backward (root, two blocks, their gradients)
     ideal: int = 0  # masters + state an ideal AdamW holds for the trained set: a master and two moments per value
     active: str = ""  # LISA: the active set planned
     notes: list[str] = field(default_factory=list)
@@ -317,6 +373,7 @@ class MemoryPlan:
 
     @property
     def host(self) -> int:
+        """Host memory the run touches: private RAM and mapped file pages (the frozen copies + offloaded state)."""
         return self.host_frozen + self.host_offload
 
     def to_dict(self) -> dict:
@@ -445,7 +502,7 @@ def _saved_by_block(blocks: list[nn.Module], meter: ActivationMeter):
 
 
 def _fwd_bwd_peak(m: nn.Module, activations: int, by_block: list[int], loss_held: int, loss_transient: int,
-                  recompute: int, flow: int) -> int:
+                  recompute: int, flow: int, with_grads: bool = True) -> int:
     """The tensors forward and backward add to the static part at their peak. Backward frees each block's saved
     tensors after it made that block's gradients, top block first: the peak is at the end of forward (every
     activation, the loss, the head's gradient), at some block (with `flow`, the gradients of the hidden states
@@ -454,7 +511,8 @@ def _fwd_bwd_peak(m: nn.Module, activations: int, by_block: list[int], loss_held
     inside = {id(p) for b in blocks for p in b.parameters()}
     embeds = {id(e.weight) for e in m.modules() if isinstance(e, nn.Embedding)} - \
         ({id(head_of(m).weight)} if head_of(m) is not None else set())
-    grads = {id(p): p.grad.numel() * p.grad.element_size() for p in m.parameters() if p.grad is not None}
+    grads = {id(p): p.grad.numel() * p.grad.element_size() if with_grads else 0
+             for p in m.parameters() if p.grad is not None}
     outside = [i for i in grads if i not in inside]
     top = sum(grads[i] for i in outside if i not in embeds)  # the head and final norm: their grads come first
     bottom = sum(grads[i] for i in outside if i in embeds)  # the input embeddings: last
@@ -482,7 +540,7 @@ def _adamw_temporary(sizes: list[int], device: str) -> int:
 
 
 def _step_transient(prep: _Prepared, moment: dict[int, int], device: str, chunked: bool,
-                    cap: int | None = None) -> int:
+                    cap: int | None = None, slices: bool = True) -> int:
     """The optimizer step's transient. chunked (fp32 masters): engine/masters.py's chunks of Masters.budget
     (the largest trained tensor's fp32 size, or `cap` if smaller; a tensor over it in slices: AdamW and AdamW8bit
     are elementwise), each with the fp32 copy of its gradients and the optimizer's temporary for its tensors;
@@ -495,7 +553,7 @@ def _step_transient(prep: _Prepared, moment: dict[int, int], device: str, chunke
     tensors = [(i, p) for i, g in enumerate(prep.ordered) for p in g]
     budget = Masters.budget(tensors, cap)
     worst = 0
-    for chunk in Masters.chunks(Masters.pieces(tensors, budget, lambda i, p: True), budget):
+    for chunk in Masters.chunks(Masters.pieces(tensors, budget, lambda i, p: slices), budget):
         groups: dict[int, list[int]] = {}
         for i, p, a, b in chunk:
             groups.setdefault(i, []).append(moment[id(p)] * (b - a) // p.numel())
@@ -507,13 +565,16 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     """Predict one training step's memory for `setting` on `model` (a shape name, directory, config.json or
     config), phase by phase, running the real forward and backward on the meta device."""
     s = setting.check()
+    notes = []
+    if s.distributed == "fsdp" and s.loss == "fused":  # recipe/config.py DISTRIBUTED: fsdp has no fused loss
+        s = replace(s, loss="standard")
+        notes.append("fsdp: the model's own logits and loss (lisatune's fused loss needs an unsharded head)")
     _, config = model_config_for(model)
     prep = _prepare(_build(config, s), s)
     m, groups = prep.model, prep.groups
     trainable = list({id(p): p for g in groups + [prep.eight_bit] for p in g}.values())
     kind = s.frozen if s.method == "lisa" else s.lora_base
     keeps = prep.quantized if kind == "int8" else []  # bitsandbytes' int8 matmul keeps its input (meter.py)
-    notes = []
     fused = s.loss == "fused" and head_of(m) is not None and decoder_of(m) is not None
     if s.loss == "fused" and not fused:
         notes.append("no plain Linear head behind get_decoder(): the model's own loss is planned")
@@ -549,7 +610,9 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
                  for b in prep.frozen_blocks for p in b.parameters()) if s.method == "lisa" else 0
     kept, offloaded = (parked if s.state_policy == "keep" else 0), (parked if s.state_policy == "offload" else 0)
     state += kept
-    step_transient = _step_transient(prep, moment, s.device, chunked=masters > 0, cap=s.step_chunk)
+    # FSDP2's masters are DTensors, which the engine steps whole (Masters: no slices of a DTensor)
+    step_transient = _step_transient(prep, moment, s.device, chunked=masters > 0, cap=s.step_chunk,
+                                     slices=s.distributed != "fsdp")
     # quantized linears: bitsandbytes' bytes in place of the meta model's full-precision weights
     weights = (weight_bytes(m, meta=True) - unique_bytes([q.weight for q in prep.quantized], meta=True)
                + sum(quantized_linear_bytes(q.out_features, q.in_features, kind) for q in prep.quantized))
@@ -558,7 +621,7 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     host_frozen = unique_bytes([lin.weight for b in _blocks(m) for _, _, lin, _ in quantizable_linears(b)],
                                meta=True) if s.method == "lisa" and s.frozen != "full" else 0
     grads = grad_bytes(m, meta=True)
-    buckets = grads if s.world > 1 else 0
+    buckets = grads if s.world > 1 and s.distributed == "ddp" else 0
     static = weights + masters + state + buckets
     loss_transient = _loss_transient(m, s, fused, head_trains)
     hidden = getattr(m.config, "hidden_size", None) or m.get_input_embeddings().weight.shape[1]
@@ -568,15 +631,96 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
         flow += s.batch * m.config.num_attention_heads * s.seq * s.seq * size
     fwd_bwd = static + _fwd_bwd_peak(m, meter.bytes, by_block, loss_held, loss_transient, recompute, flow)
     step = static + grads + step_transient
-    peak = max(fwd_bwd, step)  # the switch starts at static + grads, never above the step
     own = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
-    return MemoryPlan(label=s.label, setting=asdict(s), params=own,
-                trainable=sum(p.numel() for p in trainable), weights=weights,
-                grads=grads, masters=masters, state=state, activations=meter.bytes,
-                loss_held=loss_held, loss_transient=loss_transient, recompute=recompute, step_transient=step_transient, buckets=buckets, static=static,
-                fwd_bwd=fwd_bwd, step=step, switch=static + grads if s.method == "lisa" else 0,
-                allowance=device_allowance(peak) if s.device == "cuda" else 0, host_frozen=host_frozen,
-                host_offload=offloaded, ideal=ideal, active=prep.active, notes=notes)
+    plan = MemoryPlan(label=s.label, setting=asdict(s), params=own, trainable=sum(p.numel() for p in trainable),
+                      weights=weights, grads=grads, masters=masters, state=state, activations=meter.bytes,
+                      loss_held=loss_held, loss_transient=loss_transient, recompute=recompute,
+                      step_transient=step_transient, buckets=buckets, static=static, fwd_bwd=fwd_bwd, step=step,
+                      switch=static + grads if s.method == "lisa" else 0, host_frozen=host_frozen,
+                      host_offload=offloaded, ideal=ideal, active=prep.active, notes=notes)
+    _host_and_setup(plan, m, prep, s)
+    if s.distributed == "fsdp":
+        _per_rank(plan, m, prep, s, moment, _fwd_bwd_peak(m, meter.bytes, by_block, loss_held, loss_transient,
+                                                           recompute, flow, with_grads=False))
+    plan.allowance = device_allowance(plan.peak) if s.device == "cuda" else 0
+    return plan
+
+
+def _linears(block: nn.Module) -> int:
+    """The full-precision bytes of a block's quantizable linears (what bitsandbytes would hold quantized)."""
+    return unique_bytes([lin.weight for _, _, lin, _ in quantizable_linears(block)], meta=True)
+
+
+def _host_and_setup(plan: MemoryPlan, m: nn.Module, prep: _Prepared, s: Setting) -> None:
+    """Host memory, private and mapped, and the device's setup peak.
+
+    quant/frozen.py keeps a full-precision copy of every quantized block's linears on the host. A block that never
+    trained needs no copy of its own: with the model loaded on the host (transformers maps the safetensors files)
+    its weights are the checkpoint's mapped pages, which the kernel can drop and re-read (not RAM the run needs).
+    A block that trained holds its own copy (private), refreshed when it freezes: `trained_blocks` of them
+    (default every block, a long run's steady state; γ after the first interval). Assumed: the checkpoint is
+    stored in the model's dtype; an fp32 run from a bf16 checkpoint converts every copy (private)."""
+    blocks = _blocks(m)
+    copies = sorted((_linears(b) for b in blocks), reverse=True) if plan.host_frozen else []
+    trained = len(copies) if s.trained_blocks is None or s.precision == "fp32" else min(s.trained_blocks,
+                                                                                        len(copies))
+    private = sum(copies[:trained])
+    plan.host_private = private + plan.host_offload
+    plan.host_mapped = plan.host_frozen - private
+    # setup: every block arrives in full precision and is quantized there (if frozen), one block at a time
+    largest = max((_linears(b) for b in blocks), default=0) if prep.quantized else 0
+    plan.setup = plan.weights + largest
+    plan.setup_whole = weight_bytes(m, meta=True)
+
+
+def _local(p: torch.Tensor, world: int) -> int:
+    """Elements of FSDP2's shard of `p` on one rank: dim 0 split in `world` rows blocks, the last padded."""
+    if p.ndim == 0:
+        return p.numel()
+    return -(-p.shape[0] // world) * (p.numel() // p.shape[0])
+
+
+def _per_rank(plan: MemoryPlan, m: nn.Module, prep: _Prepared, s: Setting, moment: dict[int, int],
+              activity: int) -> None:
+    """FSDP2 (`fully_shard` on every block and on the root, as distributed/fsdp.py does), per rank: parameters,
+    gradients, masters and state sharded on dim 0 (padded to `world` equal rows blocks); forward and backward
+    hold the root's parameters unsharded (FSDP2 does not reshard the root after forward) and two blocks' (the
+    one computing and the one prefetched), each block's unsharded gradients until its reduce-scatter, the root's
+    until the end of backward; the master step chunks the shards (DTensors are not sliced: each chunk is 1/world
+    of the one-process chunk). An estimate from the shapes: no multi-GPU run has measured it."""
+    n = s.world
+    params = list({id(p): p for p in m.parameters()}.values())
+    trained = [p for p in params if p.grad is not None]
+    frac = {id(p): _local(p, n) / p.numel() for p in params}
+    plan.weights = sum(int(_local(p, n) * p.element_size()) for p in params)
+    plan.grads = sum(int(_local(p, n) * p.grad.element_size()) for p in trained)
+    plan.masters = sum(4 * _local(p, n) for p in trained) if plan.masters else 0
+    plan.state = sum(int(2 * moment[id(p)] * frac[id(p)]) + 4 for p in trained)  # (8-bit E/H: refused)
+    if s.method == "lisa" and s.state_policy != "drop":  # the frozen blocks' state, sharded the same
+        parked = sum(int(2 * _local(p, n) * (4 if s.precision == "bf16-mixed" else p.element_size())) + 4
+                     for b in prep.frozen_blocks for p in b.parameters())
+        if s.state_policy == "keep":
+            plan.state += parked
+        else:
+            plan.host_offload = plan.host_private = parked
+    plan.static = plan.weights + plan.masters + plan.state
+    blocks = _blocks(m)
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() * p.element_size() for p in params if id(p) not in inside)
+    per_block = [sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks]
+    block_grads = max((sum(p.grad.numel() * p.grad.element_size() for p in b.parameters() if p.grad is not None)
+                       for b in blocks), default=0)
+    root_grads = sum(p.grad.numel() * p.grad.element_size() for p in trained if id(p) not in inside)
+    plan.gathered = root + 2 * max(per_block, default=0) + block_grads + root_grads
+    plan.fwd_bwd = plan.static + plan.grads + activity + plan.gathered
+    plan.step_transient = -(-plan.step_transient // n)
+    plan.step = plan.static + plan.grads + plan.step_transient
+    plan.switch = plan.static + plan.grads if s.method == "lisa" else 0
+    plan.setup = plan.weights + max(per_block, default=0)  # a block whole while it is sharded onto the device
+    plan.setup_whole = plan.setup
+    plan.notes.append("FSDP2 per rank: parameters, gradients, masters and state sharded; forward+backward adds the "
+                      "root's parameters unsharded, two blocks' (one computing, one prefetched) and the "
+                      "unsharded gradients of a block and of the root (estimated from the shapes)")
 
 
 # -- fitting a GPU --------------------------------------------------------------------------------
@@ -695,7 +839,8 @@ def _gib(v: int) -> str:
 
 
 def _setting_line(name: str, params: int, s: Setting) -> str:
-    ddp = f", DDP over {s.world} processes (per process)" if s.world > 1 else ""
+    ddp = (f", {'FSDP2' if s.distributed == 'fsdp' else 'DDP'} over {s.world} processes (per process)"
+           if s.world > 1 else "")
     if s.step_chunk is not None and s.precision == "bf16-mixed":
         ddp = f", master step in {_gib(s.step_chunk)} chunks" + ddp
     return (f"{name} ({params / 1e9:.2f}B params): batch {s.batch} x {s.seq} tokens, {s.precision}, "
@@ -717,8 +862,8 @@ def markdown(name: str, plans: list[MemoryPlan], budget: int | None = None, rese
     fit = f" | fits {_gib(budget)}?" if budget else ""
     lines += [f"| method | trainable params | weights | grads | fp32 masters | optimizer state | activations | "
               f"loss | recompute | {'DDP buckets | ' if ddp else ''}static | fwd+bwd | step | switch | "
-              f"**peak {u}** | {allow} | **total** | {'host RAM | ' if host else ''}".rstrip(" |") + f"{fit} |",
-              "|---|" + "---:|" * (15 + ddp + host) + ("---|" if budget else "")]
+              f"**peak {u}** | {allow} | **total** | {'host RAM | host mapped | ' if host else ''}".rstrip(" |")
+              + f"{fit} |", "|---|" + "---:|" * (15 + ddp + 2 * host) + ("---|" if budget else "")]
     for p in plans:
         extra = reserve if reserve is not None else p.allowance
         cells = [p.weights, p.grads, p.masters, p.state, p.activations, p.loss, p.recompute] + \
@@ -726,7 +871,7 @@ def markdown(name: str, plans: list[MemoryPlan], budget: int | None = None, rese
         row = [_size(c, unit) for c in cells] + [_size(p.switch, unit) if p.switch else "–",
                                                  f"**{_size(p.peak, unit)}**", _size(extra, unit),
                                                  f"**{_size(p.peak + extra, unit)}**"]
-        row += [_size(p.host, unit)] if host else []
+        row += [_size(p.host_private, unit), _size(p.host_mapped, unit)] if host else []
         ok = ""
         if budget:
             ok = " | yes" if p.peak + extra <= budget else " | **no**"
@@ -739,8 +884,17 @@ def markdown(name: str, plans: list[MemoryPlan], budget: int | None = None, rese
     elif reserve is not None:
         notes.append(f"--reserve {_gib(reserve)} held back in place of the device allowance")
     if host:
-        notes.append("host RAM: full-precision copies of the quantized frozen blocks' linears (every block's) and "
-                     "offloaded optimizer state; the runtime itself (python, torch, CUDA libraries) not included")
+        trained = {Setting(**p.setting).trained_blocks for p in plans if p.host_frozen}
+        who = ("every block" if trained in ({None}, set()) else
+               ", ".join("every block" if t is None else str(t) for t in sorted(trained, key=lambda t: t or 1e9)))
+        notes.append(f"host RAM (private, what the run needs): the own copies of quantized blocks that trained "
+                     f"(assumed: {who}, --trained-blocks) and offloaded optimizer state; host mapped: the "
+                     "never-trained blocks' linears, the checkpoint's safetensors pages (reclaimable file pages); "
+                     "the runtime itself (python, torch, CUDA libraries) not included")
+    for p in plans:
+        if p.setup_whole > p.setup:
+            notes.append(f"{p.label}: setup peak {_gib(p.setup)} with blocks moved one at a time and quantized on "
+                         f"arrival; {_gib(p.setup_whole)} if the whole model first moves in its dtype")
     if ddp:
         notes.append("DDP buckets: one copy of the trained gradients per process (gradient_as_bucket_view off)")
     notes = list(dict.fromkeys(notes))
