@@ -365,10 +365,10 @@ def test_a_rotary_model_beyond_its_positions_warns_in_one_line(caplog):
 
 # -- 7. an option given where it has no effect is refused (one validation step) -----------------------------------
 @pytest.mark.parametrize("overrides,message", [
-    (["data.split=test"], "data.split has no effect with data.path '{assets}/train.jsonl', a single file (one split"),
+    (["data.split=test"], "data.split 'test': Unknown split \"test\". Should be one of ['train']."),
     (["data.val_split=test"], "data.val_split has no effect without data.val_path"),
     (["data.val_fraction=0", "data.val_path={assets}/train.jsonl", "data.val_split=dev"],
-     "data.val_split has no effect with data.val_path '{assets}/train.jsonl', a single file"),
+     "data.val_split 'dev': Unknown split \"dev\". Should be one of ['train']."),
     (["train.eval_limit=5"], "train.eval_limit has no effect without train.eval_tasks"),
 ])
 def test_a_train_option_without_effect_is_refused(tmp_path, assets, capsys, overrides, message):
@@ -390,7 +390,7 @@ def test_a_gsm_split_and_a_saved_configs_defaults_are_told_apart(tmp_path, asset
 
 @pytest.mark.parametrize("args,message", [
     (["--format", "alpaca", "--data", "{assets}/train.jsonl", "--split", "test"],
-     "--split has no effect with --data '{assets}/train.jsonl', a single file (one split: all of it)"),
+     "--split 'test': Unknown split \"test\". Should be one of ['train']."),
     (["--tasks", "lisatune_gsm", "--split", "test"], "--split has no effect with --tasks"),
     (["--tasks", "lisatune_gsm", "--max-examples", "3"], "--max-examples has no effect with --tasks (--limit N"),
     (["--tasks", "lisatune_gsm", "--format", "gsm"], "--format has no effect with --tasks"),

@@ -14,7 +14,7 @@ import torch
 import transformers as T
 import yaml
 
-from helpers import SUBPROCESS_ENV, make_run_assets
+from helpers import SUBPROCESS_ENV, make_run_assets, tiny_tokenizer
 from lisatune.errors import LisaError
 from lisatune.recipe.models import ModelConfig, load_model
 
@@ -459,12 +459,19 @@ def test_a_hub_dataset_is_fingerprinted_by_the_datasets_library(monkeypatch):
     assert data_fingerprint(DataConfig(format="text", path="org/corpus", split="test")) != data_fingerprint(cfg)
 
 
-def test_a_split_slice_on_a_single_file_is_refused_in_one_line(assets):
+def test_a_split_slice_on_a_single_file_selects_its_records(assets):
+    """A single file is one split, train; a slice of it (datasets' syntax) selects records, another split name is
+    one line naming the option."""
+    from lisatune.data.splits import load_splits
     from lisatune.recipe.config import validate_config
+    cfg = validate_config({"data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "split": "train[:8]"}},
+                          "x")
+    train, _ = load_splits(cfg.data, tiny_tokenizer(chat=False))
+    assert len(train) == 8
+    cfg = validate_config({"data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "split": "test"}}, "x")
     with pytest.raises(LisaError) as e:
-        validate_config({"data": {"format": "alpaca", "path": str(assets / "train.jsonl"), "split": "train[:8]"}}, "x")
-    assert str(e.value).startswith(f"x: data.split has no effect with data.path '{assets / 'train.jsonl'}', a single "
-                                   "file") and "\n" not in str(e.value)
+        load_splits(cfg.data, tiny_tokenizer(chat=False))
+    assert str(e.value).startswith("data.split 'test'") and "\n" not in str(e.value)
 
 
 def test_lisatune_train_prints_where_the_best_model_is(tmp_path, assets, capsys, cli_main):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..data import DataConfig, gsm_eval_items, load_splits
-from ..data.sources import FILE_SUFFIXES, OWN_READER
+from ..data.sources import OWN_READER
 from ..errors import LisaError
 from ..integrations import harness
 from ..schema import no_effect, read_text
@@ -73,9 +73,8 @@ def cmd_train(args) -> int:
 
 def eval_ignored(args) -> str | None:
     """What `lisatune eval` was given that would do nothing, as one line (else None): the loss options with
-    --tasks, lm-eval's without, a split of a single file, the GSM options with another format."""
+    --tasks, lm-eval's without, the GSM options with another format."""
     tasks, fmt = args.tasks is not None, args.format or "gsm"
-    single = args.data is not None and (Path(args.data).suffix.lower() in FILE_SUFFIXES or Path(args.data).is_file())
     with_tasks = "with --tasks (lm-eval tasks bring their own documents, prompts and lengths)"
     return no_effect([
         (tasks and args.format is not None, "--format", with_tasks),
@@ -97,8 +96,6 @@ def eval_ignored(args) -> str | None:
         (not tasks and fmt == "gsm" and bool(args.columns), "--columns", "with format gsm (it generates its problems)"),
         (not tasks and fmt != "gsm" and args.gsm_samples is not None, "--gsm-samples", f"with format {fmt} (it "
                                                                                        "answers GSM problems)"),
-        (not tasks and single and args.split is not None, "--split", f"with --data '{args.data}', a single file "
-                                                                     "(one split: all of it)"),
     ])
 
 
@@ -137,7 +134,10 @@ def cmd_eval(args) -> int:
         read_text(dcfg.path, "--data")  # before the model loads: a missing or binary file is found in no time
     with console():
         model, tok = load_on_device(args)
-        train, val = load_splits(dcfg, tok)
+        try:
+            train, val = load_splits(dcfg, tok)
+        except LisaError as e:  # the loader names train's option; here it is a flag
+            raise LisaError(str(e).replace("data.split ", "--split ", 1)) from None
         examples = (val if fmt == "gsm" else train + val)[: args.max_examples]
         check_positions(model, examples, dcfg.max_length, "--max-length")
         res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)

@@ -9,14 +9,12 @@ a config, `lisatune train --help` and `lisatune config` answer at once.
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from ..data.config import DataConfig
 from ..data.infer import infer_format
-from ..data.sources import FILE_SUFFIXES
 from ..errors import LisaError
 from ..options import GaloreOptions, LisaOptions, LoraOptions, TrainOptions
 from ..schema import (Options, YamlTagError, choices, field_help, format_error, no_effect, parse_yaml, read_yaml,
@@ -142,21 +140,13 @@ class TrainConfig(BaseModel):
         return getattr(self, self.method) if METHOD_SPECS[self.method].options is not None else None
 
 
-def _single_file(path: str | None) -> bool:
-    return path is not None and (Path(path).suffix.lower() in FILE_SUFFIXES or Path(path).is_file())
-
-
 def ignored_options(d: DataConfig, t: TrainOptions) -> str | None:
     """Options set (to other than their default: a saved config.yaml gives every one) where they do nothing, as
     one line, else None: the run would silently not be the one asked for."""
-    split = "(one split: all of it; data.split picks one of a Hub dataset or a saved DatasetDict)"
     return no_effect([
         (d.split != "train" and d.format == "gsm", "data.split", "with format gsm (it generates its problems)"),
-        (d.split != "train" and _single_file(d.path), "data.split", f"with data.path '{d.path}', a single file {split}"),
         (d.val_split != "validation" and d.val_path is None, "data.val_split",
          "without data.val_path (it picks val_path's split; data.val_fraction holds out part of data.path)"),
-        (d.val_split != "validation" and _single_file(d.val_path), "data.val_split",
-         f"with data.val_path '{d.val_path}', a single file {split}"),
         (t.eval_limit is not None and not t.eval_tasks, "train.eval_limit",
          "without train.eval_tasks (documents per lm-eval task)"),
         (t.eval_allow_task_code and t.eval_include_path is None, "train.eval_allow_task_code",
