@@ -40,10 +40,11 @@ The phases, each its own figure (what torch.cuda.max_memory_allocated reads per 
   under checkpointing), and the end (every gradient).
   Each block's saved bytes are counted per block on the same meta forward.
 * step: static + gradients + the step's transient. Under bf16-mixed (masters) the step walks the trained tensors
-  in chunks (engine/masters.py, Masters.chunks: consecutive tensors in group order while their fp32 bytes stay
-  within the largest trained tensor's); for each chunk it holds an fp32 copy of the chunk's gradients and the
-  optimizer's temporary for the chunk, then frees both: the transient is the largest chunk's, at most 8 bytes
-  per element of the largest trained tensor. The optimizer's temporary: torch's AdamW on CUDA (foreach) forms
+  in chunks (engine/masters.py, Masters.budget/pieces/chunks: consecutive tensors in group order while their fp32
+  bytes stay within the budget, the largest trained tensor's fp32 size or `step_chunk` if smaller, a tensor over
+  the budget in slices); for each chunk it holds an fp32 copy of the chunk's gradients and the optimizer's
+  temporary for the chunk, then frees both: the transient is the largest chunk's, at most 8 bytes per element
+  of the budget. The optimizer's temporary: torch's AdamW on CUDA (foreach) forms
   sqrt(exp_avg_sq) for every tensor of a group (within the chunk) at once, one moment of them; on CPU (`device`
   cpu) its single-tensor kernel holds sqrt(exp_avg_sq), its quotient by the bias correction and the previous
   tensor's quotient; AdamW8bit's fused blockwise kernel updates in place. Without masters: the temporary of the
@@ -55,7 +56,14 @@ The phases, each its own figure (what torch.cuda.max_memory_allocated reads per 
 Peak = the largest phase. Beside it, never in it, the device allowance: the CUDA context, cuBLAS's workspaces and
 the caching allocator's slack (named constants below, from public figures, to be calibrated from the first GPU
 run); the total is the two together. Host memory is its own figure: the full-precision copies of quantized
-frozen blocks (quant/frozen.py keeps one per block's linears on the host) and offloaded optimizer state.
+frozen blocks (quant/frozen.py keeps one per block's linears on the host) and offloaded optimizer state, split
+into private RAM (the copies of blocks that trained, offloaded state) and mapped pages (the never-trained
+blocks' weights are the checkpoint's safetensors pages): _host_and_setup. The setup peak: the device while the
+model arrives, blocks one at a time (quantized on arrival), beside the whole model moved in its dtype.
+
+With `distributed` fsdp (FSDP2) and `world` N the figures are per rank (_per_rank): parameters, gradients,
+masters and state sharded on dim 0, plus the unsharded transients of forward and backward; the sharded parts are
+held equal to 3 gloo ranks (tests/test_plan_scale.py), the transients are estimated from the shapes.
 
 Every position counts as labelled (the most loss memory); attention is a fused SDPA kernel by default (saves
 query, key, value, output and a fp32 logsumexp per query and head, as the CUDA flash kernels and torch's CPU

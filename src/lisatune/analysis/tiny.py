@@ -1,4 +1,8 @@
-"""Tiny models built from configs (random weights, no download): the tests' models and the benchmarks' `tiny`."""
+"""Tiny models built from configs (random weights, no download).
+
+Shipped in the package because a user-facing command uses it: `lisatune bench memory --model tiny[:N_LAYERS]`
+(analysis/memory.py) measures on one without a download. The tests and benchmarks build theirs from it too.
+"""
 from __future__ import annotations
 
 import torch
