@@ -276,3 +276,25 @@ def held_full(opt) -> int:
 
 def _name(opt, t) -> str:
     return next((n for n, m in opt.masters().items() if m is t), None) or opt.name_of(t)
+
+
+def forward_first_worker(rank, world, out, lisa, steps, batch):
+    """The same run twice under FSDP2: LisaAdamW built right after shard_model, and after a forward without grad
+    (which leaves FSDP2's root unit unsharded, its parameters the gathered full tensors)."""
+    from helpers import batches, tiny_model
+    from lisatune import LisaAdamW
+    from lisatune.distributed import shard_model
+    data = batches(steps, seed=1, batch=batch)
+    finals, sharded = [], []
+    for first in (False, True):
+        model = tiny_model(n_layers=6)
+        shard_model(model)
+        if first:
+            x = data[0][rank * batch // world:(rank + 1) * batch // world]
+            with torch.no_grad():
+                model(input_ids=x, labels=x)
+        opt = LisaAdamW(model, seed=0, **lisa)
+        sharded.append(all(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"]))
+        train_steps(model, opt, data, rank, world)
+        finals.append(snapshot(model))
+    torch.save({"finals": finals, "sharded": sharded}, Path(out) / f"first{rank}.pt")

@@ -28,8 +28,11 @@ def shard_model(model: nn.Module, blocks_path: str | None = None, **fully_shard_
     reduce-scatter, and LisaAdamW (built after this, on the DTensor parameters) holds state only for the
     local shards of the active blocks. Returns the model (sharded in place).
 
-    Build LisaAdamW before the model's first forward: FSDP2 initializes lazily on it, and a forward before
-    LISA's freeze made packed runs diverge from one process (tests/test_recipe_distributed.py pins the order).
+    FSDP2 reshards its root unit (embedding, norm, head) in backward, so a forward without grad (an evaluation,
+    the packing probe) leaves the root's parameters as the gathered full tensors until the next backward. An
+    optimizer built then holds those copies, and its steps are lost: the run diverges from one process.
+    LisaAdamW registers the shards again first (engine.optim.reshard; tested); for any other optimizer call
+    `reshard()` on every FSDPModule, or build it before the first forward.
     With an `mp_policy`, a block frozen at that first forward may leave its reduce dtype unresolved when it is
     later sampled (pytorch/pytorch#186998, fixed for uniform-dtype groups by #187376).
     """

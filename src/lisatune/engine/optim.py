@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import LisaError
@@ -56,6 +57,15 @@ def reject_peft(model: nn.Module) -> None:
         )
 
 
+def reshard(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters again where a unit is unsharded now. FSDP2 reshards its root unit in
+    backward, so a forward without grad (an evaluation, a probe) leaves the root's parameters as the gathered full
+    tensors: an optimizer built on them steps copies that are never written back (the run diverges)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class LisaOptimizer(torch.optim.Optimizer):
     """LISA over any inner torch optimizer (AdamW by default).
 
@@ -77,6 +87,7 @@ class LisaOptimizer(torch.optim.Optimizer):
                             "holds weights as they are (frozen_weights: full)")
         model = unwrap(model)
         reject_peft(model)
+        reshard(model)
         self.module = model
         self.config = cfg = config
         self.layers = find_layers(model, cfg.blocks_path)
