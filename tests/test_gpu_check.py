@@ -124,7 +124,7 @@ def test_lisa_with_quantized_frozen_blocks_is_built_on_the_host_and_given_to_lis
     monkeypatch.setattr(LisaAdamW, "__init__", init)
     dev = torch.device("meta")  # where build was asked to train: nothing may be made there before LisaAdamW
     assert [n for n, c in gc.CASES.items() if gc.host_first(c)] == ["lisa-eh-frozen-nf4", "lisa-8bit-eh-nf4"]
-    model, opt = gc.build(gc.tiny_shape(), gc.CASES["lisa-eh-frozen-nf4"], dev, lr=1e-3)
+    _, opt = gc.build(gc.tiny_shape(), gc.CASES["lisa-eh-frozen-nf4"], dev, lr=1e-3)
     assert calls == [(dev, {"cpu"}, {torch.bfloat16})]
     assert opt.frozen_weights.quantized_blocks() == [i for i in range(4) if i not in opt.active_blocks]
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from helpers import batches, params, tiny_model, train
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import batches, params, tiny_model, train
 import lisatune.quant  # noqa: F401  (installs lisa.frozen_weights)
 from lisatune import LisaAdamW, LisaError
-from lisatune.recipe.meter import ActivationMeter, optimizer_state_bytes, weight_bytes
 from lisatune.analysis.tiny import tiny_config
 from lisatune.quant.frozen import FrozenInt8Linear, dequantize_int8, frozen_module, quantized_module, quantized_weight
 from lisatune.quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes
+from lisatune.recipe.meter import ActivationMeter, optimizer_state_bytes, weight_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
 
