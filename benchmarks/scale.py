@@ -18,7 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from lisatune.analysis.plan import GIB, MemoryPlan, Setting, parse_setting, plan_memory
+from lisatune.analysis.shapes import shape_config
 from lisatune.cli import main
+from lisatune.engine.masters import CHUNK_BYTES
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "scale.md"
 PAPER = "lisatune plan --batch 1 --seq 1024 --checkpointing off --loss standard"
@@ -28,6 +30,10 @@ OUR_METHODS = "--method full lora lisa lisa:embed_head=false"
 QUANT_SPECS = ["lora", "qlora", "lisa", "lisa:eh_state=8bit", "lisa:embed_head=false", "lisa:embed_head=false,frozen=nf4",
                "lisa:eh_state=8bit,frozen=nf4", "lisa:embed_head=false,frozen=int8"]
 BASE = Setting(precision="bf16-mixed", batch=1, seq=1024, checkpointing=True, loss="fused")  # = OURS
+CAPPED = replace(BASE, step_chunk=CHUNK_BYTES)  # = OURS --step-chunk 256MiB
+BIG = ("Llama-2-70B", "Llama-3.1-70B")
+BIG_SPECS = ["lisa:embed_head=false,frozen=nf4", "lisa:eh_state=8bit,frozen=nf4"]
+HOST_LIMIT = 64 * 10**9  # #27's target: host RAM (private) of 64 GB
 # The third-party H100 figures (issue #14): LISA γ=2 52.1 GB, LoRA r=16 34.6 GB; what the planner matches them with
 H100 = Setting(precision="fp32", batch=1, seq=1024, checkpointing=True, loss="standard")
 REPORTED = {"lisa": 52.1, "lora": 34.6}
@@ -95,6 +101,8 @@ def targets() -> str:
     lines.append(row("#26: 8-bit E/H + nf4 < 24 GB with the allowance", eight, "24 GiB", 24 * GIB, strict=True))
     one = plan("Llama-3.1-8B", "lisa:eh_state=8bit,frozen=nf4,gamma=1")
     lines.append(row("#26: the same at γ = 1", one, "24 GiB", 24 * GIB, strict=True))
+    capped = plan("Llama-3.1-8B", "lisa:eh_state=8bit,frozen=nf4", CAPPED)
+    lines.append(row("#26: the same, master step capped at 256 MiB", capped, "24 GiB", 24 * GIB, strict=True))
     for spec in ("lisa:eh_state=8bit", "lisa:embed_head=false", "lisa:embed_head=false,frozen=int8"):
         lines.append(row("#14: LISA ≤ LoRA r=16, the always-on set 8-bit or frozen", p[spec], lora_s, lora.peak,
                          lora.total))
@@ -114,31 +122,31 @@ def targets() -> str:
 
 def targets_after(p: dict[str, MemoryPlan], one: MemoryPlan) -> str:
     lora, frozen, eight = p["lora"], p["lisa:embed_head=false,frozen=nf4"], p["lisa:eh_state=8bit,frozen=nf4"]
-    # a step whose chunks held at most 256 MiB of fp32 gradient, splitting larger tensors into row blocks (not
-    # built): its transient, one chunk's fp32 gradients and foreach moment, at most 2 x 256 MiB
-    split_step = eight.step - eight.step_transient + 2 * 256 * 2**20
-    split_peak = max(eight.fwd_bwd, split_step, eight.switch)
-    split_total = split_peak + (eight.allowance - int(0.05 * eight.peak)) + int(0.05 * split_peak)
+    capped = plan("Llama-3.1-8B", "lisa:eh_state=8bit,frozen=nf4", CAPPED)
     blocks = 4 * p["lisa:embed_head=false"].trainable  # the two blocks' (and the final norm's) values, in fp32
     return f"""So, by the planner: LISA with the embedding and head frozen and nf4 frozen blocks needs {g(frozen.peak)} GiB
 of tensors at its peak ({g(frozen.total)} GiB with the device allowance), under LoRA r=16's {g(lora.peak)}
 ({g(lora.total)}): that target holds. With the embedding and head trained, their AdamW state in 8 bits and nf4
 frozen blocks, the tensor peak is {g(eight.peak)} GiB, at the optimizer step: {g(eight.static)} GiB static, {g(eight.grads)}
-GiB of bf16 gradients and the step's transient, {g(eight.step_transient)} GiB. The chunks pack consecutive tensors up
-to the largest one's fp32 size (the embedding's, 128,256 x 4,096 values: 1.96 GiB, stepped by AdamW8bit with no
-temporary), so the two active blocks' tensors form one chunk: {g(blocks)} GiB of fp32 gradients and, for foreach
-AdamW, one moment of them as much again. With the device allowance ({g(eight.allowance)} GiB) that is
-{g(eight.total)} GiB: **not under 24 GiB**. It holds with `lisa.n_layers: 1` (γ = 1: {g(one.peak)} GiB,
-{g(one.total)} GiB with the allowance), or with a master step whose chunks hold at most 256 MiB of fp32 gradient,
-splitting larger tensors into row blocks (not built: {g(split_peak)} GiB, about {g(split_total)} GiB with the
-allowance). Checkpointing is on already; without it the forward+backward peak rises (section 3's tables).
-Before the chunked master step (issue #26) an fp32 copy of every trained gradient was held at once: 4 bytes x
-{eight.trainable / 1e9:.2f} B = {4 * eight.trainable / GIB:.2f} GiB instead of {g(eight.step_transient)}.
+GiB of bf16 gradients and the step's transient, {g(eight.step_transient)} GiB. By default the chunks pack consecutive
+tensors up to the largest one's fp32 size (the embedding's, 128,256 x 4,096 values: 1.96 GiB, stepped by AdamW8bit
+with no temporary), so the two active blocks' tensors form one chunk: {g(blocks)} GiB of fp32 gradients and, for
+foreach AdamW, one moment of them as much again. With the device allowance ({g(eight.allowance)} GiB) that is
+{g(eight.total)} GiB: not under 24 GiB. **With the master step capped at 256 MiB** (`--step-chunk 256MiB`, the
+engine's `Masters(chunk_bytes=256 MiB)`: a tensor above the cap, here the embedding and the head, is stepped in
+slices of consecutive values, bitwise as the whole tensor), the step's transient falls to
+{capped.step_transient / 2**20:,.0f} MiB, the step to {g(capped.step)} GiB and the peak to {g(capped.peak)} GiB
+({'forward+backward' if capped.peak == capped.fwd_bwd else 'the step'}): **{g(capped.total)} GiB with the
+allowance, under 24 GiB** ({capped.total / 1e9:.1f} GB). It also holds with `lisa.n_layers: 1` (γ = 1:
+{g(one.peak)} GiB, {g(one.total)} GiB with the allowance). Before the chunked master step (issue #26) an fp32 copy
+of every trained gradient was held at once: 4 bytes x {eight.trainable / 1e9:.2f} B =
+{4 * eight.trainable / GIB:.2f} GiB instead of {g(eight.step_transient)} (or {capped.step_transient / 2**20:,.0f} MiB capped).
 
 #15's "≤ QLoRA r=16" is not met by any LISA setting: LISA trains whole blocks in mixed precision (16 bytes per trained
 parameter), QLoRA 42 M fp32 adapters. The state ratio is 1.000 with fp32 state (the 4-byte step per tensor) and
 1.003 with the 8-bit E/H state (its fp32 absmax, 1/64 of the 8-bit moments): within 1.02. Host memory is its own
-line: with nf4 (or int8) frozen blocks the host keeps a bf16 copy of every block's linears, {g(frozen.host)} GiB at 8B.
+line: with nf4 (or int8) frozen blocks the host holds a bf16 copy of every block's linears, {g(frozen.host)} GiB at 8B,
+the checkpoint's mapped pages for the blocks that never trained and private RAM for those that did (section 5).
 These are plans; the measured CUDA peaks per phase come from `benchmarks/gpu_check.py` (docs/gpu.md), which also
 calibrates the device allowance.
 """
@@ -190,7 +198,18 @@ def page() -> str:
     parts += ["\n## 4. Quantized memory: 8-bit E/H state, nf4 / int8 frozen blocks, QLoRA\n\n", QUANT_TEXT]
     for model, gpu in (("Llama-3.1-8B", "24GB"), ("Llama-2-7B", "24GB"), ("Llama-2-70B", "80GB")):
         parts.append(run(f"{OURS} --model {model} --method {' '.join(QUANT_SPECS)} --gpu {gpu}"))
+    parts.append(run(f"{OURS} --model Llama-3.1-8B --method lisa:eh_state=8bit,frozen=nf4 "
+                     "lisa:embed_head=false,frozen=nf4 --step-chunk 256MiB --gpu 24GB"))
     parts += [quant_after(), targets()]
+    parts += ["\n## 5. 70B: one 80 GB card with nf4 frozen blocks, or FSDP2 over 4 and 8 cards\n\n", BIG_TEXT]
+    for model in BIG:
+        parts.append(run(f"{OURS} --model {model} --method {' '.join(BIG_SPECS)} --step-chunk 256MiB --gpu 80GB "
+                         "--trained-blocks 2"))
+    parts.append(big_after())
+    for model in BIG:
+        for world in (4, 8):
+            parts.append(run(f"{OURS} --model {model} --method lisa --world {world} --distributed fsdp --gpu 80GB"))
+    parts.append(fsdp_after())
     logging.getLogger(__name__).info("%.0f s", time.perf_counter() - t0)
     return "".join(parts)
 
@@ -233,8 +252,13 @@ How to read the tables (every size in GiB = 2^30 bytes; published figures are in
   (2 x 40.1 MiB on Hopper) and the caching allocator's slack (5 % of the peak): public figures, named constants
   in `analysis/plan.py`, to be calibrated from the first GPU run's `mem_get_info` and reserved-minus-allocated.
   **total** = peak + allowance; `--gpu` tests the total (`--reserve SIZE` holds back a fixed size instead).
-* **host RAM** (when a row has any): the full-precision copies of quantized frozen blocks (quant/frozen.py keeps
-  every block's linears on the host) and offloaded optimizer state (`lisa:state_policy=offload`).
+* **host RAM / host mapped** (when a row has any): quant/frozen.py keeps a full-precision copy of every quantized
+  block's linears on the host. A block that never trained needs no copy of its own: with the model loaded on the
+  host, its weights are the checkpoint's safetensors pages (**host mapped**: file pages, reclaimable, not RAM the
+  run needs). **host RAM** (private) is the copies of the blocks that trained (`--trained-blocks`, default every
+  block: a long run's steady state) and offloaded optimizer state (`lisa:state_policy=offload`).
+* **per rank** (`--world N --distributed fsdp`): FSDP2's shards of parameters, gradients, masters and state,
+  plus the unsharded transients of forward and backward (section 5).
 * LISA is planned with the γ lowest blocks active (backward then runs through every block: the most
   activations; gradients and state are the same for any γ blocks). "E+H" is the embedding and head,
   always trained in the paper; `lisa:gamma=0` (E+H alone) exists in the planner only, the engine needs
@@ -330,8 +354,9 @@ models, to the byte):
   moments for smaller ones (the norms), an integer step, two shared 1 KiB maps: 2.03 bytes per value
   instead of 8 (its fp32 masters stay). Its fused step needs no foreach temporary, but the master step still
   casts the chunk's gradients to fp32: the embedding's alone is 2 GiB at 8B.
-* **host RAM**: quant/frozen.py keeps a full-precision (bf16) copy of every block's linears on the host (the
-  frozen blocks' weights, and the active blocks' copies, refreshed when they freeze): the host column.
+* **host RAM / host mapped**: quant/frozen.py keeps a full-precision (bf16) copy of every block's linears on the
+  host: the checkpoint's mapped pages for a block that never trained, its own private copy for one that did
+  (refreshed when it freezes). The tables here count every block as trained (private), except section 5's.
 
 """
 
@@ -350,7 +375,68 @@ optimizer step ({g(eight.step)} GiB; {g(eight.total)} with the allowance): see t
 QLoRA is the trained set itself: two bf16 blocks (0.44 B parameters) plus their gradients, fp32 masters and fp32
 moments (16 bytes per parameter), where QLoRA's 42 M fp32 adapters add 0.5 GiB of gradients and state. At 70B the
 nf4 frozen blocks fit LISA in 80 GiB ({g(b_nf4.total)} and {g(b_8.total)} GiB with the allowance), which no bf16
-setting does, nor int8 frozen blocks ({g(b_int8.total)} GiB). The host then holds {g(b_nf4.host)} GiB of bf16 copies.
+setting does, nor int8 frozen blocks ({g(b_int8.total)} GiB). The host then holds {g(b_nf4.host)} GiB of bf16 copies
+(private or mapped: section 5).
+
+"""
+
+
+BIG_TEXT = """Two roads to 70B. One card: the frozen blocks in nf4, loaded on the host and moved to the device one
+block at a time, quantized on arrival (the **setup peak** under each table: the weights plus one block's bf16
+linears, beside the whole model moved first in bf16, which no 80 GB card holds); the bf16 linears stay on the
+host, the checkpoint's mapped pages for every block that never trained and a private copy for each that did
+(here `--trained-blocks 2`: the first interval; every block after a long run). Several cards: FSDP2 in
+bf16-mixed, per rank (`--distributed fsdp`): parameters, gradients, fp32 masters and state sharded 1/N, plus the
+unsharded root (embedding, head, final norm), two blocks (the one computing and the one prefetched) and the
+unsharded gradients of a block and of the root; FSDP2 runs the model's own loss (lisatune's fused loss needs an
+unsharded head) and cannot shard nf4 weights or 8-bit E/H state (one-line refusals). The sharded parts are held
+equal to 3 gloo ranks (`tests/test_plan_scale.py`); the transients are estimated from the shapes.
+
+"""
+
+
+def big_after() -> str:
+    rows = ["| model | LISA setting | device total GiB | setup peak GiB (whole model first) | host RAM GiB, 2 "
+            "blocks trained | host mapped GiB | host RAM GiB, every block trained | blocks trained within 64 GB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model in BIG:
+        for spec in BIG_SPECS:
+            first = plan(model, spec, replace(CAPPED, trained_blocks=2))
+            every = plan(model, spec, CAPPED)
+            per = (every.host_private - every.host_offload) // max(1, find_blocks(model))
+            within = HOST_LIMIT // per if per else 0
+            rows.append(f"| {model} | {first.label} | {g(first.total)} | {g(first.setup)} ({g(first.setup_whole)}) | "
+                        f"{g(first.host_private)} | {g(first.host_mapped)} | {g(every.host_private)} | "
+                        f"{min(within, find_blocks(model))} of {find_blocks(model)} |")
+    l2 = plan("Llama-2-70B", "lisa:embed_head=false,frozen=nf4", replace(CAPPED, trained_blocks=2))
+    return "\n".join(rows) + f"""
+
+Reading these: Llama-2-70B with E/H frozen and nf4 frozen blocks needs {g(l2.total)} GiB of device with the allowance
+(tensor peak {g(l2.peak)}): it fits one 80 GB card, and so does Llama-3.1-70B (larger vocabulary, the same blocks).
+The host holds every block's bf16 linears ({g(l2.host_frozen)} GiB at Llama-2-70B), but as the checkpoint's mapped
+pages until a block trains: private RAM is {g(l2.host_private)} GiB after the first interval (two blocks), **within
+64 GB**, and grows by one block's linears ({(l2.host_frozen // 80) / GIB:.2f} GiB) for each block that trains, so the
+64 GB target holds while at most the number of blocks in the last column has trained; a long run that visits every
+block ends at the full copy (the next column) unless trained copies are spilled to the run directory (issue #27,
+not built). The setup needs the weights plus one block in bf16 ({g(l2.setup)} GiB), where moving the whole model
+first needs {g(l2.setup_whole)} GiB.
+
+"""
+
+
+def find_blocks(model: str) -> int:
+    return shape_config(model).num_hidden_layers
+
+
+def fsdp_after() -> str:
+    four = plan("Llama-2-70B", "lisa", replace(BASE, world=4, distributed="fsdp"))
+    eight = plan("Llama-2-70B", "lisa", replace(BASE, world=8, distributed="fsdp"))
+    fp32 = plan("Llama-2-70B", "lisa", replace(BASE, precision="fp32", world=4, distributed="fsdp"))
+    return f"""Reading these: Llama-2-70B LISA E+H+2L in bf16-mixed with FSDP2 needs {g(four.total)} GiB per rank on 4 cards
+(tensor peak {g(four.peak)}, of which {g(four.gathered)} GiB are the unsharded root, two blocks and their gradients)
+and {g(eight.total)} GiB on 8: **it fits 4 x 80 GB**, where the same in fp32 needs {g(fp32.total)} GiB per rank. Per rank
+the bf16 shard of the weights ({g(four.weights)} GiB on 4) is most of it; the trained set's masters and state are
+{g(four.masters + four.state)} GiB.
 
 """
 
