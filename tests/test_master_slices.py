@@ -128,3 +128,17 @@ def test_lisa_sliced_trains_and_resumes_bitwise_as_unsliced():
 def test_a_bad_cap_is_a_one_line_error(cap):
     with pytest.raises(LisaError, match="chunk_bytes must be an integer"):
         Masters(chunk_bytes=cap)
+
+
+def test_master_adamw_takes_the_cap_and_steps_bitwise_as_without_it():
+    from lisatune.methods.full import MasterAdamW
+    models = [tiny_model(n_layers=2, dtype=BF16) for _ in range(2)]
+    for m in models:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    capped, whole = MasterAdamW(models[0], chunk_bytes=4 * ALIGN, lr=1e-2), MasterAdamW(models[1], lr=1e-2)
+    assert capped._masters.chunk_bytes == 4 * ALIGN and whole._masters.chunk_bytes is None
+    data = batches(3)
+    train(models[0], capped, data)
+    train(models[1], whole, data)
+    assert all(torch.equal(a, b) for a, b in zip(params(models[0]).values(), params(models[1]).values()))

@@ -18,11 +18,11 @@ class MasterAdamW(torch.optim.Optimizer):
     holds masters for the active set only; they travel in state_dict() (so a resume is bitwise).
     """
 
-    def __init__(self, model: nn.Module, **hyper):
+    def __init__(self, model: nn.Module, chunk_bytes: int | None = None, **hyper):
         ids = {id(p) for p in trainable(model)}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]  # tied tensors once
         check_master_weights(True, named)
-        self._masters = Masters()
+        self._masters = Masters(chunk_bytes)  # the step's cap on fp32 gradient bytes (None: the largest tensor)
         master = {id(p): self._masters.add(n, p) for n, p in named}
         groups = [{**g, "params": [master[id(p)] for p in g["params"]]} for g in decay_groups([p for _, p in named])]
         self.inner = torch.optim.AdamW(groups, **hyper)
