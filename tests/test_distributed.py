@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from helpers import batches, tiny_model
 from dist_scripts.workers import (build, diverge_worker, forward_first_worker, full_state_worker, launch,
-                                  load_state_worker, load_worker, resume_worker, slow_rank0_worker, snapshot,
-                                  train_steps, train_worker)
+                                  load_after_forward_worker, load_state_worker, load_worker, resume_worker,
+                                  slow_rank0_worker, snapshot, train_steps, train_worker)
 from lisatune import LisaAdamW, LisaError
 from lisatune.distributed import LisaDDP, verify_active_set
 
@@ -344,3 +344,12 @@ def test_lisa_adamw_built_after_a_forward_without_grad_under_fsdp2_trains_as_bui
         plain, first = res["finals"]
         assert res["sharded"] == [True, True]
         assert all(torch.equal(plain[n], first[n]) for n in plain)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_full_optimizer_state_loads_after_a_forward_without_grad(tmp_path):
+    """#27: after a forward without grad FSDP2's root parameters are gathered copies, not the DTensor shards the
+    masters are cut like (copying a full master into a sharded one failed: mixed torch.Tensor and DTensor)."""
+    launch(load_after_forward_worker, str(tmp_path), dict(ADAMW, master_weights=True, state_policy="offload"), 7,
+           BATCH)
+    assert all(torch.load(tmp_path / f"direct{r}.pt", weights_only=False)["same"] for r in range(2))

@@ -210,6 +210,9 @@ def load_state_worker(rank, world, out, lisa, steps, batch):
     ck = save_checkpoint(Path(out) / "run", steps, model, opt)
     del model, run, opt
     model, run, opt = build("fsdp", 0, lisa)
+    x = batches(1, seed=5, batch=batch)[0][rank * batch // world:(rank + 1) * batch // world]
+    with torch.no_grad():  # as the recipe's packing probe: FSDP2's root unit is left unsharded
+        model(input_ids=x, labels=x)
     most, cuts, reads = [0], [0], {}
 
     def sample(*_):
@@ -298,3 +301,24 @@ def forward_first_worker(rank, world, out, lisa, steps, batch):
         train_steps(model, opt, data, rank, world)
         finals.append(snapshot(model))
     torch.save({"finals": finals, "sharded": sharded}, Path(out) / f"first{rank}.pt")
+
+
+def load_after_forward_worker(rank, world, out, lisa, steps, batch):
+    """load_full_optimizer_state_dict into a fresh FSDP2 run after a forward without grad (FSDP2's root unit is
+    then unsharded); whether every local state, parked state and master equals the saved one."""
+    from helpers import batches
+    from lisatune.distributed import full_optimizer_state_dict, load_full_optimizer_state_dict
+    model, run, opt = build("fsdp", 0, lisa)
+    train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
+    before = local_states(opt)
+    box = [full_optimizer_state_dict(opt)]  # full on rank 0 only: every rank loads rank 0's
+    dist.broadcast_object_list(box, src=0)
+    model, run, opt = build("fsdp", 0, lisa)
+    x = batches(1, seed=5, batch=batch)[0][rank * batch // world:(rank + 1) * batch // world]
+    with torch.no_grad():
+        model(input_ids=x, labels=x)
+    load_full_optimizer_state_dict(opt, box[0])
+    after = local_states(opt)
+    same = before.keys() == after.keys() and all(
+        torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
+    torch.save({"same": same}, Path(out) / f"direct{rank}.pt")

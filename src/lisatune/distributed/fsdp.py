@@ -16,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..engine import find_layers, unwrap
+from ..engine.optim import reshard
 from ..engine.parking import is_full_of, shard_full
 from ..errors import LisaError
 from .collectives import initialized, is_dtensor, rank
@@ -103,6 +104,7 @@ def load_full_optimizer_state_dict(opt, state_dict: dict) -> None:
     """
     lisa = state_dict.get("lisa")
     if lisa:
+        reshard(opt.module)  # after a forward without grad the root's parameters are its gathered copies
         param = opt.module.get_parameter
         masters = {n: _shard(param(n), m) for n, m in (lisa.get("masters") or {}).items()}
         parked = {n: {k: _copy(param(n), v) for k, v in st.items()} for n, st in lisa.get("parked", {}).items()}
