@@ -7,10 +7,13 @@ loads it with transformers (`from_pretrained`, bf16), builds LisaAdamW (γ=1, E/
 runs two steps, sampling the process's anonymous memory (private, not file-backed: /proc/self/smaps_rollup) every
 5 ms, with glibc's heap returning freed blocks at once (train.release_memory), so that the peak is what is held
 and not the allocator's cache. RSS would count the checkpoint's mapped file pages, which the kernel can drop.
+Beside it, the checkpoint's own maps (/proc/self/smaps): the pages the run wrote (Private_Dirty: the trained
+blocks' private copies) against `lisatune plan`'s host RAM (private) for the blocks trained, and the rest mapped.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -23,12 +26,26 @@ import torch
 import transformers as T
 
 from lisatune import LisaAdamW
+from lisatune.analysis.plan import Setting, plan_memory
 from lisatune.recipe.allocator import release_freed_memory
+
+MIB = 2**20
 
 
 def anonymous() -> int:
     text = Path("/proc/self/smaps_rollup").read_text()
     return int(re.search(r"^Anonymous:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def file_pages(paths: list[str]) -> dict[str, int]:
+    """Rss and Private_Dirty (pages written: the process's own copies) of this process's maps of `paths`."""
+    out, mine = {"Rss": 0, "Private_Dirty": 0}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            mine = any(line.endswith(p) for p in paths)
+        elif mine and line.split(":")[0] in out:
+            out[line.split(":")[0]] += int(line.split()[1]) * 1024
+    return out
 
 
 def measure(model_dir: str) -> None:
@@ -46,7 +63,9 @@ def measure(model_dir: str) -> None:
     opt = LisaAdamW(model, n_layers=1, interval=100, lr=1e-3, train_embedding=False, train_head=False,
                     frozen_weights="nf4", seed=3)
     g = torch.Generator().manual_seed(0)
+    trained = set()
     for _ in range(2):
+        trained |= set(opt.active_blocks)
         x = torch.randint(0, model.config.vocab_size, (1, 16), generator=g)
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
@@ -55,6 +74,12 @@ def measure(model_dir: str) -> None:
     size = sum(p.numel() * 2 for p in opt.frozen_weights.host.values())
     print(f"anonymous memory peak above start: {(peak[0] - start) / 2**20:.0f} MiB; frozen blocks' bf16 linears: "
           f"{size / 2**20:.0f} MiB (held as the checkpoint's mapped pages, not copied)")
+    pages = file_pages([str(f) for f in Path(model_dir).glob("*.safetensors")])
+    plan = plan_memory(model_dir, Setting(method="lisa", precision="bf16", gamma=1, embed_head=False, frozen="nf4",
+                                          device="cpu", batch=1, seq=16, trained_blocks=len(trained)))
+    print(f"checkpoint pages written (private copies of the {len(trained)} blocks trained): "
+          f"{pages['Private_Dirty'] / MIB:.1f} MiB; planned host RAM (private) {plan.host_private / MIB:.1f} MiB, "
+          f"host mapped {plan.host_mapped / MIB:.1f} MiB")
 
 
 def main() -> int:
@@ -77,6 +102,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d, max_shard_size="300MB")
         del model
+        for f in Path(d).glob("*.safetensors"):  # written back: clean pages, as a downloaded checkpoint's
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         print(f"model: {size / 2**20:.0f} MiB in bf16, {args.layers} blocks")
         subprocess.run([sys.executable, __file__, "--model-dir", d], check=True)
     return 0
