@@ -138,6 +138,9 @@ class LoraOptions(BaseModel):
     # peft's semantics
     target_modules: list[str] | None = Field(None,
         description="module names matched by suffix (e.g. q_proj); null: every linear layer in the blocks")
+    base: Literal["full", "nf4", "int8"] = Field("full",
+        description="the frozen base's block linears: full precision, or quantized by bitsandbytes (nf4: QLoRA; "
+                    "int8), saved in full precision")
 
 
 class GaloreOptions(BaseModel):

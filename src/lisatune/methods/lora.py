@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from ..engine import decay_groups
 from ..errors import LisaError, first_line
 from ..options import LoraOptions
+from ..quant.qlora import QLoraBase, merged_linear, place_bases, quantize_base
 from .base import Method, block_linears, trainable
 
 
@@ -41,9 +42,12 @@ class Lora(Method):
             raise LisaError("lora: the model already carries a PEFT adapter; pass the base model")
         o = self.options
         _, mods = block_linears(model)
+        targets = o.target_modules or default_targets(model)
+        if o.base != "full":  # QLoRA: peft wraps the quantized linears (their class is nn.Linear's)
+            quantize_base(model, o.base)
         cfg = LoraConfig(
             r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, bias="none", task_type="CAUSAL_LM",
-            target_modules=o.target_modules or default_targets(model),
+            target_modules=targets,
             # Conv1D stores its weight transposed; telling peft up front avoids a warning per layer.
             fan_in_fan_out=bool(mods) and all(isinstance(m, Conv1D) for m in mods.values()),
         )
@@ -60,12 +64,34 @@ class Lora(Method):
             raise LisaError("lora: optimizer() needs the model returned by prepare()")
         return torch.optim.AdamW(decay_groups(trainable(model)), **hyper)
 
+    def place(self, model, device):
+        """A quantized base (lora.base: nf4 | int8) is quantized again from its host copies straight onto `device`,
+        one layer at a time; then the rest of the model moves."""
+        place_bases(model, device)
+        model.to(device)
+        return {}
+
     def export(self, model, merge=True):
         """merge: the base model with B·A folded into its weights (modifies `model`); else the PeftModel,
-        whose save_pretrained writes the adapter only."""
-        if not _is_peft(model):
+        whose save_pretrained writes the adapter only.
+
+        With a quantized base the delta is added to the base's full-precision host copy (in fp32, rounded once to
+        the model's dtype), not to a dequantized weight, and each such layer becomes a plain nn.Linear on the
+        host: the merged model is the plain Hugging Face model a full-precision LoRA would give."""
+        if not _is_peft(model) or not merge:
             return model
-        return model.merge_and_unload() if merge else model
+        from peft.tuners.lora import LoraLayer  # deferred, as in prepare
+
+        for name, m in list(model.named_modules()):
+            if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), QLoraBase):
+                base = m.get_base_layer()
+                delta = torch.zeros(base.out_features, base.in_features)
+                for a in m.active_adapters:
+                    if a in m.lora_A:
+                        delta += m.get_delta_weight(a).float().to(delta.device)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, merged_linear(base, delta))
+        return model.merge_and_unload()  # the adapters on unquantized layers, if any; and the base model unwrapped
 
 
 def _is_peft(model) -> bool:
