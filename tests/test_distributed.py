@@ -329,7 +329,7 @@ def test_fsdp2_checkpoint_load_cuts_each_full_tensor_to_its_shard_one_at_a_time(
     launch(load_state_worker, str(tmp_path), lisa, 7, BATCH)  # past a switch: active, kept and master states
     for r in range(2):
         res = torch.load(tmp_path / f"load{r}.pt", weights_only=False)
-        assert res["most_full"] == 0 and res["cuts"] > 10 and res["mmap"] is True and res["same"], res
+        assert res["most_full_bytes"] == 0 and res["cuts"] > 10 and res["mmap"] is True and res["same"], res
         assert not res["mapped"]  # what was loaded owns its memory: a deleted checkpoint frees its disk space
 
 

@@ -197,7 +197,7 @@ def full_state_worker(rank, world, out, lisa, steps, batch):
 
 def load_state_worker(rank, world, out, lisa, steps, batch):
     """Save an FSDP2 checkpoint, then load it into a fresh run while counting the full (unsharded) state tensors
-    the optimizer holds at every point where load could put them (after torch's load, after parking, at each
+    the optimizer holds (bytes) at every point where load could put them (after torch's load, after parking, at each
     shard cut, at the end), and how optimizer.pt was read."""
     from helpers import batches
     from lisatune.distributed import fsdp
@@ -248,7 +248,7 @@ def load_state_worker(rank, world, out, lisa, steps, batch):
     after = local_states(opt)
     same = before.keys() == after.keys() and all(
         torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
-    torch.save({"most_full": most[0], "cuts": cuts[0], "mmap": reads.get("optimizer.pt"), "same": same,
+    torch.save({"most_full_bytes": most[0], "cuts": cuts[0], "mmap": reads.get("optimizer.pt"), "same": same,
                 "n_states": len(before), "mapped": mapped}, Path(out) / f"load{rank}.pt")
 
 
@@ -265,15 +265,16 @@ def local_states(opt) -> dict:
 
 
 def held_full(opt) -> int:
-    """How many full (unsharded) state tensors or masters of sharded parameters the optimizer holds now."""
-    def full_of(p, v):
-        return hasattr(p, "to_local") and torch.is_tensor(v) and not hasattr(v, "to_local") and v.shape == p.shape
+    """Bytes of the full (unsharded) state tensors and masters of sharded parameters the optimizer holds now."""
+    def full_bytes(p, v):
+        full = hasattr(p, "to_local") and torch.is_tensor(v) and not hasattr(v, "to_local") and v.shape == p.shape
+        return v.numel() * v.element_size() if full else 0
     n = 0
     for t, st in opt.inner.state.items():
-        n += sum(full_of(opt.module.get_parameter(name), v) for name in [_name(opt, t)] for v in st.values())
+        n += sum(full_bytes(opt._param[_name(opt, t)], v) for v in st.values())
     for name, st in opt.parked_states().items():
-        n += sum(full_of(opt.module.get_parameter(name), v) for v in st.values())
-    n += sum(not hasattr(m, "to_local") for m in opt.masters().values())
+        n += sum(full_bytes(opt._param[name], v) for v in st.values())
+    n += sum(m.numel() * m.element_size() for m in opt.masters().values() if not hasattr(m, "to_local"))
     return n
 
 

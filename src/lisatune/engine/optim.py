@@ -351,8 +351,8 @@ class LisaOptimizer(torch.optim.Optimizer):
         return self
 
     def map_states(self, fn: Callable[[torch.Tensor, dict], dict]) -> None:
-        """Replace the optimizer state of every parameter, active (inner state) or parked, by fn(param, state)
-        (e.g. to shard a loaded full state under FSDP2)."""
+        """Replace the optimizer state of every parameter, active (inner state) or parked, by fn(param, state).
+        An offloaded state of an FSDP2 parameter is passed as parked: this rank's plain host shards."""
         for p in list(self.inner.state):
             self.inner.state[p] = fn(p, self.inner.state[p])
         self._parking.map(fn, self._param)
