@@ -22,7 +22,7 @@ def assets(tmp_path_factory):
 def test_the_examples_are_there():
     names = {p.name for p in EXAMPLES}
     expected = {"lisa_alpaca.yaml", "lisa_sharegpt.yaml", "lisa_text_cpt.yaml", "lisa_packing.yaml", "lisa_ddp.yaml",
-                "lisa_8b_24gb.yaml", "lisa_70b_nf4.yaml", "lora_gsm.yaml"}
+                "lisa_8b_24gb.yaml", "lisa_70b_nf4.yaml", "lora_gsm.yaml", "qlora_alpaca.yaml"}
     assert expected <= names, sorted(expected - names)
 
 

@@ -160,3 +160,46 @@ def test_a_bad_lora_base_is_one_line_naming_it(tmp_path, assets):
     with pytest.raises(LisaError) as e:
         train_run(load_config(str(write_config(tmp_path, assets)), ["lora.base=nf3"]))
     assert "lora.base" in str(e.value) and "nf3" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_place_quantizes_each_base_from_its_host_copy_onto_the_device(monkeypatch):
+    import lisatune.quant.qlora as qlora_module
+    method, model = qlora("nf4")
+    x = batches(1)[0]
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    calls = []
+    real = qlora_module.quantized_weight
+    monkeypatch.setattr(qlora_module, "quantized_weight",
+                        lambda bnb, w, kind, device: calls.append((w, device)) or real(bnb, w, kind, device))
+    method.place(model, "cpu")
+    assert [id(w) for w, _ in calls] == [id(m.__dict__["lisa_full"]) for m in bases(model).values()]
+    assert all(d == torch.device("cpu") for _, d in calls)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_on_cuda_the_device_never_holds_the_base_in_full_precision(kind):
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    method = build_method("lora", {"r": 4, "base": kind})
+    model = method.prepare(T.AutoModelForCausalLM.from_config(cfg))  # layers of 1 MiB: allocator rounding is noise
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    opt = method.optimizer(model, lr=1e-2, device="cuda")
+    full_blocks = sum(m.__dict__["lisa_full"].nbytes for m in bases(model).values())
+    others = sum(p.nbytes for n, p in model.named_parameters() if "base_layer" not in n)
+    largest = max(m.__dict__["lisa_full"].nbytes for m in bases(model).values())
+    # the non-block weights, the quantized blocks, and one layer's full weight while it quantizes
+    assert torch.cuda.max_memory_allocated() - start < 1.1 * others + full_blocks // 2 + 2 * largest
+    assert all(m.weight.device.type == "cuda" and m.__dict__["lisa_full"].device.type == "cpu"
+               for m in bases(model).values())
+    data = [b.cuda() for b in batches(1)] * 6
+    losses = train(model, opt, data)
+    assert losses[-1] < losses[0]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)  # re-quantized where each base lives: on the device
+    assert all(m.weight.device.type == "cuda" for m in bases(model).values())
