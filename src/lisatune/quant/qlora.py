@@ -60,6 +60,8 @@ def quantize_base(model: nn.Module, kind: str) -> nn.Module:
     for parent, attr, lin, _ in found:
         w = lin.weight.requires_grad_(False)
         q = quantized_module(cls, lin, kind, w.dtype)
+        if kind == "int8":  # LLM.int8's outlier threshold, as transformers' load_in_8bit: on CUDA, input columns
+            q.state.threshold, q.state.use_pool = 6.0, True  # above it multiply in fp16, not quantized to int8
         q.__dict__["lisa_full"] = w.data if w.device.type == "cpu" else w.data.to("cpu")
         q.__dict__["lisa_device"] = w.device
         q.weight = None  # quantize() quantizes onto lisa_device
