@@ -284,15 +284,17 @@ def test_a_rank_waiting_past_the_timeout_for_rank_0s_work_is_one_line_naming_the
 
 
 @pytest.mark.timeout(240)
-def test_fsdp2_full_optimizer_state_is_gathered_one_tensor_at_a_time_to_rank_0(tmp_path):
+@pytest.mark.parametrize("policy", ["drop", "offload"])
+def test_fsdp2_full_optimizer_state_is_gathered_one_tensor_at_a_time_to_rank_0(tmp_path, policy):
     """#27: a checkpoint under FSDP2 never holds the whole unsharded optimizer state on a device or on a rank that
     does not write it: each sharded tensor is gathered alone (the previous one already copied to the host and
-    freed), and only rank 0 keeps the full tensors."""
-    launch(full_state_worker, str(tmp_path), dict(ADAMW, master_weights=True), 6, BATCH)
+    freed), and only rank 0 keeps the full tensors; offloaded parked states (plain host shards) too."""
+    launch(full_state_worker, str(tmp_path), dict(ADAMW, master_weights=True, state_policy=policy), 6, BATCH)
     r0, r1 = (torch.load(tmp_path / f"full{r}.pt", weights_only=False) for r in range(2))
     assert r0["gathers"] == r1["gathers"] > 10 and r0["most_alive"] == r1["most_alive"] == 0
     assert r0["kinds"] == ["Tensor"] and r0["devices"] == ["cpu"]  # (step counters are plain tensors already)
     assert "NoneType" in r1["kinds"]
+    assert (r0["parked"] > 0) == (policy == "offload") and r0["parked_whole"]
 
 
 @pytest.mark.timeout(300)

@@ -190,9 +190,13 @@ def full_state_worker(rank, world, out, lisa, steps, batch):
         sd = full_optimizer_state_dict(opt)
     finally:
         DTensor.full_tensor = gather
-    leaves = [v for st in sd["state"].values() for v in st.values()] + list(sd["lisa"].get("masters", {}).values())
+    parked = [(n, k, v) for n, st in sd["lisa"]["parked"].items() for k, v in st.items() if k != "step"]
+    leaves = [v for st in sd["state"].values() for v in st.values()] + list(sd["lisa"].get("masters", {}).values()) + \
+        [v for _, _, v in parked]
+    whole = all(v is None or v.shape == model.get_parameter(n).shape for n, _, v in parked)  # (a DTensor: full)
     torch.save({"gathers": len(alive), "most_alive": most[0], "kinds": sorted({type(v).__name__ for v in leaves}),
-                "devices": sorted({str(v.device) for v in leaves if torch.is_tensor(v)})}, Path(out) / f"full{rank}.pt")
+                "devices": sorted({str(v.device) for v in leaves if torch.is_tensor(v)}), "parked": len(parked),
+                "parked_whole": whole}, Path(out) / f"full{rank}.pt")
 
 
 def load_state_worker(rank, world, out, lisa, steps, batch):
