@@ -15,8 +15,9 @@ equal on tiny models, per component and per phase):
   the always-on set's as bitsandbytes' AdamW8bit holds it; with LISA's `state_policy` keep, the state of every
   frozen block too (all of them visited: the most it holds);
 * activations: unique storages saved for backward (saved_tensors_hooks), parameters excluded; with
-  checkpointing, the blocks' inputs kept for recomputation; int8 linears' inputs, which bitsandbytes' matmul
-  keeps on its autograd context;
+  checkpointing, the blocks' inputs kept for recomputation; QLoRA's int8 base linears' inputs, which
+  bitsandbytes' matmul keeps on its autograd context (LISA's frozen int8 linears keep none: they dequantize their
+  weight per call, a transient of one linear's out x in values that forward+backward adds);
 * loss: fused (lisatune's default) never forms the full logits: the decoder runs, then the head and the
   cross-entropy a chunk of tokens at a time (recipe/loss.py, the same function on meta). Counted: the gradient
   of the hidden states it forms in forward and holds until backward, and the label mask its index saves.
@@ -582,7 +583,11 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     m, groups = prep.model, prep.groups
     trainable = list({id(p): p for g in groups + [prep.eight_bit] for p in g}.values())
     kind = s.frozen if s.method == "lisa" else s.lora_base
-    keeps = prep.quantized if kind == "int8" else []  # bitsandbytes' int8 matmul keeps its input (meter.py)
+    # QLoRA's int8 base is bitsandbytes' Linear8bitLt, whose matmul keeps its input (meter.py); LISA's frozen int8
+    # linears (quant/frozen.py FrozenInt8Linear) keep nothing but dequantize their weight for each call
+    keeps = prep.quantized if kind == "int8" and s.method == "lora" else []
+    dequant = max((q.out_features * q.in_features * PRECISIONS[s.precision].itemsize for q in prep.quantized),
+                  default=0) if kind == "int8" and s.method == "lisa" else 0
     fused = s.loss == "fused" and head_of(m) is not None and decoder_of(m) is not None
     if s.loss == "fused" and not fused:
         notes.append("no plain Linear head behind get_decoder(): the model's own loss is planned")
@@ -637,7 +642,7 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     flow = 2 * s.batch * s.seq * hidden * size
     if s.attention == "eager":  # the gradient of the s x s attention weights, formed in each block's backward
         flow += s.batch * m.config.num_attention_heads * s.seq * s.seq * size
-    fwd_bwd = static + _fwd_bwd_peak(m, meter.bytes, by_block, loss_held, loss_transient, recompute, flow)
+    fwd_bwd = static + _fwd_bwd_peak(m, meter.bytes, by_block, loss_held, loss_transient, recompute, flow) + dequant
     step = static + grads + step_transient
     own = sum(p.numel() for n, p in m.named_parameters() if "lora_" not in n)
     plan = MemoryPlan(label=s.label, setting=asdict(s), params=own, trainable=sum(p.numel() for p in trainable),
