@@ -344,10 +344,11 @@ models, to the byte):
   fp32 offset, one fp32 scale per 256 absmax and the layer's own copies of the nf4 code (64 B) and of the
   absmax map (1 KiB): 0.516 bytes per value. The bias, the norms, the embedding and the head stay bf16 (QLoRA
   here quantizes the blocks' linears, as `lisatune.quant.quantize_linears` does, and keeps peft's fp32 adapters).
-* **int8** (`lisa:frozen=int8`): one int8 per value and an fp32 scale per output row (`Linear8bitLt`, threshold 0).
-  Its matmul keeps its input on the autograd context whenever the input needs a gradient (`ctx.A` on CPU,
-  `ctx.tensors` on CUDA), even with gradient checkpointing on, where a frozen `nn.Linear` keeps nothing: the
-  activations column grows by every frozen block's linear inputs. nf4's matmul keeps nothing more than a frozen
+* **int8** (`lisa:frozen=int8`): one int8 per value and an fp32 scale per output row (bitsandbytes' `Int8Params`
+  in lisatune's `FrozenInt8Linear`, which computes x @ dequant(W).T on every device). It keeps no input (the
+  weight is dequantized again in backward): for a moment in each call it holds one linear's weight dequantized
+  in the compute dtype, which forward+backward adds. (bitsandbytes' `Linear8bitLt`, still QLoRA's int8 base, keeps
+  its input on the autograd context, even under checkpointing.) nf4's matmul keeps nothing more than a frozen
   `nn.Linear` (measured equal).
 * **8-bit E/H state** (`lisa:eh_state=8bit`: `lisa.embed_head_state: 8bit`, bitsandbytes' AdamW8bit on the
   always-on set): two uint8 moments and two fp32 absmax per 256 values for tensors of >= 4096 values, fp32
@@ -369,8 +370,8 @@ def quant_after() -> str:
                                               "lisa:embed_head=false,frozen=int8")}
     b_nf4, b_8, b_int8 = big.values()
     return f"""Reading these (8B, the first table): quantizing the 30 frozen blocks cuts the weights from {g(full.weights)} to
-{g(nf4.weights)} GiB (nf4) or {g(int8.weights)} GiB (int8; its kept inputs add {(int8.activations - full.activations) / GIB:.2f} GiB
-of activations). With the embedding and head trained, their state in 8 bits and nf4 frozen blocks, the peak is the
+{g(nf4.weights)} GiB (nf4) or {g(int8.weights)} GiB (int8, with {(int8.fwd_bwd - int8.static - full.fwd_bwd + full.static) / 2**20:,.0f} MiB more at forward+backward: one
+linear's weight dequantized for each call). With the embedding and head trained, their state in 8 bits and nf4 frozen blocks, the peak is the
 optimizer step ({g(eight.step)} GiB; {g(eight.total)} with the allowance): see the targets below. What remains above
 QLoRA is the trained set itself: two bf16 blocks (0.44 B parameters) plus their gradients, fp32 masters and fp32
 moments (16 bytes per parameter), where QLoRA's 42 M fp32 adapters add 0.5 GiB of gradients and state. At 70B the
