@@ -120,3 +120,14 @@ def test_a_mistake_in_the_run_config_is_reported_before_the_library_loads(tmp_pa
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "2 []"
     assert "unknown option 'train.lrr' (did you mean 'lr'?" in out.stderr
+
+
+@pytest.mark.parametrize("option, value", [("frozen_weights", "nf4"), ("frozen_weights", "int8"),
+                                           ("embed_head_state", "8bit")])
+def test_fsdp_with_an_option_it_cannot_shard_is_one_line_at_load_naming_the_field(option, value):
+    with pytest.raises(LisaError) as e:
+        load_config(None, ["distributed=fsdp", f"lisa.{option}={value}"])
+    msg = str(e.value)
+    assert msg.startswith(f"default config: lisa.{option}: {value} cannot run under distributed: fsdp: bitsandbytes")
+    assert "\n" not in msg and "DTensor" in msg
+    assert load_config(None, ["distributed=ddp", f"lisa.{option}={value}"]).lisa.model_dump()[option] == value

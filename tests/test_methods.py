@@ -218,7 +218,7 @@ def test_lisa_recipe_defaults_and_the_paper_defaults_of_the_engine():
 
 @pytest.mark.parametrize("name, options, message", [
     ("xyz", None, "method 'xyz' is not one of full, lora, galore, lisa"),
-    ("lora", {"rank": 4}, "lora: unknown option 'rank' (valid: alpha, dropout, r, target_modules)"),
+    ("lora", {"rank": 4}, "lora: unknown option 'rank' (valid: alpha, base, dropout, r, target_modules)"),
     ("galore", {"r": 4}, "galore: unknown option 'r' (valid: proj_type, rank, scale, update_proj_gap)"),
     ("lisa", {"layers": 4}, "lisa: unknown option 'layers' (valid: "),
     ("full", {"lr": 1}, "full: takes no options (got lr)"),

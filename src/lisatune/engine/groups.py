@@ -104,7 +104,9 @@ def embed_head_8bit(cfg: LisaConfig, optimizer_cls: str | type, groups: list[dic
     if defaults.get("amsgrad") or defaults.get("maximize"):
         raise LisaError("embed_head_state: 8bit does not support amsgrad or maximize")
     if sharded:
-        raise LisaError(f"embed_head_state: 8bit does not support sharded (FSDP2 DTensor) parameters ({sharded})")
+        raise LisaError(f"embed_head_state: 8bit does not support sharded (FSDP2 DTensor) parameters ({sharded}): "
+                        "bitsandbytes' 8-bit AdamW steps whole plain tensors with its own kernels, which take no "
+                        "DTensor shards; use embed_head_state: fp32 under distributed: fsdp")
     try:
         import bitsandbytes  # deferred: optional, slow to import, and only this option needs it
     except ImportError:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import LisaOptimizer, find_layers
-from ..engine.parking import to_param
+from ..engine.parking import move_state
 from ..errors import LisaError
 
 
@@ -182,6 +182,11 @@ def frozen_module(cls: type, lin: nn.Linear, kind: str, device: torch.device | s
     return q
 
 
+# Why FSDP2 cannot hold quantized frozen blocks (recipe/config.py refuses the pair before any model loads).
+FSDP_FROZEN_WHY = ("bitsandbytes quantizes a whole plain weight, and FSDP2 holds each rank's shard of it as a "
+                   "DTensor; use frozen_weights: full under distributed: fsdp")
+
+
 class FrozenWeights:
     """The quantized frozen blocks of one LisaOptimizer (its `frozen_weights` attribute)."""
 
@@ -189,7 +194,8 @@ class FrozenWeights:
         self.kind = kind
         sharded = next((n for b in opt.layers.blocks for n, p in b if hasattr(p, "to_local")), None)
         if sharded:
-            raise LisaError(f"lisa.frozen_weights: {kind} does not support FSDP2 (sharded) parameters ({sharded})")
+            raise LisaError(f"lisa.frozen_weights: {kind} does not support FSDP2 (sharded) parameters ({sharded}): "
+                            f"{FSDP_FROZEN_WHY}")
         bnb = _bitsandbytes(kind)  # (refused here, before any block changes, when it is missing)
         self._cls = FrozenInt8Linear if kind == "int8" else \
             type("FrozenLinear4bit", (_Frozen, bnb.nn.Linear4bit), {"kind": "nf4"})
@@ -235,8 +241,8 @@ class FrozenWeights:
             if m is not None and m.device != w.device:
                 m.data = m.data.to(w.device)
             st = opt.state.get(m if m is not None else w)
-            for k, v in (st or {}).items():
-                st[k] = to_param(w, k, v)  # `step` stays where torch keeps it
+            if st:
+                move_state(st, w.device)  # `step` stays where torch keeps it
         self._quantized.discard(i)
 
     def sync(self, opt: LisaOptimizer) -> None:

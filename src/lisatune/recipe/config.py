@@ -110,6 +110,21 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _fsdp(self):
+        # Refused before any process shards the model; the engine says the same when built by hand.
+        if self.distributed != "fsdp" or self.method != "lisa":
+            return self
+        if self.lisa.frozen_weights != "full":
+            raise ValueError(f"lisa.frozen_weights: {self.lisa.frozen_weights} cannot run under distributed: fsdp: "
+                             "bitsandbytes quantizes a whole plain weight, and FSDP2 holds each rank's shard of it as "
+                             "a DTensor (use frozen_weights: full, or distributed: ddp)")
+        if self.lisa.embed_head_state == "8bit":
+            raise ValueError("lisa.embed_head_state: 8bit cannot run under distributed: fsdp: bitsandbytes' 8-bit "
+                             "AdamW steps whole plain tensors, and FSDP2 gives each rank a DTensor shard (use "
+                             "embed_head_state: fp32, or distributed: ddp)")
+        return self
+
+    @model_validator(mode="after")
     def _harness(self):
         if self.train.eval_tasks and not DISTRIBUTED[self.distributed].whole_model:
             raise ValueError("train.eval_tasks: lm-eval runs the whole model in one process, which distributed: "
