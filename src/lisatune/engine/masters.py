@@ -5,17 +5,17 @@ fine-tuning's MasterAdamW (every parameter). A master is made from its bf16 weig
 fp32). Between steps a weight holds its master rounded; a weight written from outside since (loaded after the
 optimizer was built, say) replaces its master at the next step.
 
-The step walks the inner optimizer's groups in chunks of a byte budget: the cap `chunk_bytes` (CHUNK_BYTES by
-default), or the largest trained tensor's fp32 size if that is smaller. A tensor whose fp32 size exceeds the
-budget is cut into slices of consecutive elements (boundaries at multiples of ALIGN) when its optimizer is
-elementwise (torch's Adam/AdamW, bitsandbytes' blockwise 8-bit Adam, see `sliceable`); any other optimizer
-steps it whole. For each chunk the step casts the bf16 grads of its tensors (or slices) into fp32 master grads,
-steps the inner optimizer on that chunk alone (a slice as a view of the master, with views of its state), rounds
-the finished masters back into the weights (to nearest even) and frees the fp32 grads, so at most one budget of
-fp32 gradient (plus the optimizer's own temporary for it) exists at a time. These optimizers update each element
-from its own grad and state only (bitsandbytes: each block of ALIGN values from its own absmax), so stepping in
-chunks and slices is bitwise the step over all tensors at once (tests/test_master_step.py holds it so on CPU;
-CUDA runs the same elementwise math per element).
+The step walks the inner optimizer's groups in chunks of a byte budget: the largest trained tensor's fp32 size,
+or the cap `chunk_bytes` if one is given and smaller (CHUNK_BYTES is the suggested one; none by default). A
+tensor whose fp32 size exceeds the budget is cut into slices of consecutive elements (boundaries at multiples of
+ALIGN) when its optimizer is elementwise (torch's Adam/AdamW, bitsandbytes' blockwise 8-bit Adam: `sliceable`);
+any other optimizer steps it whole. For each chunk the step casts the bf16 grads of its tensors (or slices) into
+fp32 master grads, steps the inner optimizer on that chunk alone (a slice as a view of the master, with views of
+its state), rounds the finished masters back into the weights (to nearest even) and frees the fp32 grads, so at
+most one budget of fp32 gradient (plus the optimizer's own temporary for it) exists at a time. These optimizers
+update each element from its own grad and state only (bitsandbytes: each block of ALIGN values from its own
+absmax), so stepping in chunks and slices is bitwise the step over all tensors at once (tests/test_master_slices.py
+holds it so on CPU: single-tensor, foreach and 8-bit; CUDA runs the same elementwise math per element).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import LisaError
 
 MASTER_DTYPES = (torch.bfloat16,)  # fp16 would also need loss scaling, which nothing here does
-CHUNK_BYTES = 256 * 2**20  # the default cap on one chunk's fp32 gradients: bounds the step's transient at 8B-70B
+CHUNK_BYTES = 256 * 2**20  # the cap to use where the largest tensor is large (an 8B's embedding: 2 GiB in fp32)
 ALIGN = 256  # slice boundaries, in elements: bitsandbytes' 8-bit state keeps one absmax per 256 values
 # optimizer state entries by what a slice of the master gets: a view of the same elements, of the same 8-bit
 # blocks' absmax, the same (read-only) object, or its own copy of a per-tensor counter (written back once)
@@ -124,10 +124,10 @@ def _owners(groups: list[dict], step: Callable[[], Any], optimizers: Iterable[to
 class Masters:
     """fp32 masters by parameter name, with the weights they round into.
 
-    chunk_bytes: the cap on the fp32 gradient bytes the step holds at once (None: the largest trained tensor's
-    fp32 size, no slicing)."""
+    chunk_bytes: the cap on the fp32 gradient bytes the step holds at once (None, the default: the largest
+    trained tensor's fp32 size, no slicing)."""
 
-    def __init__(self, chunk_bytes: int | None = CHUNK_BYTES) -> None:
+    def __init__(self, chunk_bytes: int | None = None) -> None:
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 4 * ALIGN):
             raise LisaError(f"master step chunk_bytes must be an integer of at least {4 * ALIGN} bytes "
