@@ -131,3 +131,17 @@ def test_fsdp_with_an_option_it_cannot_shard_is_one_line_at_load_naming_the_fiel
     assert msg.startswith(f"default config: lisa.{option}: {value} cannot run under distributed: fsdp: bitsandbytes")
     assert "\n" not in msg and "DTensor" in msg
     assert load_config(None, ["distributed=ddp", f"lisa.{option}={value}"]).lisa.model_dump()[option] == value
+
+
+@pytest.mark.parametrize("method", ["lisa", "full"])
+def test_train_step_chunk_mib_reaches_the_master_step_in_bytes(method, monkeypatch):
+    from lisatune.engine import masters
+    seen = []
+    init = masters.Masters.__init__
+    monkeypatch.setattr(masters.Masters, "__init__", lambda self, b=None: (seen.append(b), init(self, b))[1])
+    cfg = load_config(None, ["train.precision=bf16-mixed", "train.step_chunk_mib=3", f"method={method}"])
+    m = METHODS[method](cfg.method_options(), cfg.train)
+    m.optimizer(m.prepare(tiny_model(dtype=torch.bfloat16)), master_weights=True)
+    assert seen == [3 * 2**20]
+    with pytest.raises(LisaError, match="train.step_chunk_mib has no effect without train.precision: bf16-mixed"):
+        load_config(None, ["train.step_chunk_mib=3"])

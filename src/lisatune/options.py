@@ -182,6 +182,10 @@ class TrainOptions(BaseModel):
     # what is trained: LISA only for the active set (made and freed at each switch), full for every parameter.
     precision: Literal["fp32", "bf16-mixed"] = Field("fp32",
         description="fp32, or bf16 weights with fp32 masters and optimizer state for what is trained (bf16-mixed)")
+    # bf16-mixed: the master step casts trained gradients to fp32 in chunks of at most this many MiB, slicing a
+    # larger tensor (bitwise the same step); null: chunks up to the largest trained tensor (an 8B embedding: 2 GiB).
+    step_chunk_mib: StrictInt | None = Field(None, ge=1,
+        description="bf16-mixed: cap the master step's fp32 transient at this many MiB (null: the largest tensor)")
     # fp32 on a CUDA device: matmuls on TF32 tensor cores (10-bit mantissa products, fp32 accumulation; several
     # times faster on A100/H100). false: full fp32 products. Nothing changes on a CPU.
     tf32: StrictBool = True

@@ -77,7 +77,7 @@ class LisaOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, config: LisaConfig | None = None, *, lr: float = 1e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] | None = None, eps: float | None = None,
                  optimizer_cls: str | type = "adamw", optimizer_kwargs: dict | None = None,
-                 master_weights: bool = False, **options: Any):
+                 master_weights: bool = False, step_chunk_bytes: int | None = None, **options: Any):
         if config is None:
             config = LisaConfig.build(**options)
         elif options:
@@ -98,7 +98,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.sampler = Sampler(len(units), cfg.n_layers, cfg.policy, cfg.probability_list(), cfg.seed)
         check_master_weights(master_weights, units.trainable())
         self.master_weights = master_weights
-        self._masters = Masters()
+        self._masters = Masters(step_chunk_bytes)  # the master step's cap on fp32 bytes (None: the largest tensor)
         self._parking = Parking(cfg.state_policy)
         self._order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
         self._name = {id(p): n for n, p in model.named_parameters()}

@@ -76,6 +76,11 @@ class Method(ABC):
                 "betas": tuple(t.betas if betas is None else betas),
                 "eps": t.eps if eps is None else eps}
 
+    def step_chunk_bytes(self) -> int | None:
+        """The bf16-mixed master step's cap (train.step_chunk_mib) in bytes; None: the largest trained tensor."""
+        mib = self.train.step_chunk_mib
+        return None if mib is None else mib * 2**20
+
     def check_precision(self, master_weights: bool) -> None:
         if master_weights and not self.mixed_precision:
             raise LisaError(f"train.precision: bf16-mixed is not built for method '{self.name}' (methods: "

@@ -79,4 +79,4 @@ class Full(Method):
         return torch.optim.AdamW(decay_groups(trainable(model)), **hyper)
 
     def master_optimizer(self, model, hyper):
-        return MasterAdamW(model, **hyper)
+        return MasterAdamW(model, chunk_bytes=self.step_chunk_bytes(), **hyper)

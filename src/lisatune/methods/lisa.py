@@ -29,7 +29,7 @@ class Lisa(Method):
         state for the active set only (the engine makes and frees them at the switches)."""
         placed = self.place(model, device) if device is not None else {}
         return LisaAdamW(model, self.options, master_weights=master_weights, **self.hyper(lr, weight_decay, betas, eps),
-                         **placed)
+                         step_chunk_bytes=self.step_chunk_bytes(), **placed)
 
     def place(self, model, device):
         if self.options.frozen_weights == "full":

@@ -162,6 +162,8 @@ def ignored_options(d: DataConfig, t: TrainOptions) -> str | None:
         (d.split != "train" and d.format == "gsm", "data.split", "with format gsm (it generates its problems)"),
         (d.val_split != "validation" and d.val_path is None, "data.val_split",
          "without data.val_path (it picks val_path's split; data.val_fraction holds out part of data.path)"),
+        (t.step_chunk_mib is not None and t.precision != "bf16-mixed", "train.step_chunk_mib",
+         "without train.precision: bf16-mixed (it caps the fp32 master step's chunks)"),
         (t.eval_limit is not None and not t.eval_tasks, "train.eval_limit",
          "without train.eval_tasks (documents per lm-eval task)"),
         (t.eval_allow_task_code and t.eval_include_path is None, "train.eval_allow_task_code",
