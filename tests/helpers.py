@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lisatune import LisaAdamW
 from lisatune.analysis.tiny import ARCHS, tiny_config
+from lisatune.data.render import IGNORE
 from lisatune.analysis.tiny import tiny_model as _tiny_model
 
 # Everything the suite and its subprocesses put in a temp folder (pytest's tmp_path, torch.multiprocessing's
@@ -109,3 +110,22 @@ def make_run_assets(root):
     tok.save_pretrained(root / "model")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return root
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def trained_runs(tok, example):
+    """The labelled tokens as text, one string per run of consecutive labelled tokens."""
+    runs, run = [], []
+    for i, label in zip(example["input_ids"], example["labels"]):
+        if label == IGNORE:
+            if run:
+                runs.append(tok.decode(run))
+            run = []
+        else:
+            assert label == i
+            run.append(i)
+    return runs + ([tok.decode(run)] if run else [])

@@ -7,29 +7,10 @@ import sys
 
 import pytest
 
-from helpers import EOS, tiny_tokenizer
+from helpers import EOS, tiny_tokenizer, trained_runs, write_jsonl
 from lisatune.data import DataConfig, load_splits
 from lisatune.data.render import IGNORE
 from lisatune.errors import LisaError
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
-
-
-def trained_runs(tok, example):
-    """The labelled tokens as text, one string per run of consecutive labelled tokens."""
-    runs, run = [], []
-    for i, label in zip(example["input_ids"], example["labels"]):
-        if label == IGNORE:
-            if run:
-                runs.append(tok.decode(run))
-            run = []
-        else:
-            assert label == i
-            run.append(i)
-    return runs + ([tok.decode(run)] if run else [])
 
 
 def test_the_data_config_imports_no_torch_datasets_or_transformers():

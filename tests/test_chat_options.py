@@ -1,13 +1,11 @@
 """#28: data.loss_on (which tokens of a conversation carry loss) and data.chat_template (the template that renders
 them), on a tiny tokenizer with a ChatML template."""
-import json
 
 import pytest
 import yaml
 
-from helpers import CHATML, EOS, make_run_assets, tiny_tokenizer
+from helpers import CHATML, EOS, make_run_assets, tiny_tokenizer, trained_runs, write_jsonl
 from lisatune.data import DataConfig, load_splits
-from lisatune.data.render import IGNORE
 from lisatune.errors import LisaError
 from lisatune.recipe.config import load_config
 
@@ -16,25 +14,6 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
                 {"role": "assistant", "content": "Three."}]
 SHAREGPT = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 2?"},
             {"from": "gpt", "value": "Two."}, {"from": "human", "value": "And 3?"}, {"from": "gpt", "value": "Three."}]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
-
-
-def trained_runs(tok, example):
-    """The labelled tokens as text, one string per run of consecutive labelled tokens."""
-    runs, run = [], []
-    for i, label in zip(example["input_ids"], example["labels"]):
-        if label == IGNORE:
-            if run:
-                runs.append(tok.decode(run))
-            run = []
-        else:
-            assert label == i
-            run.append(i)
-    return runs + ([tok.decode(run)] if run else [])
 
 
 def one_example(tmp_path, fmt="chat", **options):
