@@ -478,10 +478,16 @@ def test_a_bad_probabilities_file(tmp_path, assets, capsys, content, message):
 def test_vague_messages_are_precise(tmp_path, assets, capsys, case, message):
     cfg = write_config(tmp_path, assets)
     (tmp_path / "bin.yaml").write_bytes(b"train:\x00\x01")
+
+    def with_lisa(name, **lisa):  # an alias beside its key in one file (an override replaces either)
+        data = yaml.safe_load(cfg.read_text())
+        data["lisa"].update(lisa)
+        (tmp_path / name).write_text(yaml.safe_dump(data))
+        return tmp_path / name
     args = {"config-dir": ["train", tmp_path],
             "binary-config": ["train", tmp_path / "bin.yaml"],
-            "gamma-and-n_layers": ["train", cfg, "--set", "lisa.gamma=3"],
-            "K-and-interval": ["train", cfg, "--set", "lisa.K=5"],
+            "gamma-and-n_layers": ["train", with_lisa("gamma.yaml", gamma=3)],
+            "K-and-interval": ["train", with_lisa("k.yaml", K=5)],
             "both-data-change-names": ["train", cfg, "--set", "train.allow_data_change=true", "--set",
                                        "train.data_may_change=true"]}[case]
     assert_one_line(*cli(capsys, *args)[::2], message.format(tmp=tmp_path))

@@ -504,3 +504,22 @@ def test_a_resumed_run_first_states_the_restored_step_and_active_set(tmp_path, a
     lisa = [r.getMessage() for r in caplog.records if "LISA switch" in r.getMessage() or "resumed from" in r.getMessage()]
     assert lisa[0].endswith(f"at step 2 of 4, active blocks {active}"), lisa
     assert not any("switch 0 at step 0" in m for m in lisa), lisa
+
+
+def test_an_override_replaces_a_ported_config_s_value_by_either_name(tmp_path):
+    """A config in another tool's names (learning_rate, output_dir, lisa_interval_steps) takes --set by lisatune's
+    names, by the alias, and --output-dir: the override wins, as it does on a config in lisatune's names."""
+    from lisatune.recipe.config import load_config
+    path = tmp_path / "hf.yaml"
+    path.write_text("learning_rate: 3.0e-4\noutput_dir: runs/a\nlisa:\n  lisa_interval_steps: 7\n")
+    cfg = load_config(str(path), ["train.lr=1e-4", "lisa.interval=5", "train.output_dir=runs/b"])
+    assert (cfg.train.lr, cfg.lisa.interval, cfg.train.output_dir) == (1e-4, 5, "runs/b")
+    cfg = load_config(str(path), ["learning_rate=2e-4", "lisa.lisa_interval_steps=3"])
+    assert (cfg.train.lr, cfg.lisa.interval) == (2e-4, 3)
+    assert load_config(str(path), []).train.lr == 3e-4
+    # one file giving a value twice, written two ways, is one setting; two values stay one line
+    path.write_text("train:\n  lr: 1.0e-4\n  learning_rate: 1e-4\n")
+    assert load_config(str(path), []).train.lr == 1e-4
+    path.write_text("train:\n  lr: 1.0e-4\n  learning_rate: 2e-4\n")
+    with pytest.raises(LisaError, match=r"train.learning_rate is an alias of train.lr, which is given too"):
+        load_config(str(path), [])

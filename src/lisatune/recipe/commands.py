@@ -136,8 +136,10 @@ def cmd_eval(args) -> int:
         model, tok = load_on_device(args)
         try:
             train, val = load_splits(dcfg, tok)
-        except LisaError as e:  # the loader names train's option; here it is a flag
-            raise LisaError(str(e).replace("data.split ", "--split ", 1)) from None
+        except LisaError as e:  # a bad split: the loader names train's option, here it is a flag
+            if not str(e).startswith("data.split "):
+                raise
+            raise LisaError("--split " + str(e).removeprefix("data.split ")) from None
         examples = (val if fmt == "gsm" else train + val)[: args.max_examples]
         check_positions(model, examples, dcfg.max_length, "--max-length")
         res = eval_loss(model, examples, tok.pad_token_id, args.batch_size)

@@ -255,9 +255,22 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         data = {k: dict(v) if isinstance(v, dict) else v for k, v in DEFAULT.items()}
     else:
         data = read_yaml(path, "config file", expected="a mapping of sections (model, data, method, train, ...)")
+    where = path or "default config"
+    data = port_aliases(data, where)  # the file's names are ours from here, so an override replaces its value
     for o in overrides:
-        apply_override(data, o)
-    return validate_config(data, path or "default config")
+        given: dict = {}
+        apply_override(given, o)
+        merge(data, port_aliases(given, f"--set '{o}'"))  # an alias given with --set: what it names
+    return validate_config(data, where)
+
+
+def merge(data: dict, given: dict) -> None:
+    """`given`'s values into `data`, section by section; `given` wins."""
+    for k, v in given.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            merge(data[k], v)
+        else:
+            data[k] = v
 
 
 def validate_config(data: dict, where: str) -> TrainConfig:
@@ -325,11 +338,21 @@ def port_aliases(data: Any, where: str) -> Any:
         target = data[section]
         if not isinstance(target, dict):
             continue  # the section's own error says it is not a mapping
-        if key in target and target[key] != value:
+        if key in target and not same_value(target[key], value):
             raise LisaError(f"{where}: {alias} is an alias of {section}.{key}, which is given too with another value "
                             f"({value!r} and {target[key]!r}); give one")
         target[key] = value
     return port_method(data, where)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """One setting given twice: equal, or the same number written two ways (YAML reads 1e-4 as a string)."""
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
 
 
 def port_method(data: dict, where: str) -> dict:
