@@ -771,7 +771,7 @@ def _levers(s: Setting) -> list[tuple[str, dict]]:
     if s.method == "lisa" and s.state_policy == "keep":
         out.append(("lisa.state_policy: drop", {"state_policy": "drop"}))
     if s.method == "lora" and s.lora_base != "nf4":
-        out.append(("an nf4 base (QLoRA, the planner's lora:base=nf4)", {"lora_base": "nf4"}))
+        out.append(("lora.base: nf4 (QLoRA)", {"lora_base": "nf4"}))
     if s.method == "lisa" and s.gamma > 1:
         out.append(("lisa.n_layers: 1", {"gamma": 1}))
     if s.precision == "fp32":
