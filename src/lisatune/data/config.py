@@ -15,6 +15,21 @@ from .render import LOSS_ON
 FIELDS: dict[str, dict[str, bool]] = {name: f.fields for name, f in FORMATS.items()}
 
 
+SOURCE_FORMATS = tuple(f for f in FORMATS if f != "gsm")  # the formats read from a source
+
+
+class DatasetEntry(Options):
+    """One source of data.datasets: read as a single data.path is; an unset key takes the top-level data.* value."""
+    section = "data.datasets[i]"
+
+    path: str = Field(description="a file, a save_to_disk directory or a Hub dataset name, as data.path")
+    format: Literal[SOURCE_FORMATS] | None = Field(None, description=(
+        "as data.format; default: data.format if set, else inferred from this source's first record"))
+    split: str | None = Field(None, description="as data.split; default: data.split")
+    columns: dict[str, str] | None = Field(None, description="as data.columns; default: data.columns")
+    max_samples: StrictInt | None = Field(None, ge=1, description="as data.max_samples; default: data.max_samples")
+
+
 class DataConfig(Options):
     section = "data"
 
@@ -27,7 +42,16 @@ class DataConfig(Options):
     split: str = "train"  # of a Hub dataset or a saved DatasetDict (a single file is one split)
     val_split: str = "validation"  # the same, for val_path
     columns: dict[str, str] = {}  # format field -> the dataset's column, e.g. {instruction: prompt}
-    val_fraction: Number = 0.0  # held out from `path` by a seeded shuffle
+    # Several sources in one run (axolotl's `datasets:`, LLaMA-Factory's `dataset: a,b`), instead of `path`
+    datasets: list[DatasetEntry] | None = Field(None, min_length=1, description=(
+        "several training sources instead of data.path: a list of {path, format, split, columns, max_samples}, "
+        "each read as data.path is (unset keys: the data.* value); their examples are concatenated in order, and "
+        "the loop's shuffling mixes them"))
+    max_samples: StrictInt | None = Field(None, ge=1, description=(
+        "at most this many records of each training source (data.path, or each of data.datasets): the first ones "
+        "after the split's slice, before val_fraction holds out part and before over-long examples are dropped "
+        "(format text: documents); val_path is not capped (see val_max_examples)"))
+    val_fraction: Number = 0.0  # held out from `path` (or the datasets together) by a seeded shuffle
     val_max_examples: StrictInt | None = None  # cap on the validation set, so evaluation stays cheap
     max_length: StrictInt = 256  # tokens; longer examples are dropped (not truncated, which would cut answers)
     # Several examples in one sequence of <= max_length tokens, each attending only to itself (data/pack.py);
@@ -117,31 +141,68 @@ class DataConfig(Options):
 
     @model_validator(mode="after")
     def _sources(self) -> "DataConfig":
+        if self.datasets is not None:
+            if self.path is not None:
+                raise ValueError("data.path and data.datasets are both set: give one (data.path is one source, "
+                                 "data.datasets a list of them)")
+            self._resolve_datasets()
         if self.format == "gsm":
             # GSM validation is the held-out templates; a second source would be ambiguous.
             if self.path or self.val_path or self.val_fraction:
                 raise ValueError("format 'gsm' generates its data: path, val_path and val_fraction are not used "
                                  "(validation is the held-out templates, see gsm_eval_templates)")
+            if self.max_samples is not None:
+                raise ValueError("max_samples is for sources read from data.path or data.datasets; format 'gsm' "
+                                 "generates its problems (see gsm_templates, gsm_variants)")
         else:
-            if not self.path:
-                raise ValueError(f"format '{self.format}' needs data.path (the training file)")
+            if not self.path and not self.datasets:
+                raise ValueError(f"format '{self.format}' needs data.path (the training file) or data.datasets")
             if self.val_path and self.val_fraction:
                 raise ValueError("set val_path or val_fraction, not both")
         unknown = sorted(set(self.columns) - set(FIELDS[self.format]))
         if unknown:
             fields = ", ".join(FIELDS[self.format]) or "none"
             raise ValueError(f"columns: '{unknown[0]}' is not a field of format '{self.format}' (fields: {fields})")
-        if self.packing and self.format == "text":
+        formats = {e.format for e in self.datasets} if self.datasets else {self.format}
+        chat = formats & {"chat", "sharegpt"}
+        if self.packing and "text" in formats:
             raise ValueError("packing is for formats alpaca, chat, sharegpt and gsm: format 'text' already fills "
                              "every sequence (documents joined with EOS, cut into blocks of max_length)")
         for name in ("roles", "message_keys"):
-            if getattr(self, name) and self.format not in ("chat", "sharegpt"):
+            if getattr(self, name) and not chat:
                 raise ValueError(f"{name} is for formats chat and sharegpt, not '{self.format}'")
-        if self.system_prompt and self.format not in ("chat", "sharegpt"):
+        if self.system_prompt and not chat:
             raise ValueError(f"system_prompt is for formats chat and sharegpt, not '{self.format}'")
-        if self.loss_on != "assistant" and self.format not in ("chat", "sharegpt"):
+        if self.loss_on != "assistant" and not chat:
             raise ValueError(f"loss_on is for formats chat and sharegpt, not '{self.format}' (alpaca and gsm train "
                              "on the response, text on every token)")
-        if self.chat_template is not None and self.format == "text":
+        if self.chat_template is not None and formats == {"text"}:
             raise ValueError("chat_template has no effect with format 'text' (plain documents); leave it out")
         return self
+
+    def _resolve_datasets(self) -> None:
+        """Each entry's unset keys from data.*; an entry without a format (and no data.format) has it inferred from
+        its first record. data.format becomes the first entry's when not set (val_path is read in it)."""
+        given = "format" in self.model_fields_set and self.format != "gsm"
+        if "format" in self.model_fields_set and self.format == "gsm":
+            raise ValueError("format 'gsm' generates its data: data.datasets is not used (set each entry's format, "
+                             "or data.format to the format of the sources)")
+        resolved = []
+        for i, e in enumerate(self.datasets):
+            key = f"data.datasets[{i}]"
+            split = e.split if e.split is not None else self.split
+            columns = dict(e.columns if e.columns is not None else self.columns)
+            fmt = e.format or (self.format if given else None)
+            if fmt is None:
+                from .infer import infer_format  # it reads the source, which imports this module
+                fmt = infer_format(e.path, split, columns, option=f"{key}.path")
+            unknown = sorted(set(columns) - set(FIELDS[fmt]))
+            if unknown:
+                raise ValueError(f"{key}.columns: '{unknown[0]}' is not a field of format '{fmt}' "
+                                 f"(fields: {', '.join(FIELDS[fmt])})")
+            resolved.append(e.model_copy(update={
+                "format": fmt, "split": split, "columns": columns,
+                "max_samples": e.max_samples if e.max_samples is not None else self.max_samples}))
+        self.datasets = resolved
+        if not given:
+            self.format = resolved[0].format

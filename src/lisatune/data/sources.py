@@ -43,15 +43,17 @@ FILE_SUFFIXES = {*OWN_READER, *FILE_BUILDERS, ".txt"}
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
-def read_source(path: str, option: str, fmt: str, split: str, columns: dict[str, str]) -> list[tuple[str, Any]]:
-    """(location, record) pairs of `path`, records keyed by the format's field names."""
+def read_source(path: str, option: str, fmt: str, split: str, columns: dict[str, str],
+                max_samples: int | None = None) -> list[tuple[str, Any]]:
+    """(location, record) pairs of `path`, records keyed by the format's field names; the first `max_samples` of
+    the split's records if given. `option` names the source in errors: data.path, data.datasets[1].path, ..."""
     p = Path(path).expanduser()
     if p.suffix.lower() in OWN_READER:
         records = read_records(path, option)
         records = [r for start, stop in one_split(len(records), path, option, split) for r in records[start:stop]]
         if not records:
             raise LisaError(f"{path}: {split_option(option)} '{split}' selects no record")
-        return [(loc, _rename(loc, rec, fmt, columns)) for loc, rec in records]
+        return [(loc, _rename(loc, rec, fmt, columns, option)) for loc, rec in records[:max_samples]]
     if p.is_file():
         if p.suffix.lower() not in FILE_BUILDERS:
             raise LisaError(f"{option} '{path}': unknown file type '{p.suffix}' (expected "
@@ -63,11 +65,13 @@ def read_source(path: str, option: str, fmt: str, split: str, columns: dict[str,
         raise LisaError(f"{option} '{path}' does not exist")
     else:
         ds, name = _load_hub(path, option, split), f"{path}:{split}"
-    _check_columns(ds, name, fmt, columns)
+    _check_columns(ds, name, fmt, columns, option)
     if len(ds) == 0:
         if is_slice(split):
             raise LisaError(f"{name}: {split_option(option)} '{split}' selects no record")
         raise LisaError(f"{name}: the dataset is empty")
+    if max_samples is not None and max_samples < len(ds):
+        ds = ds.select(range(max_samples))
     back = {col: field for field, col in columns.items()}  # dataset column -> format field
     # A field comes only from its mapped column (a column of the field's own name is then left out).
     return [(f"{name}[{i}]", {back.get(k, k): v for k, v in row.items() if k in back or k not in columns})
@@ -78,7 +82,16 @@ DEFAULT_SPLIT = {"data.path": "train", "data.val_path": "validation"}
 
 
 def split_option(option: str) -> str:
-    return {"data.path": "data.split", "data.val_path": "data.val_split"}.get(option, "data.split")
+    """The split key of a source option: data.path -> data.split, data.datasets[1].path -> data.datasets[1].split."""
+    return _sibling(option, "split")
+
+
+def _sibling(option: str, key: str) -> str:
+    if option == "data.val_path":
+        return f"data.val_{key}" if key == "split" else f"data.{key}"
+    if option.startswith("data.datasets[") and option.endswith(".path"):
+        return f"{option.removesuffix('.path')}.{key}"
+    return f"data.{key}"
 
 
 def is_slice(split: str) -> bool:
@@ -110,7 +123,7 @@ def _sliced(ds: Dataset, path: str, option: str, split: str) -> Dataset:
     return ds.select([i for a, b in ranges for i in range(a, b)])
 
 
-def _rename(loc: str, rec: Any, fmt: str, columns: dict[str, str]) -> Any:
+def _rename(loc: str, rec: Any, fmt: str, columns: dict[str, str], option: str = "data.path") -> Any:
     if not columns or not isinstance(rec, dict):
         return rec  # a non-object record is refused by the format's loader, with its location
     out = {k: v for k, v in rec.items() if k not in columns}  # as for datasets sources below
@@ -118,15 +131,15 @@ def _rename(loc: str, rec: Any, fmt: str, columns: dict[str, str]) -> Any:
         if col in rec:
             out[field] = rec[col]
         elif FIELDS[fmt][field]:
-            raise LisaError(f"{loc}: record has no '{col}' (data.columns.{field})")
+            raise LisaError(f"{loc}: record has no '{col}' ({_sibling(option, 'columns')}.{field})")
     return out
 
 
-def _check_columns(ds: Dataset, name: str, fmt: str, columns: dict[str, str]) -> None:
+def _check_columns(ds: Dataset, name: str, fmt: str, columns: dict[str, str], option: str = "data.path") -> None:
     have = ds.column_names
     for field, col in columns.items():
         if col not in have:
-            raise LisaError(f"{name}: data.columns.{field} is '{col}', which is not a column "
+            raise LisaError(f"{name}: {_sibling(option, 'columns')}.{field} is '{col}', which is not a column "
                             f"(columns: {', '.join(have)})")
     for field, required in FIELDS[fmt].items():
         if required and field not in columns and field not in have:

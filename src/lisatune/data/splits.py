@@ -20,16 +20,26 @@ from .text import load_text, read_paragraphs
 log = logging.getLogger("lisatune.data")
 
 
-def _load_file(cfg: DataConfig, path: str, tokenizer, option: str) -> list[dict]:
-    split = cfg.split if option == "data.path" else cfg.val_split
+def _load_file(cfg: DataConfig, path: str, tokenizer, option: str, split: str,
+               max_samples: int | None = None) -> list[dict]:
+    """The examples of one source, read in cfg.format with cfg.columns (an entry's, for data.datasets)."""
     if cfg.format == "text" and path.endswith(".txt"):  # one split of paragraphs, sliced as a single file's rows
         docs = read_paragraphs(path, option)
         docs = [d for start, stop in one_split(len(docs), path, option, split) for d in docs[start:stop]]
         if not docs:
             raise LisaError(f"{path}: {split_option(option)} '{split}' selects no paragraph")
-        return load_text(docs, tokenizer, cfg.max_length, path)
-    records = read_source(path, option, cfg.format, split, cfg.columns)
+        return load_text(docs[:max_samples], tokenizer, cfg.max_length, path)
+    records = read_source(path, option, cfg.format, split, cfg.columns, max_samples)
     return FORMATS[cfg.format].load(records, tokenizer, cfg, path)
+
+
+def training_sources(cfg: DataConfig) -> list[tuple[str, DataConfig]]:
+    """(option, config) of each training source: data.path, or each of data.datasets with its own path, format,
+    split, columns and max_samples (filled in from data.* when the config was validated)."""
+    if not cfg.datasets:
+        return [("data.path", cfg)]
+    return [(f"data.datasets[{i}].path", cfg.model_copy(update={**e.model_dump(), "datasets": None}))
+            for i, e in enumerate(cfg.datasets)]
 
 
 def _drop_long(examples: list[dict], max_length: int, source: str, packing: bool = False) -> list[dict]:
@@ -76,10 +86,15 @@ def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
         items = gsm_eval_items(cfg)
         val = fitting(encode_items(items, tokenizer), f"GSM-symbolic ({language}) held-out problems") if items else []
     else:
-        train = fitting(_load_file(cfg, cfg.path, tokenizer, "data.path"), cfg.path)
+        train = []
+        for option, src in training_sources(cfg):
+            train += fitting(_load_file(src, src.path, tokenizer, option, src.split, src.max_samples), src.path)
+        if cfg.datasets:
+            log.info("training data: %d examples from %d datasets (%s)", len(train), len(cfg.datasets),
+                     ", ".join(f"{e.path}: {e.format}" for e in cfg.datasets))
         val = []
         if cfg.val_path:
-            val = fitting(_load_file(cfg, cfg.val_path, tokenizer, "data.val_path"), cfg.val_path)
+            val = fitting(_load_file(cfg, cfg.val_path, tokenizer, "data.val_path", cfg.val_split), cfg.val_path)
         elif cfg.val_fraction:
             train, val = _split(train, cfg.val_fraction, cfg.seed)
     val = val[: cfg.val_max_examples]  # in examples, as without packing: the same validation set either way
@@ -93,23 +108,27 @@ def load_splits(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 def data_fingerprint(cfg: DataConfig) -> dict[str, str]:
-    """sha256 of what the run trains and validates on, by source: the bytes of data.path (and data.val_path),
-    or the generated GSM problems (train and held-out). Stored in every checkpoint; resume compares it."""
-    if cfg.format == "gsm":
+    """sha256 of what the run trains and validates on, by source: the bytes of data.path (or of each of
+    data.datasets, keyed data.datasets[i].path) and data.val_path, or the generated GSM problems (train and
+    held-out). Stored in every checkpoint; resume compares it."""
+    if cfg.format == "gsm" and not cfg.datasets:
         items = {"train": gsm_train_items(cfg), "eval": gsm_eval_items(cfg)}
         return {"gsm": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()}
-    out = {}
-    for option, path, split in (("data.path", cfg.path, cfg.split), ("data.val_path", cfg.val_path, cfg.val_split)):
-        if path is not None:
-            out[option] = source_digest(path, option, split)
+    out = {option: source_digest(src.path, option, src.split, src.max_samples)
+           for option, src in training_sources(cfg)}
+    if cfg.val_path is not None:
+        out["data.val_path"] = source_digest(cfg.val_path, "data.val_path", cfg.val_split)
     return out
 
 
-def source_digest(path: str, option: str, split: str) -> str:
+def source_digest(path: str, option: str, split: str, max_samples: int | None = None) -> str:
     """sha256 of a data source's content: a file's bytes; a save_to_disk directory's files (names and bytes, so a
-    rewritten or added shard counts); a Hub dataset's split by the datasets library's own fingerprint of it."""
+    rewritten or added shard counts); a Hub dataset's split by the datasets library's own fingerprint of it. The
+    split read and max_samples, when not their defaults, count too (the whole source is hashed either way)."""
     p = Path(path).expanduser()
     h = hashlib.sha256()
+    if max_samples is not None:  # no cap adds nothing, so fingerprints stored before this stay valid
+        h.update(f"max_samples:{max_samples}\0".encode())
     if split != DEFAULT_SPLIT.get(option, "train") and (p.is_file() or p.is_dir()):
         # the part of the source read (a slice, another split) is data too; the default adds nothing, so
         # fingerprints stored before this stay valid
