@@ -61,7 +61,7 @@ def cmd_preview(args) -> int:
     example = examples[args.index]
     n, trained = counts([example])
     total, total_trained = counts(examples)
-    source = d.path or "GSM-symbolic problems"
+    source = d.path or (", ".join(e.path for e in d.datasets) if d.datasets else "GSM-symbolic problems")
     loss_on = f", data.loss_on {d.loss_on}" if d.format in ("chat", "sharegpt") else ""
     print(f"{name} example {args.index} of {len(examples)} ({source}, format {d.format}{loss_on}); "
           f"{OPEN} {CLOSE} mark the tokens that carry loss:")
