@@ -112,7 +112,6 @@ def build(c: Catalogue) -> None:
                     ("train.grad_accum=0", "no accumulation steps"), ("train.resume=1", "resume 1"),
                     ("data.val_fraction=1.0", "val_fraction 1"), ("data.max_length=4", "max_length 4"),
                     ("lora.dropout=1.0", "LoRA dropout 1"), ("galore.scale=-1", "negative GaLore scale"),
-                    ("lisa.gamma=3", "n_layers and its alias gamma together"),
                     ("train.lrr=1", "a misspelt option"), ("method=dora", "an unknown method"),
                     ("train.output_dir=!!python/object/apply:os.system [id]", "a YAML tag in --set")]:
         c.case(g, what, ["train", cfg, "--set", o])
@@ -124,6 +123,10 @@ def build(c: Catalogue) -> None:
     c.case(g, "config file missing", ["train", tmp / "nope.yaml"])
     (tmp / "bin.yaml").write_bytes(b"train:\x00\x01")
     c.case(g, "binary config file", ["train", tmp / "bin.yaml"])
+    aliased = yaml.safe_load(cfg.read_text())
+    aliased["lisa"]["gamma"] = 3  # --set replaces either name; one file giving both disagrees
+    (tmp / "aliased.yaml").write_text(yaml.safe_dump(aliased))
+    c.case(g, "n_layers and its alias gamma together in one file", ["train", tmp / "aliased.yaml"])
     (tmp / "dup.yaml").write_text("train:\n  lr: 1\n  lr: 2\n")
     c.case(g, "a key given twice", ["train", tmp / "dup.yaml"])
     (tmp / "broken.yaml").write_text("model:\n  source: x\n train: [\n")

@@ -9,6 +9,7 @@ import yaml
 
 from lisatune.data import DataConfig, data_fingerprint, load_splits
 from lisatune.errors import LisaError
+from lisatune.recipe.config import infer_formats
 
 from helpers import RECORDS, make_run_assets, tiny_tokenizer, trained_runs, write_jsonl
 
@@ -16,6 +17,11 @@ ALPACA = [{"instruction": f"Add {i} and 1.", "output": f"{i + 1}"} for i in rang
 CHAT = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
         for w in ("red", "green", "blue")]
 
+
+
+def build(**data) -> DataConfig:
+    infer_formats(data)  # as the run config does for entries without a format
+    return DataConfig.build(**data)
 
 @pytest.fixture(scope="module")
 def tok():
@@ -29,28 +35,28 @@ def files(tmp_path):
 
 def test_two_files_of_different_formats_make_one_training_set_in_order(files, tok):
     alpaca, chat = files
-    cfg = DataConfig.build(datasets=[{"path": alpaca}, {"path": chat}], max_length=64)  # formats inferred
+    cfg = build(datasets=[{"path": alpaca}, {"path": chat}], max_length=64)  # formats inferred
     assert [e.format for e in cfg.datasets] == ["alpaca", "chat"] and cfg.format == "alpaca"
     train, val = load_splits(cfg, tok)
     assert len(train) == len(ALPACA) + len(CHAT) and val == []
     assert trained_runs(tok, train[0])[0].startswith("1")  # the alpaca answer of "Add 0 and 1."
     assert [trained_runs(tok, e)[0].split("<")[0] for e in train[len(ALPACA):]] == ["red", "green", "blue"]
-    explicit = DataConfig.build(datasets=[{"path": alpaca, "format": "alpaca"}, {"path": chat, "format": "chat"}],
+    explicit = build(datasets=[{"path": alpaca, "format": "alpaca"}, {"path": chat, "format": "chat"}],
                                 max_length=64)
     assert [e["input_ids"] for e in load_splits(explicit, tok)[0]] == [e["input_ids"] for e in train]
-    held = DataConfig.build(datasets=[{"path": alpaca}, {"path": chat}], max_length=64, val_fraction=0.25)
+    held = build(datasets=[{"path": alpaca}, {"path": chat}], max_length=64, val_fraction=0.25)
     train, val = load_splits(held, tok)
     assert (len(train), len(val)) == (6, 2)  # held out of the datasets together
 
 
 def test_max_samples_cuts_each_source_to_its_first_records(files, tok):
     alpaca, chat = files
-    cfg = DataConfig.build(datasets=[{"path": alpaca, "max_samples": 2}, {"path": chat, "max_samples": 1}],
+    cfg = build(datasets=[{"path": alpaca, "max_samples": 2}, {"path": chat, "max_samples": 1}],
                            max_length=64)
     train, _ = load_splits(cfg, tok)
     assert len(train) == 3
     assert [trained_runs(tok, e)[0].split("<")[0] for e in train] == ["1", "2", "red"]
-    both = DataConfig.build(datasets=[{"path": alpaca}, {"path": chat, "max_samples": 3}], max_samples=2,
+    both = build(datasets=[{"path": alpaca}, {"path": chat, "max_samples": 3}], max_samples=2,
                             max_length=64)  # data.max_samples is each entry's default
     assert [e.max_samples for e in both.datasets] == [2, 3] and len(load_splits(both, tok)[0]) == 5
     one = DataConfig.build(format="alpaca", path=alpaca, max_samples=4, split="train[1:]", max_length=64)
@@ -62,7 +68,7 @@ def test_max_samples_cuts_each_source_to_its_first_records(files, tok):
 
 def test_the_fingerprint_covers_every_source(files, tmp_path):
     alpaca, chat = files
-    cfg = DataConfig.build(datasets=[{"path": alpaca}, {"path": chat}])
+    cfg = build(datasets=[{"path": alpaca}, {"path": chat}])
     before = data_fingerprint(cfg)
     assert set(before) == {"data.datasets[0].path", "data.datasets[1].path"}
     for i, (path, records) in enumerate(((alpaca, ALPACA), (chat, CHAT))):
@@ -71,7 +77,7 @@ def test_the_fingerprint_covers_every_source(files, tmp_path):
         assert now[f"data.datasets[{i}].path"] != before[f"data.datasets[{i}].path"]
         assert now[f"data.datasets[{1 - i}].path"] == before[f"data.datasets[{1 - i}].path"]
         before = now
-    capped = DataConfig.build(datasets=[{"path": alpaca, "max_samples": 2}, {"path": chat}])
+    capped = build(datasets=[{"path": alpaca, "max_samples": 2}, {"path": chat}])
     assert data_fingerprint(capped)["data.datasets[0].path"] != before["data.datasets[0].path"]
     one = DataConfig.build(format="alpaca", path=alpaca)  # a run without max_samples keeps its old fingerprint
     assert data_fingerprint(one) == {"data.path": before["data.datasets[0].path"]}
@@ -87,7 +93,7 @@ def test_the_fingerprint_covers_every_source(files, tmp_path):
     ({"datasets": [{"path": "A"}, {"path": "C", "format": "chat", "columns": {"instruction": "q"}}]},
      "x.yaml: data: data.datasets[1].columns: 'instruction' is not a field of format 'chat'"),
     ({"datasets": [{"path": "A"}, {"path": "missing.jsonl"}]},
-     "x.yaml: data: data.datasets[1].path 'missing.jsonl' does not exist"),
+     "data.datasets[1].path 'missing.jsonl' does not exist"),  # as data.path's: found inferring its format
     ({"datasets": [{"path": "A", "pth": "C"}]}, "x.yaml: unknown option 'data.datasets[0].pth' (did you mean 'path'?"),
     ({"datasets": []}, "x.yaml: data.datasets: List should have at least 1 item"),
 ])

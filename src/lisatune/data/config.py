@@ -193,9 +193,8 @@ class DataConfig(Options):
             split = e.split if e.split is not None else self.split
             columns = dict(e.columns if e.columns is not None else self.columns)
             fmt = e.format or (self.format if given else None)
-            if fmt is None:
-                from .infer import infer_format  # it reads the source, which imports this module
-                fmt = infer_format(e.path, split, columns, option=f"{key}.path")
+            if fmt is None:  # the run config infers it from the source (recipe/config.py infer_formats)
+                raise ValueError(f"{key}.format: not given, and data.format is not set")
             unknown = sorted(set(columns) - set(FIELDS[fmt]))
             if unknown:
                 raise ValueError(f"{key}.columns: '{unknown[0]}' is not a field of format '{fmt}' "

@@ -278,13 +278,30 @@ def validate_config(data: dict, where: str) -> TrainConfig:
     names are taken as aliases first (port_aliases), and data.format, if not given, is inferred."""
     data = port_aliases(data, where)
     d = data.get("data")
-    if isinstance(d, dict) and isinstance(d.get("path"), str) and "format" not in d:
-        d["format"] = infer_format(d["path"], d.get("split", "train") if isinstance(d.get("split"), str) else "train",
-                                   d.get("columns") if isinstance(d.get("columns"), dict) else None)
+    if isinstance(d, dict) and "format" not in d:
+        infer_formats(d)
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
         raise LisaError(unknown_keys(e, where) or format_error(e, TrainConfig, where)) from None
+
+
+def infer_formats(d: dict) -> None:
+    """data.format, and that of each data.datasets entry without one, from the first record of its source."""
+    def text(value, default):
+        return value if isinstance(value, str) else default
+
+    def mapping(value):
+        return value if isinstance(value, dict) else None
+    split, columns = text(d.get("split"), "train"), mapping(d.get("columns"))
+    if isinstance(d.get("path"), str):
+        d["format"] = infer_format(d["path"], split, columns)
+    entries = d.get("datasets")
+    for i, e in enumerate(entries if isinstance(entries, list) else []):
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and "format" not in e:
+            e["format"] = infer_format(e["path"], text(e.get("split"), split),
+                                       mapping(e.get("columns")) if "columns" in e else columns,
+                                       option=f"data.datasets[{i}].path")
 
 
 # -- porting a config from other tools -----------------------------------------------------------------------
