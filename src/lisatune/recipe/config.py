@@ -8,6 +8,7 @@ a config, `lisatune train --help` and `lisatune config` answer at once.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Any, Literal, NamedTuple
 
@@ -260,17 +261,16 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     for o in overrides:
         given: dict = {}
         apply_override(given, o)
-        merge(data, port_aliases(given, f"--set '{o}'"))  # an alias given with --set: what it names
+        data = merged(data, port_aliases(given, f"--set '{o}'"))  # an alias given with --set: what it names
     return validate_config(data, where)
 
 
-def merge(data: dict, given: dict) -> None:
-    """`given`'s values into `data`, section by section; `given` wins."""
+def merged(data: dict, given: dict) -> dict:
+    """A copy of `data` with `given`'s values, section by section; `given` wins."""
+    out = copy.deepcopy(data)
     for k, v in given.items():
-        if isinstance(v, dict) and isinstance(data.get(k), dict):
-            merge(data[k], v)
-        else:
-            data[k] = v
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
 
 
 def validate_config(data: dict, where: str) -> TrainConfig:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import LisaError
-from ..recipe.config import DEFAULT, set_dotted, validate_config
+from ..recipe.config import DEFAULT, merged, set_dotted, validate_config
 from ..schema import format_error, read_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -204,17 +204,7 @@ def _base_config(study: Study, p: Path) -> dict:
         data = read_yaml(f, "base_config", expected="a run config mapping (model, data, method, train, ...)")
     elif not study.base:
         data = copy.deepcopy(DEFAULT)
-    return _merge(data, study.base)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+    return merged(data, study.base)
 
 
 def _settings(study: Study):
