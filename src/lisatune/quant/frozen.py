@@ -24,11 +24,11 @@ from ..engine.parking import move_state
 from ..errors import LisaError
 
 
-def _bitsandbytes(kind: str):
+def _bitsandbytes(kind: str, field: str = "lisa.frozen_weights"):
     try:
         import bitsandbytes  # deferred: optional and slow to import, and only this option needs it
     except ImportError:
-        raise LisaError(f"lisa.frozen_weights: {kind} needs bitsandbytes (pip install bitsandbytes)") from None
+        raise LisaError(f"{field}: {kind} needs bitsandbytes (pip install bitsandbytes)") from None
     return bitsandbytes
 
 

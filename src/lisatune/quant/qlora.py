@@ -16,15 +16,12 @@ from torch import nn
 
 from ..engine import find_layers
 from ..errors import LisaError
+from .frozen import _bitsandbytes as frozen_bitsandbytes
 from .frozen import _Frozen, quantizable_linears, quantized_module, quantized_weight
 
 
 def _bitsandbytes(kind: str):
-    try:
-        import bitsandbytes  # deferred: optional and slow to import, and only this option needs it
-    except ImportError:
-        raise LisaError(f"lora.base: {kind} needs bitsandbytes (pip install bitsandbytes)") from None
-    return bitsandbytes
+    return frozen_bitsandbytes(kind, "lora.base")
 
 
 class QLoraBase(_Frozen):
