@@ -253,9 +253,8 @@ def use_tf32(device: torch.device, t) -> bool:
     Whether it was turned on."""
     on = device.type == "cuda" and t.precision == "fp32" and t.tf32
     if on:
-        torch.backends.cuda.matmul.allow_tf32 = True  # what set_float32_matmul_precision("high") also sets
+        torch.set_float32_matmul_precision("high")  # sets torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
     return on
 
 
