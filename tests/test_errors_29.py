@@ -436,9 +436,10 @@ def test_any_exception_of_a_subcommand_is_one_line_and_its_traceback_is_under_de
 
 # -- the fault guarantees on the new paths: killed after a checkpoint, resumed, bitwise the uninterrupted run --------
 @pytest.mark.parametrize("sets", [["train.precision=bf16-mixed"], ["lisa.frozen_weights=nf4"],
+                                  ["lisa.frozen_weights=nf4", "lisa.spill_dir=SPILL"],
                                   ["lisa.embed_head_state=8bit"], ["data.packing=true", "data.max_length=96"],
                                   ["data.format=chat", "data.path=CHAT"], ["lisa.activation_warmup=2"]],
-                         ids=["bf16-mixed", "nf4", "8bit-eh", "packing", "conversations", "warmup"])
+                         ids=["bf16-mixed", "nf4", "nf4-spill", "8bit-eh", "packing", "conversations", "warmup"])
 def test_a_run_killed_after_a_checkpoint_resumes_bitwise_on_each_new_path(tmp_path, assets, sets):
     from safetensors.torch import load_file
     from helpers import RECORDS
@@ -446,7 +447,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_bitwise_on_each_new_path(tmp_pa
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
                                                      {"role": "assistant", "content": r["output"]}]}) + "\n"
                             for r in RECORDS))
-    sets = [s.replace("CHAT", str(chat)) for s in sets]
+    sets = [s.replace("CHAT", str(chat)).replace("SPILL", str(tmp_path / "spill")) for s in sets]
     cfg = write_config(tmp_path, assets, save_every=2, keep_last=5, max_steps=6)
     run = tmp_path / "run"
     loop.train(load_config(str(cfg), sets))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -65,6 +66,10 @@ class LisaConfig(Options):
     # Held by LisaAdamW, which attaches the quantization to its instance: the engine alone holds weights as given.
     frozen_weights: Literal["full", "int8", "nf4"] = Field("full",
         description="frozen blocks' linear weights as they are, or quantized to int8 / nf4 (bitsandbytes)")
+    # Written when a trained block freezes and unlinked at once (its mapping keeps it): nothing is left there.
+    spill_dir: str | None = Field(None,
+        description="frozen_weights int8/nf4: a folder where blocks that trained keep their full-precision copy "
+                    "(a mapped file, not host RAM); null: host RAM")
 
     @model_validator(mode="before")
     @classmethod
@@ -78,6 +83,21 @@ class LisaConfig(Options):
                     alias = " or ".join(given[1:])
                     raise ValueError(f"give {given[0]} or its alias {alias}, not both")
         return data
+
+    @field_validator("spill_dir", mode="before")
+    @classmethod
+    def _spill_path(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v  # a library user's Path
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _spill_dir(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("frozen_weights") == "full":
+            raise ValueError("holds the full-precision copies of quantized frozen blocks: set frozen_weights to "
+                             "int8 or nf4 (with full, frozen blocks keep their weights where they compute)")
+        if v is not None and not v.strip():
+            raise ValueError("must be a folder path, or null")
+        return v
 
     @field_validator("interval")
     @classmethod
@@ -198,6 +218,10 @@ class TrainOptions(BaseModel):
     # (docs/benchmarks.md): for when memory, not time, is what runs out.
     release_memory: StrictBool = Field(False,
         description="glibc: give freed memory back to the system at once (less peak RSS, slower steps)")
+    # LISA with quantized frozen blocks or offloaded state: refuse at setup a run whose host copies would not
+    # fit the RAM available (recipe/host_memory.py). false: start anyway (swap, or a machine that frees memory).
+    check_host_ram: StrictBool = Field(True,
+        description="refuse at setup a LISA run whose host copies (quantized blocks, offloaded state) do not fit")
     eval_every: StrictInt = Field(0, ge=0)  # 0: evaluate only before and after training
     eval_before: StrictBool = True  # false: no evaluation before the first step (the summary's "before" is null)
     eval_batch_size: StrictInt = Field(8, ge=1, description="sequences per evaluation batch")

@@ -93,7 +93,7 @@ from ..engine.masters import ALIGN, CHUNK_BYTES
 from ..engine.layers import decoder_of
 from ..errors import LisaError
 from ..methods import build_method
-from ..quant.frozen import quantizable_linears
+from ..quant.frozen import copy_bytes, quantizable_linears
 from ..quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes
 from ..recipe.loss import CHUNK_ELEMENTS, fused_loss, head_of, held_hidden_grads, standard_loss
 from ..recipe.models import enable_checkpointing
@@ -185,6 +185,7 @@ class Setting:
     distributed: str = "ddp"  # with world > 1: ddp (each process holds everything) or fsdp (FSDP2: sharded 1/world)
     trained_blocks: int | None = None  # LISA, quantized frozen blocks: blocks trained so far (private host copies);
     # None: every block (a long run's steady state)
+    spill: bool = False  # LISA, quantized frozen blocks: trained blocks' copies are mapped files (lisa.spill_dir)
 
     @property
     def label(self) -> str:
@@ -198,6 +199,7 @@ class Setting:
                                                                  else [])
             how += [] if self.frozen == "full" else [f"{self.frozen} frozen blocks"]
             how += [] if self.state_policy == "drop" else [f"{self.state_policy} state"]
+            how += ["spilled"] if self.spill else []
             return "LISA " + "+".join(parts) + (f" ({', '.join(how)})" if how else "")
         return self.method
 
@@ -231,6 +233,8 @@ class Setting:
                                                                       STATE_POLICIES), ("device", self.device, DEVICES)):
             if value not in valid:
                 raise LisaError(f"plan: {name} '{value}' is not one of {', '.join(valid)}")
+        if self.spill and (self.method != "lisa" or self.frozen == "full"):
+            raise LisaError("plan: spill holds quantized frozen blocks' copies: it needs lisa with frozen=int8|nf4")
         if self.method == "lisa" and self.eh_state == "8bit" and not self.embed_head:
             raise LisaError("plan: eh_state=8bit is the state of the embedding and head, but embed_head=false "
                             "freezes them")
@@ -258,10 +262,10 @@ class Setting:
 _SPEC_KEYS = {"lora": {"r": "lora_r", "base": "lora_base"},
               "lisa": {"gamma": "gamma", "n_layers": "gamma", "embed_head": "embed_head", "eh_state": "eh_state",
                        "embed_head_state": "eh_state", "frozen": "frozen", "frozen_weights": "frozen",
-                       "state_policy": "state_policy"}}
+                       "state_policy": "state_policy", "spill": "spill", "spill_dir": "spill"}}
 _SPEC_TYPES = {"lora_r": (int, "an integer"), "gamma": (int, "an integer"), "embed_head": (bool, "true/false"),
                "lora_base": (str, "a name"), "eh_state": (str, "a name"), "frozen": (str, "a name"),
-               "state_policy": (str, "a name")}
+               "state_policy": (str, "a name"), "spill": (bool, "true/false")}
 
 
 def parse_setting(spec: str, base: Setting) -> Setting:
@@ -659,9 +663,7 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     return plan
 
 
-def _linears(block: nn.Module) -> int:
-    """The full-precision bytes of a block's quantizable linears (what bitsandbytes would hold quantized)."""
-    return unique_bytes([lin.weight for _, _, lin, _ in quantizable_linears(block)], meta=True)
+_linears = copy_bytes  # the full-precision bytes of a block's quantizable linears (held quantized on the device)
 
 
 def _host_and_setup(plan: MemoryPlan, m: nn.Module, prep: _Prepared, s: Setting) -> None:
@@ -671,12 +673,16 @@ def _host_and_setup(plan: MemoryPlan, m: nn.Module, prep: _Prepared, s: Setting)
     trained needs no copy of its own: with the model loaded on the host (transformers maps the safetensors files)
     its weights are the checkpoint's mapped pages, which the kernel can drop and re-read (not RAM the run needs).
     A block that trained holds its own copy (private), refreshed when it freezes: `trained_blocks` of them
-    (default every block, a long run's steady state; γ after the first interval). Assumed: the checkpoint is
-    stored in the model's dtype; an fp32 run from a bf16 checkpoint converts every copy (private)."""
+    (default every block, a long run's steady state; γ after the first interval). With a spill folder
+    (lisa.spill_dir) a block that trained is a mapped file when it freezes: private are at most γ + 1 blocks (on
+    the host an active block trains a private copy; a freezing block is written out one at a time). Assumed: the
+    checkpoint is stored in the model's dtype; an fp32 run from a bf16 checkpoint converts every copy (private)."""
     blocks = _blocks(m)
     copies = sorted((_linears(b) for b in blocks), reverse=True) if plan.host_frozen else []
-    trained = len(copies) if s.trained_blocks is None or s.precision == "fp32" else min(s.trained_blocks,
-                                                                                        len(copies))
+    trained = len(copies) if s.trained_blocks is None or s.precision == "fp32" else s.trained_blocks
+    if s.spill and s.precision != "fp32":
+        trained = min(trained, s.gamma + 1)
+    trained = min(trained, len(copies))
     private = sum(copies[:trained])
     plan.host_private = private + plan.host_offload
     plan.host_mapped = plan.host_frozen - private
@@ -901,7 +907,8 @@ def markdown(name: str, plans: list[MemoryPlan], budget: int | None = None, rese
         who = ("every block" if trained in ({None}, set()) else
                ", ".join("every block" if t is None else str(t) for t in sorted(trained, key=lambda t: t or 1e9)))
         notes.append(f"host RAM (private, what the run needs): the own copies of quantized blocks that trained "
-                     f"(assumed: {who}, --trained-blocks) and offloaded optimizer state; host mapped: the "
+                     f"(assumed: {who}, --trained-blocks; with spill=true at most γ + 1, the rest mapped files of "
+                     f"lisa.spill_dir) and offloaded optimizer state; host mapped: the "
                      "never-trained blocks' linears, the checkpoint's safetensors pages (reclaimable file pages); "
                      "the runtime itself (python, torch, CUDA libraries) not included")
     for p in plans:

@@ -12,11 +12,22 @@ on an accelerator the device holds only the quantized frozen blocks). The quanti
 high-precision copy under the usual keys, so model.state_dict(), save_pretrained and every checkpoint carry the
 full-precision weights of every block, and loading a state dict re-quantizes from it. Optimizer state is not
 touched: state_bytes() is the same as with `full`.
+
+With a spill folder (`lisa.spill_dir`), a block that trained and freezes again writes its full-precision linears
+to a safetensors file there and keeps them as that file's mapped pages (the file is unlinked at once: nothing is
+left behind, the mapping keeps it readable), so host RAM holds no copy of any trained block: clean file pages
+the kernel can drop and re-read, as a loaded checkpoint's. On the host, an active block then trains a private
+copy of its weights (never the mapped pages: pages written are private RAM for as long as the mapping lives).
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..engine import LisaOptimizer, find_layers
@@ -41,6 +52,12 @@ def quantizable_linears(block: nn.Module) -> list[tuple[nn.Module, str, nn.Linea
             parent, _, attr = sub.rpartition(".")
             out.append((block.get_submodule(parent), attr, m, sub))
     return out
+
+
+def copy_bytes(block: nn.Module) -> int:
+    """The bytes of `block`'s full-precision copy when it is held quantized: its quantizable linears' weights
+    (meta tensors too: `lisatune plan` and the host RAM check count the same)."""
+    return sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin, _ in quantizable_linears(block))
 
 
 def quantized_weight(bnb, w: torch.Tensor, kind: str, device: torch.device) -> nn.Parameter:
@@ -113,6 +130,24 @@ class Int8DequantLinear(torch.autograd.Function):
         return gx, None, None, gb
 
 
+def spill(folder: Path, tensors: dict[str, torch.Tensor], tag: str) -> dict[str, torch.Tensor]:
+    """`tensors` written to a safetensors file in `folder` and read back as its mapped pages (clean: the kernel
+    drops and re-reads them, they are not RAM the run holds). The file is unlinked at once: the mapping keeps it
+    readable, and nothing is left behind, even when the process is killed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"{tag}-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        try:  # a device's weights are copied down to the host one call at a time
+            save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, path)
+            return load_file(path)
+        finally:
+            os.unlink(path)
+    except OSError as e:
+        raise LisaError(f"lisa.spill_dir: cannot write {tag}'s full-precision weights to {folder} "
+                        f"({e.strerror or e})") from None
+
+
 class _Frozen:
     """A frozen quantized linear: its weight is quantized from `lisa_full` (the high-precision Parameter LISA
     trains, on the host) onto `lisa_device`, and its state dict is that full weight."""
@@ -142,8 +177,12 @@ class _Frozen:
                 error_msgs.append(f"size mismatch for {prefix + key}: copying a param with shape {tuple(value.shape)}"
                                   f", the shape in current model is {tuple(target.shape)}.")
                 continue
-            with torch.no_grad():
-                target.copy_(value)  # into the host copy
+            folder = self.__dict__["lisa_spill"]
+            if key == "weight" and folder is not None:  # mapped pages of a file of its own, not RAM written
+                target.data = spill(folder, {key: value.to(target.dtype)}, prefix.rstrip("."))[key]
+            else:
+                with torch.no_grad():
+                    target.copy_(value)  # into the host copy
         self.quantize()
 
 
@@ -170,14 +209,17 @@ class FrozenInt8Linear(_Frozen, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def frozen_module(cls: type, lin: nn.Linear, kind: str, device: torch.device | str) -> nn.Module:
+def frozen_module(cls: type, lin: nn.Linear, kind: str, device: torch.device | str,
+                  spill_dir: Path | None = None) -> nn.Module:
     """A frozen quantized linear of class `cls` (FrozenInt8Linear, or a Linear4bit with _Frozen) in `lin`'s place,
-    its weight quantized from lin.weight (its full-precision copy, wherever it is) onto `device`."""
+    its weight quantized from lin.weight (its full-precision copy, wherever it is) onto `device`; with `spill_dir`
+    a state dict loaded into it is spilled there, not written into host RAM."""
     q = cls(lin) if kind == "int8" else quantized_module(cls, lin, kind, lin.weight.dtype)
     q.__dict__["lisa_full"] = lin.weight  # not registered: the model's parameters are the quantized ones
     # plain values, nothing of FrozenWeights: a reference from the model back there would be a cycle that keeps
     # every block alive after `del model, opt` until the garbage collector runs
     q.__dict__["lisa_device"] = torch.device(device)
+    q.__dict__["lisa_spill"] = spill_dir
     q.quantize()
     return q
 
@@ -190,8 +232,12 @@ FSDP_FROZEN_WHY = ("bitsandbytes quantizes a whole plain weight, and FSDP2 holds
 class FrozenWeights:
     """The quantized frozen blocks of one LisaOptimizer (its `frozen_weights` attribute)."""
 
-    def __init__(self, opt: LisaOptimizer, kind: str, device: torch.device | str | None = None):
+    def __init__(self, opt: LisaOptimizer, kind: str, device: torch.device | str | None = None,
+                 spill_dir: str | os.PathLike | None = None):
+        """`device`: where the blocks compute (default: where each weight is); `spill_dir`: a folder for the
+        full-precision copies of blocks that trained (None: host RAM)."""
         self.kind = kind
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         sharded = next((n for b in opt.layers.blocks for n, p in b if hasattr(p, "to_local")), None)
         if sharded:
             raise LisaError(f"lisa.frozen_weights: {kind} does not support FSDP2 (sharded) parameters ({sharded}): "
@@ -199,7 +245,6 @@ class FrozenWeights:
         bnb = _bitsandbytes(kind)  # (refused here, before any block changes, when it is missing)
         self._cls = FrozenInt8Linear if kind == "int8" else \
             type("FrozenLinear4bit", (_Frozen, bnb.nn.Linear4bit), {"kind": "nf4"})
-        self.host: dict[str, torch.Tensor] = {}  # parameter name -> high-precision weight, on the host
         self._device: dict[str, torch.device] = {}  # where each weight computes (default: where it is now)
         self._linears: list[list[tuple[nn.Module, str, nn.Linear, str]]] = []  # per block: parent, attr, linear
         path = opt.layers.blocks_path
@@ -209,8 +254,6 @@ class FrozenWeights:
                 name = f"{path}.{i}.{sub}.weight"
                 entries.append((parent, attr, m, name))
                 self._device[name] = torch.device(device) if device is not None else m.weight.device
-                # No copy for a weight on the host (a loaded checkpoint's mapped pages); refreshed when it freezes.
-                self.host[name] = m.weight.detach().to("cpu")
             self._linears.append(entries)
         if not any(self._linears):  # e.g. GPT-2's Conv1D: quantizing nothing would silently save nothing
             kinds = sorted({type(m).__name__ for m in opt.module.get_submodule(f"{path}.0").modules()
@@ -220,21 +263,31 @@ class FrozenWeights:
                             f"use frozen_weights: full")
         self._quantized: set[int] = set()
 
+    @property
+    def host(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the high-precision weight on the host: every frozen block's (the quantized module's
+        full-precision copy), and an active block's where it trains on the host."""
+        return {name: lin.weight.detach() for entries in self._linears for _, _, lin, name in entries
+                if lin.weight.device.type == "cpu"}
+
     def quantized_blocks(self) -> list[int]:
         return sorted(self._quantized)
 
-    def _freeze(self, i: int) -> None:
+    def _freeze(self, i: int, trained: bool = True) -> None:
+        weights = {name: lin.weight for _, _, lin, name in self._linears[i]}
+        if self.spill_dir is not None and trained:  # the whole block in one file, one block at a time
+            host = spill(self.spill_dir, weights, f"block{i}")
+        else:
+            host = {name: w.detach().to("cpu") for name, w in weights.items()}  # the same tensor on CPU
         for parent, attr, lin, name in self._linears[i]:
-            w = lin.weight
-            self.host[name] = host = w.detach().to("cpu")  # its trained weights (the same tensor on CPU)
-            w.data = host  # the device copy is freed
-            setattr(parent, attr, frozen_module(self._cls, lin, self.kind, self._device[name]))
+            lin.weight.data = host[name]  # the device copy is freed
+            setattr(parent, attr, frozen_module(self._cls, lin, self.kind, self._device[name], self.spill_dir))
         self._quantized.add(i)
 
     def _activate(self, opt: LisaOptimizer, i: int) -> None:
         for parent, attr, lin, name in self._linears[i]:
             w = lin.weight
-            w.data = self.host[name].to(self._device[name])  # the same tensor on CPU
+            w.data = self._trainable(w.data, self._device[name])  # from its host copy
             setattr(parent, attr, lin)
             # The engine made the master / restored parked state before this hook, from the host copy: follow it.
             m = opt.masters().get(name)
@@ -245,19 +298,30 @@ class FrozenWeights:
                 move_state(st, w.device)  # `step` stays where torch keeps it
         self._quantized.discard(i)
 
-    def sync(self, opt: LisaOptimizer) -> None:
+    def _trainable(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The tensor an active weight trains in: on the host its host copy itself, or, with a spill folder, a
+        private copy of it (mapped pages written would stay private RAM while their mapping lives)."""
+        return host.clone() if self.spill_dir is not None and device.type == "cpu" else host.to(device)
+
+    def sync(self, opt: LisaOptimizer, first: bool = False) -> None:
         active = set(opt.active_blocks)
         for i in range(len(self._linears)):
             if i in active and i in self._quantized:
                 self._activate(opt, i)
             elif i not in active and i not in self._quantized:
-                self._freeze(i)
+                self._freeze(i, trained=not first)  # at construction nothing has trained: nothing to spill
+            elif first and i in active and self.spill_dir is not None:
+                for _, _, lin, name in self._linears[i]:
+                    if lin.weight.device.type == "cpu":
+                        lin.weight.data = self._trainable(lin.weight.detach(), lin.weight.device)
 
 
-def attach_frozen_weights(opt: LisaOptimizer, kind: str, device: torch.device | str | None = None) -> FrozenWeights:
+def attach_frozen_weights(opt: LisaOptimizer, kind: str, device: torch.device | str | None = None,
+                          spill_dir: str | os.PathLike | None = None) -> FrozenWeights:
     """Hold `opt`'s frozen blocks quantized from now on: synced at once, at every switch and after loading; with
-    `device`, quantized straight onto it from wherever the weights are (the host), never whole there in full."""
-    fw = FrozenWeights(opt, kind, device)
-    fw.sync(opt)
+    `device`, quantized straight onto it from wherever the weights are (the host), never whole there in full;
+    with `spill_dir`, trained blocks' full-precision copies are mapped files there, not host RAM."""
+    fw = FrozenWeights(opt, kind, device, spill_dir)
+    fw.sync(opt, first=True)
     opt.register_switch_hook(fw.sync)
     return fw

@@ -35,6 +35,7 @@ from .allocator import release_freed_memory
 from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import eval_loss, gsm_accuracy
+from .host_memory import check_host_ram
 from .loss import pick_loss, standard_loss
 from .metrics import Metrics, NoMetrics, check_sinks
 from .models import check_positions, load_model, save_model
@@ -201,6 +202,9 @@ def setup(cfg: TrainConfig) -> Run | dict:
                         f"fewer than train.batch_size={t.batch_size}" + (f" × {world} processes" if world > 1 else ""))
     gsm_items = gsm_eval_items(cfg.data)[: t.gsm_eval_samples] if cfg.data.format == "gsm" else []
 
+    per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    check_host_ram(cfg, model, total, resumed=resume_from is not None)  # before anything is copied on the host
     method = METHODS[cfg.method](cfg.method_options(), t)  # its typed section and the train options, as they are
     model = method.prepare(model)
     if mode != "none":  # ddp/fsdp: on the device (fsdp: sharded) before the optimizer exists
@@ -217,8 +221,6 @@ def setup(cfg: TrainConfig) -> Run | dict:
     # probe's), and a probe before LISA's freezing made its packed runs train differently from one process.
     flat = check_packing(model) if cfg.data.packing else False  # every rank: a forward under FSDP is collective
     forward = wrap_model(mode, model, optimizer)  # ddp: the wrapper (after LISA has frozen the model)
-    per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
-    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
     schedule = lr_schedule(optimizer, t.schedule, t.warmup(total), total, t.min_lr_ratio)
     run = Run(cfg, Path(t.output_dir), accelerator.device, world, rank, mode, model, forward, tokenizer, method,
               optimizer, schedule, train_set, val_set, gsm_items, standard_loss, total)
