@@ -398,18 +398,21 @@ equal to 3 gloo ranks (`tests/test_plan_scale.py`); the transients are estimated
 
 def big_after() -> str:
     rows = ["| model | LISA setting | device total GiB | setup peak GiB (whole model first) | host RAM GiB, 2 "
-            "blocks trained | host mapped GiB | host RAM GiB, every block trained | blocks trained within 64 GB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+            "blocks trained | host mapped GiB | host RAM GiB, every block trained | blocks trained within 64 GB | "
+            "host RAM GiB, every block trained, `lisa.spill_dir` |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in BIG:
         for spec in BIG_SPECS:
             first = plan(model, spec, replace(CAPPED, trained_blocks=2))
             every = plan(model, spec, CAPPED)
+            spilled = plan(model, spec + ",spill=true", CAPPED)
             per = (every.host_private - every.host_offload) // max(1, find_blocks(model))
             within = HOST_LIMIT // per if per else 0
             rows.append(f"| {model} | {first.label} | {g(first.total)} | {g(first.setup)} ({g(first.setup_whole)}) | "
                         f"{g(first.host_private)} | {g(first.host_mapped)} | {g(every.host_private)} | "
-                        f"{min(within, find_blocks(model))} of {find_blocks(model)} |")
+                        f"{min(within, find_blocks(model))} of {find_blocks(model)} | {g(spilled.host_private)} |")
     l2 = plan("Llama-2-70B", "lisa:embed_head=false,frozen=nf4", replace(CAPPED, trained_blocks=2))
+    l2s = plan("Llama-2-70B", "lisa:embed_head=false,frozen=nf4,spill=true", CAPPED)
     return "\n".join(rows) + f"""
 
 Reading these: Llama-2-70B with E/H frozen and nf4 frozen blocks needs {g(l2.total)} GiB of device with the allowance
@@ -417,9 +420,13 @@ Reading these: Llama-2-70B with E/H frozen and nf4 frozen blocks needs {g(l2.tot
 The host holds every block's bf16 linears ({g(l2.host_frozen)} GiB at Llama-2-70B), but as the checkpoint's mapped
 pages until a block trains: private RAM is {g(l2.host_private)} GiB after the first interval (two blocks), **within
 64 GB**, and grows by one block's linears ({(l2.host_frozen // 80) / GIB:.2f} GiB) for each block that trains, so the
-64 GB target holds while at most the number of blocks in the last column has trained; a long run that visits every
-block ends at the full copy (the next column) unless trained copies are spilled to the run directory (issue #27,
-not built). The setup needs the weights plus one block in bf16 ({g(l2.setup)} GiB), where moving the whole model
+64 GB target holds while at most the number of blocks in that column has trained; a long run that visits every
+block ends at the full copy unless trained copies are spilled: with `lisa.spill_dir` a block that trained is written
+to a file there when it freezes and kept as its mapped pages (the file unlinked at once), so private RAM stays at
+γ + 1 blocks' linears, {g(l2s.host_private)} GiB with every block trained (**the 64 GB target holds for the whole
+run**; the last column; `tests/test_spill.py` holds the spilled copies as unwritten file pages and the training
+bitwise equal to the copies in RAM). `lisatune train` refuses at setup, one line naming `lisa.frozen_weights`, a run
+whose trained blocks' copies would not fit the host RAM available (`train.check_host_ram`). The setup needs the weights plus one block in bf16 ({g(l2.setup)} GiB), where moving the whole model
 first needs {g(l2.setup_whole)} GiB.
 
 """
