@@ -33,6 +33,7 @@ torch.set_num_threads(1)
 from helpers import make_run_assets  # noqa: E402
 from lisatune.cli import main  # noqa: E402
 from lisatune.recipe import checkpoint as ckpt_mod  # noqa: E402
+from lisatune.recipe import host_memory  # noqa: E402
 from lisatune.recipe.checkpoint import save_checkpoint  # noqa: E402
 from lisatune.analysis.tiny import tiny_config, tiny_model  # noqa: E402
 
@@ -117,6 +118,13 @@ def build(c: Catalogue) -> None:
         c.case(g, what, ["train", cfg, "--set", o])
     c.case(g, "--set without '='", ["train", cfg, "--set", "train.lr"])
     c.case(g, "n_layers above the model's blocks", ["train", cfg, "--set", "lisa.n_layers=9"])
+    c.case(g, "spill_dir without quantized frozen blocks", ["train", cfg, "--set", f"lisa.spill_dir={tmp}/spill"])
+    available, host_memory.available_host_ram = host_memory.available_host_ram, lambda: 1024
+    try:  # a machine with 1 KiB of RAM available
+        c.case(g, "trained blocks' host copies over the RAM available (1 KiB here)",
+               ["train", cfg, "--set", "lisa.frozen_weights=nf4"])
+    finally:
+        host_memory.available_host_ram = available
 
     g = "config files"
     c.case(g, "config path is a directory", ["train", tmp])
