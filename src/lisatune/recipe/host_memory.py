@@ -20,7 +20,12 @@ from ..engine import find_layers
 from ..errors import LisaError
 from ..quant.frozen import copy_bytes
 
-GIB = 2**30
+def size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps them >= 1 (GiB for a 70B model, KiB for a tiny one)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def available_host_ram() -> int | None:
@@ -76,12 +81,12 @@ def check_host_ram(cfg, model: nn.Module, steps: int, resumed: bool, available: 
                 spilled = local * sum(copies[:min(trained, gamma + 1)])
                 raise LisaError(
                     f"lisa.frozen_weights: {lisa.frozen_weights} keeps a private full-precision copy of each block "
-                    f"that trains on the host: {where}, {need / GIB:.2f} GiB, and this machine has "
-                    f"{available / GIB:.2f} GiB available; set lisa.spill_dir to a folder to keep them as mapped "
-                    f"files ({spilled / GIB:.2f} GiB in RAM), {fix}")
+                    f"that trains on the host: {where}, {size(need)}, and this machine has "
+                    f"{size(available)} available; set lisa.spill_dir to a folder to keep them as mapped "
+                    f"files ({size(spilled)} in RAM), {fix}")
             raise LisaError(
                 f"lisa.spill_dir: with a spill folder, γ + 1 = {gamma + 1} blocks' full-precision copies are still "
-                f"host RAM, {need / GIB:.2f} GiB, and this machine has {available / GIB:.2f} GiB available; lower "
+                f"host RAM, {size(need)}, and this machine has {size(available)} available; lower "
                 f"lisa.n_layers, {fix}")
         available -= need
     if offload:
@@ -92,5 +97,5 @@ def check_host_ram(cfg, model: nn.Module, steps: int, resumed: bool, available: 
         if parked > available:
             raise LisaError(
                 f"lisa.state_policy: offload parks the optimizer state of each block that trained and froze on the "
-                f"host: {where}, {parked / GIB:.2f} GiB, and this machine has {available / GIB:.2f} GiB available "
+                f"host: {where}, {size(parked)}, and this machine has {size(available)} available "
                 f"(after the frozen blocks' copies); use state_policy: drop (the paper's LISA) or keep, {fix}")

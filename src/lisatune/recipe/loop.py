@@ -204,7 +204,8 @@ def setup(cfg: TrainConfig) -> Run | dict:
 
     per_epoch = len(train_set) // (t.batch_size * world) // t.grad_accum
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
-    check_host_ram(cfg, model, total, resumed=resume_from is not None)  # before anything is copied on the host
+    # before anything is copied on the host; decided once (rank 0), so no rank is left waiting for one refused
+    on_rank0(lambda: check_host_ram(cfg, model, total, resumed=resume_from is not None))
     method = METHODS[cfg.method](cfg.method_options(), t)  # its typed section and the train options, as they are
     model = method.prepare(model)
     if mode != "none":  # ddp/fsdp: on the device (fsdp: sharded) before the optimizer exists
