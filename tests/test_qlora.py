@@ -162,21 +162,28 @@ def test_a_bad_lora_base_is_one_line_naming_it(tmp_path, assets):
     assert "lora.base" in str(e.value) and "nf3" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_place_quantizes_each_base_from_its_host_copy_onto_the_device(monkeypatch):
+def test_each_base_is_quantized_once_from_its_host_copy_onto_the_run_device(tmp_path, assets, monkeypatch):
+    """prepare(model, device) quantizes each base linear straight onto the device the run trains on; place() then
+    finds them there and quantizes nothing again (it did every layer twice: on the host, then onto the device)."""
     import lisatune.quant.qlora as qlora_module
-    method, model = qlora("nf4")
-    x = batches(1)[0]
-    with torch.no_grad():
-        before = model(input_ids=x).logits
     calls = []
     real = qlora_module.quantized_weight
     monkeypatch.setattr(qlora_module, "quantized_weight",
                         lambda bnb, w, kind, device: calls.append((w, device)) or real(bnb, w, kind, device))
-    method.place(model, "cpu")
+    method = build_method("lora", {"r": 4, "base": "nf4"})
+    model = method.prepare(tiny_model(n_layers=2), device="cpu")
     assert [id(w) for w, _ in calls] == [id(m.__dict__["lisa_full"]) for m in bases(model).values()]
-    assert all(d == torch.device("cpu") for _, d in calls)
+    assert calls and all(d == torch.device("cpu") for _, d in calls)
+    x = batches(1)[0]
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    calls.clear()
+    method.place(model, "cpu")
+    assert calls == []
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, before)
+    train_run(load_config(str(write_config(tmp_path, assets, max_steps=1)), []))  # the recipe: once per layer
+    assert len(calls) == len(bases(model)) * 2  # the assets' model has 4 blocks, this one 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -61,8 +61,9 @@ class Method(ABC):
                 raise LisaError(f"{cls.name}: takes no options (got {', '.join(map(str, options))})") from None
             raise LisaError(format_error(e, cls.Options, cls.name, section=True)) from None
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Make the model trainable the way this method needs (default: every parameter)."""
+    def prepare(self, model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+        """Make the model trainable the way this method needs (default: every parameter). `device`: where it will
+        train, for a method that builds layers there at once (QLoRA's quantized base)."""
         for p in model.parameters():
             p.requires_grad_(True)
         return model

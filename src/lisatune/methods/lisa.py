@@ -18,7 +18,7 @@ class Lisa(Method):
             return options
         return super().validate(options)
 
-    def prepare(self, model):
+    def prepare(self, model, device=None):
         # LisaAdamW freezes and unfreezes blocks itself; here only refuse a PEFT model early, before any
         # set-up work (the engine refuses it again, so no path combines LISA with LoRA).
         reject_peft(unwrap(model))

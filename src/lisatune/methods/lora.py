@@ -35,7 +35,7 @@ class Lora(Method):
     name = "lora"
     Options = LoraOptions
 
-    def prepare(self, model):
+    def prepare(self, model, device=None):
         from peft import LoraConfig, PeftModel, get_peft_model  # deferred: peft pulls in bitsandbytes, slow and noisy
 
         if isinstance(model, PeftModel):
@@ -44,7 +44,7 @@ class Lora(Method):
         _, mods = block_linears(model)
         targets = o.target_modules or default_targets(model)
         if o.base != "full":  # QLoRA: peft wraps the quantized linears (their class is nn.Linear's)
-            quantize_base(model, o.base)
+            quantize_base(model, o.base, device)  # straight onto the device: place() has nothing left to quantize
         cfg = LoraConfig(
             r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, bias="none", task_type="CAUSAL_LM",
             target_modules=targets,

@@ -177,7 +177,7 @@ class _Frozen:
                 error_msgs.append(f"size mismatch for {prefix + key}: copying a param with shape {tuple(value.shape)}"
                                   f", the shape in current model is {tuple(target.shape)}.")
                 continue
-            folder = self.__dict__["lisa_spill"]
+            folder = self.__dict__.get("lisa_spill")  # (QLoRA's bases never spill)
             if key == "weight" and folder is not None:  # mapped pages of a file of its own, not RAM written
                 target.data = spill(folder, {key: value.to(target.dtype)}, prefix.rstrip("."))[key]
             else:

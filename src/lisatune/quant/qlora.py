@@ -43,10 +43,10 @@ def _base_class(kind: str) -> type:
     return type(f"QLora{parent.__name__}", (QLoraBase, parent), {"kind": kind})
 
 
-def quantize_base(model: nn.Module, kind: str) -> nn.Module:
-    """Every block's nn.Linear as a QLoraBase of `kind`, in place, quantized on the device its weight is on; its
-    weight (frozen) becomes the module's host copy. nf4 computes in the weight's dtype (bf16 under model.dtype:
-    bf16)."""
+def quantize_base(model: nn.Module, kind: str, device: torch.device | str | None = None) -> nn.Module:
+    """Every block's nn.Linear as a QLoraBase of `kind`, in place, quantized onto `device` (default: the device its
+    weight is on), one layer at a time; its weight (frozen) becomes the module's host copy. nf4 computes in the
+    weight's dtype (bf16 under model.dtype: bf16)."""
     _bitsandbytes(kind)  # refused here, before anything changes, when it is missing
     cls = _base_class(kind)
     path = find_layers(model).blocks_path
@@ -60,7 +60,7 @@ def quantize_base(model: nn.Module, kind: str) -> nn.Module:
         if kind == "int8":  # LLM.int8's outlier threshold, as transformers' load_in_8bit: on CUDA, input columns
             q.state.threshold, q.state.use_pool = 6.0, True  # above it multiply in fp16, not quantized to int8
         q.__dict__["lisa_full"] = w.data if w.device.type == "cpu" else w.data.to("cpu")
-        q.__dict__["lisa_device"] = w.device
+        q.__dict__["lisa_device"] = w.device if device is None else torch.device(device)
         q.weight = None  # quantize() quantizes onto lisa_device
         q.quantize()
         setattr(parent, attr, q)
@@ -74,8 +74,12 @@ def quantized_bases(model: nn.Module) -> list[QLoraBase]:
 def place_bases(model: nn.Module, device: torch.device | str) -> None:
     """Each quantized base re-quantized from its host copy straight onto `device`: the device never holds the
     model's block weights in full precision, only one layer's at a time while it quantizes."""
+    device = torch.device(device)
     for m in quantized_bases(model):
-        m.__dict__["lisa_device"] = torch.device(device)
+        w = m.weight
+        if w is not None and w.device.type == device.type and device.index in (None, w.device.index):
+            continue  # quantized there already (prepare(model, device)): once is enough
+        m.__dict__["lisa_device"] = device
         m.weight = None
         m.quantize()
 

@@ -207,7 +207,7 @@ def setup(cfg: TrainConfig) -> Run | dict:
     # before anything is copied on the host; decided once (rank 0), so no rank is left waiting for one refused
     on_rank0(lambda: check_host_ram(cfg, model, total, resumed=resume_from is not None))
     method = METHODS[cfg.method](cfg.method_options(), t)  # its typed section and the train options, as they are
-    model = method.prepare(model)
+    model = method.prepare(model, device=accelerator.device if mode == "none" else None)
     if mode != "none":  # ddp/fsdp: on the device (fsdp: sharded) before the optimizer exists
         model = prepare_model(mode, model.to(accelerator.device))
     # One process: the method moves the model as it builds the optimizer (LISA quantizes frozen blocks onto the
