@@ -17,10 +17,12 @@ from safetensors.torch import load_file
 
 from helpers import batches, tiny_model
 from dist_scripts.workers import (build, diverge_worker, forward_first_worker, full_state_worker, launch,
+                                  streamed_model_worker,
                                   load_after_forward_worker, load_state_worker, load_worker, resume_worker,
                                   slow_rank0_worker, snapshot, train_steps, train_worker)
 from lisatune import LisaAdamW, LisaError
 from lisatune.distributed import LisaDDP, verify_active_set
+from lisatune.recipe.checkpoint import weight_files
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -203,7 +205,9 @@ def test_checkpoint_mid_interval_resumes_exactly_and_loads_in_one_process(tmp_pa
     ck = tmp_path / "run" / "checkpoints" / f"step-{stop:06d}"
     model = tiny_model(n_layers=6)
     opt = LisaAdamW(model, seed=0, **ADAMW)
-    model.load_state_dict(load_file(str(ck / "model.safetensors")))
+    # FSDP2 streams the model to Hugging Face's sharded layout (model.safetensors.index.json + its files)
+    assert (ck / "model.safetensors.index.json").is_file() == (mode == "fsdp")
+    model.load_state_dict({k: v for f in weight_files(ck) for k, v in load_file(str(ck / f)).items()})
     opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
     assert opt.steps_done == stop and all(not hasattr(v, "to_local") for st in opt.state.values() for v in st.values())
     data = batches(STEPS, seed=1, batch=BATCH)
@@ -355,3 +359,30 @@ def test_fsdp2_full_optimizer_state_loads_after_a_forward_without_grad(tmp_path)
     launch(load_after_forward_worker, str(tmp_path), dict(ADAMW, master_weights=True, state_policy="offload"), 7,
            BATCH)
     assert all(torch.load(tmp_path / f"direct{r}.pt", weights_only=False)["same"] for r in range(2))
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_checkpoint_streams_the_model_to_files_and_rank_0_never_holds_it_whole(tmp_path):
+    """#27: under FSDP2 a checkpoint's model is gathered one tensor at a time and written to files of at most
+    SHARD_BYTES as it goes (Hugging Face's sharded layout), so rank 0 holds at most one file's tensors on its host,
+    never the whole model (a 70B model is 128 GiB in bf16); the other ranks hold none. It loads back bitwise."""
+    limit = 12_000
+    launch(streamed_model_worker, str(tmp_path), dict(ADAMW, master_weights=True), 4, BATCH, limit, False)
+    r0, r1 = (torch.load(tmp_path / f"streamed{r}.pt", weights_only=False) for r in range(2))
+    bound = max(limit, r0["largest"])  # one file's tensors, or one tensor larger than a file
+    assert r0["total"] > 4 * bound  # the whole model is far over it
+    assert r0["gathers"] == r1["gathers"] > 10 and r1["most_alive"] == 0
+    assert 0 < r0["most_alive"] <= bound
+    shards = [f for f in r0["files"] if f.startswith("model-") and f.endswith(".safetensors")]
+    assert len(shards) >= 4 and "model.safetensors.index.json" in r0["files"] and "model.safetensors" not in r0["files"]
+    assert r0["loaded"] and r1["loaded"]
+    assert not [f for f in r0["left"] if f.startswith(".")]  # no staging folder left
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_checkpoint_that_cannot_write_its_model_files_is_one_line_on_every_rank(tmp_path):
+    launch(streamed_model_worker, str(tmp_path), ADAMW, 2, BATCH, 12_000, True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"streamed{r}.pt", weights_only=False)
+        assert res["error"].startswith("cannot write checkpoint step-000002 in ") and "No space left" in res["error"]
+        assert res["left"] == []  # neither a checkpoint nor a staging folder

@@ -327,3 +327,64 @@ def load_after_forward_worker(rank, world, out, lisa, steps, batch):
     same = before.keys() == after.keys() and all(
         torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
     torch.save({"same": same}, Path(out) / f"direct{rank}.pt")
+
+
+def streamed_model_worker(rank, world, out, lisa, steps, batch, shard_bytes, fail):
+    """Save a checkpoint under FSDP2 with small model files, counting the gathered host copies alive at each
+    gather; then load it into scrambled weights. With `fail`, rank 0's first model file cannot be written."""
+    import errno
+    import weakref
+    from helpers import batches
+    from lisatune.distributed import fsdp
+    from lisatune.errors import LisaError
+    from lisatune.recipe import checkpoint
+    from lisatune.recipe.checkpoint import load_checkpoint, save_checkpoint
+    fsdp.SHARD_BYTES = shard_bytes
+    model, run, opt = build("fsdp", 0, lisa)
+    train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
+    before = snapshot(model)
+    alive, most, gathers, in_model = [], [0], [0], [False]
+    gather, write, stream = fsdp._gather, fsdp.save_file, checkpoint.write_full_model
+
+    def counted(t, keep):  # the model's gathers (the optimizer state's are counted by full_state_worker)
+        full = gather(t, keep)
+        if in_model[0]:
+            most[0] = max(most[0], sum(r().nbytes for r in alive if r() is not None))  # copies still held
+            gathers[0] += 1
+            if full is not None:
+                alive.append(weakref.ref(full))
+        return full
+
+    def model_phase(*a, **k):
+        in_model[0] = True
+        try:
+            return stream(*a, **k)
+        finally:
+            in_model[0] = False
+
+    def failing(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fsdp._gather, fsdp.save_file = counted, failing if fail and rank == 0 else write
+    checkpoint.write_full_model = model_phase
+    try:
+        ck = save_checkpoint(Path(out) / "run", steps, model, opt)
+        error = None
+    except LisaError as e:
+        ck, error = None, str(e)
+    finally:
+        fsdp._gather, fsdp.save_file, checkpoint.write_full_model = gather, write, stream
+    loaded = None
+    if ck is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        load_checkpoint(ck, model, opt)
+        after = snapshot(model)
+        loaded = all(torch.equal(after[n], before[n]) for n in before)
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.save({"most_alive": most[0], "gathers": gathers[0], "largest": largest, "total": total,
+                "files": sorted(f.name for f in ck.iterdir()) if ck is not None else None, "loaded": loaded,
+                "error": error, "left": sorted(f.name for f in (Path(out) / "run" / "checkpoints").iterdir())},
+               Path(out) / f"streamed{rank}.pt")

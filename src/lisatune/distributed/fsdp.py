@@ -7,9 +7,13 @@ The full state dicts are exactly what one process produces, so a checkpoint load
 from __future__ import annotations
 
 import copy
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -162,6 +166,69 @@ def load_full_model_state_dict(model: nn.Module, state_dict: dict) -> None:
         return
     set_model_state_dict(model, state_dict,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+# A checkpoint's model file under FSDP2: rank 0 holds at most this much of the model on the host at a time (or one
+# larger tensor), where gathering the full state dict held all of it (Llama-2-70B in bf16: 128 GiB).
+SHARD_BYTES = 2 * 2**30
+INDEX = "model.safetensors.index.json"  # Hugging Face's sharded layout: from_pretrained reads it as it is
+
+
+def write_full_model(model: nn.Module, directory: Path | None,
+                     shard_bytes: int | None = None) -> tuple[list[str], Exception | None]:
+    """Collective under FSDP2: the full weights written by rank 0 to `directory` (None on the others) in Hugging
+    Face's sharded layout (model-00001-of-0000N.safetensors, model.safetensors.index.json), each tensor gathered
+    alone and copied to the host: rank 0 holds at most one file's tensors, the other ranks none.
+
+    Returns (files written, the error) on rank 0. A write error does not stop the gathering (the other ranks would
+    wait in the next collective until the timeout): it is returned, for the caller to raise on every rank."""
+    model = unwrap(model)
+    reshard(model)  # after a forward without grad the root's parameters are gathered copies, not its shards
+    keep, limit = rank() == 0, shard_bytes or SHARD_BYTES
+    tied = {n for names in tied_names(model) for n in names[1:]}  # stored once, as safetensors requires
+    parts: list[tuple[str, list[str]]] = []
+    part: dict[str, torch.Tensor] = {}
+    size, total, error = 0, 0, None
+
+    def flush() -> None:
+        nonlocal part, size, error
+        if part and error is None:
+            name = f"part-{len(parts) + 1:05d}.safetensors"
+            try:
+                save_file(part, str(directory / name), metadata={"format": "pt"})
+                parts.append((name, list(part)))
+            except Exception as e:  # a full disk, a read-only folder: raised by the caller on every rank
+                error = e
+        part, size = {}, 0
+
+    for name, t in model.state_dict().items():
+        if name in tied:
+            continue
+        full = _gather(t, keep) if is_dtensor(t) else (t.detach().to("cpu", copy=True) if keep else None)
+        if full is None:
+            continue
+        nbytes = full.numel() * full.element_size()
+        if part and size + nbytes > limit:
+            flush()
+        part[name] = full.contiguous()
+        size, total = size + nbytes, total + nbytes
+    if not keep:
+        return [], None
+    flush()
+    if error is not None:
+        return [], error
+    files, weight_map = [], {}
+    try:
+        for i, (name, keys) in enumerate(parts, 1):
+            final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+            os.rename(directory / name, directory / final)
+            files.append(final)
+            weight_map.update(dict.fromkeys(keys, final))
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+    except OSError as e:
+        return [], e
+    return files + [INDEX], None
 
 
 def tied_names(model: nn.Module) -> list[list[str]]:

@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..distributed import (drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict, gather_to_rank0,
-                           is_dtensor, load_full_model_state_dict, load_full_optimizer_state_dict, on_rank0, rank,
-                           world)
+from ..distributed import (INDEX, drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict,
+                           gather_to_rank0, is_dtensor, load_full_model_state_dict, load_full_optimizer_state_dict,
+                           on_rank0, rank, world, write_full_model)
 from ..engine import unwrap
 from ..errors import LisaError, first_line
 from ..schema import os_reason
@@ -50,6 +50,7 @@ MANIFEST = "sha256"  # the key of trainer_state.json holding {file name: sha256 
 # trainer_state.json's format marker. A checkpoint without it predates it (and may predate the manifest: loaded
 # with a warning); one with it must carry every check of its format, so deleting a check's key is refused.
 FORMAT_KEY, FORMAT = "checkpoint_format", 1
+STAGE_PREFIX = ".stage-"  # FSDP2: the model's files, written while the ranks gather, before the checkpoint's folder
 
 
 def sha256_file(path: Path) -> str:
@@ -160,7 +161,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     `extra` (JSON-serializable: data position, metrics...) comes back from load_checkpoint merged with
     {"step": step}. With `tokenizer`, a plain (not PEFT) model's config.json, generation config and the tokenizer go
     beside the weights (in the manifest too), so the checkpoint loads as a model. Collective under DDP/FSDP2: the full model and optimizer state and every rank's RNG state
-    are gathered, rank 0 writes, and every rank returns the same path once the checkpoint is complete.
+    are gathered, rank 0 writes, and every rank returns the same path once the checkpoint is complete. Under FSDP2
+    the model goes to files as it is gathered, one tensor at a time (Hugging Face's sharded layout, at most
+    distributed.fsdp.SHARD_BYTES per file): rank 0 never holds the whole model on its host.
     """
     if keep_last is not None and keep_last < 1:
         raise LisaError(f"keep_last must be >= 1 or None (got {keep_last})")
@@ -174,7 +177,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     except (TypeError, ValueError) as e:
         raise LisaError(f"checkpoint extra is not JSON-serializable: {e}") from None
     model = unwrap(model)
-    model_sd = full_model_state_dict(model)  # FSDP2: gathered, on rank 0 only
+    stage, written, error, model_sd = None, [], None, None
+    if any(is_dtensor(p) for p in model.parameters()):  # FSDP2: streamed to files, never whole on rank 0's host
+        root = Path(run_dir) / "checkpoints"
+        stage = Path(on_rank0(lambda: str(stage_dir(root, step))))
+        written, error = write_full_model(model, stage if rank() == 0 else None)
+    else:
+        model_sd = full_model_state_dict(model)
     opt_sd = full_optimizer_state_dict(optimizer) if optimizer is not None else None
     rngs = gather_to_rank0(rng_state())
 
@@ -183,7 +192,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         clean_tmp(root)
         final = root / f"step-{int(step):06d}"
         with atomic_dir(final) as tmp:
-            save_file(drop_tied(model, model_sd), str(tmp / MODEL), metadata={"format": "pt"})
+            if stage is None:
+                save_file(drop_tied(model, model_sd), str(tmp / MODEL), metadata={"format": "pt"})
+            else:
+                try:
+                    if error is not None:
+                        raise error
+                    for f in written:
+                        os.rename(stage / f, tmp / f)
+                finally:
+                    shutil.rmtree(stage, ignore_errors=True)
             if opt_sd is not None:
                 torch.save(opt_sd, tmp / OPTIMIZER)
             if scheduler is not None:
@@ -220,6 +238,30 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     return on_rank0(write_or_explain)
 
 
+def stage_dir(root: Path, step: int) -> Path:
+    """A fresh folder beside the checkpoints for the model's files while FSDP2's ranks gather them (rank 0)."""
+    root.mkdir(parents=True, exist_ok=True)
+    clean_tmp(root, STAGE_PREFIX)  # a dead process's, or this one's from a failed save
+    d = root / f"{STAGE_PREFIX}step-{int(step):06d}-{os.getpid()}"
+    d.mkdir()
+    return d
+
+
+def weight_files(path: Path) -> list[str]:
+    """A checkpoint's model weight files: model.safetensors, or the files model.safetensors.index.json lists
+    (FSDP2's checkpoints: Hugging Face's sharded layout)."""
+    if (path / MODEL).is_file() or not (path / INDEX).is_file():
+        return [MODEL]
+    try:
+        files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        if not files or not all(isinstance(f, str) and f.endswith(".safetensors") and Path(f).name == f
+                                for f in files):
+            raise ValueError("its weight_map names no safetensors files in the checkpoint's folder")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LisaError(f"checkpoint '{path}': {INDEX} is corrupt ({first_line(e)})") from None
+    return files
+
+
 def model_files(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     """What makes a directory holding model.safetensors a Hugging Face model directory: config.json (and the
     generation config) as save_pretrained writes them, and the tokenizer."""
@@ -250,24 +292,31 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
                         f"{_processes(world())}: resume with {written_by} (the global batch is train.batch_size "
                         "× processes)")
     rng_name = rng_file(rank(), world())
-    need = [STATE, MODEL, rng_name] + ([OPTIMIZER] if optimizer is not None else []) + \
+    weights = INDEX if not (path / MODEL).is_file() and (path / INDEX).is_file() else MODEL
+    need = [STATE, weights, rng_name] + ([OPTIMIZER] if optimizer is not None else []) + \
         ([SCHEDULER] if scheduler is not None else [])
     missing = [f for f in need if not (path / f).is_file()]
     if missing:
         raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
     if sums is not None:
         verify(path, sums, need[1:])
+    shards = weight_files(path)  # (the index verified first)
+    missing = [f for f in shards if not (path / f).is_file()]
+    if missing:
+        raise LisaError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
+    if sums is not None and weights == INDEX:
+        verify(path, sums, shards)
     model = unwrap(model)
     # FSDP2: the full optimizer state is mapped, not read: each rank copies only its shards, one at a time.
     sharded = any(is_dtensor(p) for p in model.parameters())
     opt_sd = read_torch(path, OPTIMIZER, mmap=sharded) if optimizer is not None else None
     sched_sd = read_torch(path, SCHEDULER) if scheduler is not None else None
     rng = read_torch(path, rng_name)
-    try:
-        model_sd = fill_tied(model, load_file(str(path / MODEL)))
+    try:  # mapped, not read: a sharded one's files too
+        model_sd = fill_tied(model, {k: v for f in shards for k, v in load_file(str(path / f)).items()})
         _check_fits(model, model_sd)
     except Exception as e:
-        raise LisaError(f"checkpoint '{path}': {MODEL} is corrupt or does not fit this model "
+        raise LisaError(f"checkpoint '{path}': {weights} is corrupt or does not fit this model "
                         f"({first_line(e)})") from None
     load_full_model_state_dict(model, model_sd)
     for obj, sd, name, load in ((optimizer, opt_sd, OPTIMIZER, load_full_optimizer_state_dict),
@@ -349,14 +398,15 @@ def checkpoint_step(path: Path) -> int:
 
 
 def has_finite_weights(path: Path) -> bool:
-    """Whether a checkpoint's model.safetensors is readable and every floating-point tensor in it finite."""
+    """Whether a checkpoint's model weights are readable and every floating-point tensor in them finite."""
     try:
-        with safe_open(str(path / MODEL), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    return False
-    except Exception:  # unreadable or truncated: not a good checkpoint either
+        for name in weight_files(path):
+            with safe_open(str(path / name), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return False
+    except Exception:  # unreadable, truncated or a corrupt index: not a good checkpoint either
         return False
     return True
 
