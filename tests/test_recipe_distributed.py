@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from helpers import SUBPROCESS_ENV, make_run_assets
 from lisatune.distributed import launch_mode, prepare_model
 from lisatune.errors import LisaError
+from lisatune.recipe.checkpoint import weight_files
 from lisatune.recipe.loop import train
 from lisatune.recipe.config import load_config
 
@@ -68,7 +69,9 @@ def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "model.safetensors"))
+    """The final model's weights: one file, or under FSDP2 the files its index lists (streamed as gathered)."""
+    final = run / "final"
+    return {k: v for f in weight_files(final) for k, v in load_file(str(final / f)).items()}
 
 
 def rows(run: Path) -> list[dict]:
@@ -122,8 +125,10 @@ def check_like_one_process(run: Path, ref: Path, mode: str) -> None:
     assert json.loads((ref / "summary.json").read_text())["loss"] == "fused"
     ckpt = run / "checkpoints" / "step-000008"
     names = {p.name for p in ckpt.iterdir()}  # and, since #28, config.json + tokenizer: a model directory too
-    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json",
+    weights_file = {"ddp": "model.safetensors", "fsdp": "model.safetensors.index.json"}[mode]  # FSDP2: streamed
+    assert {weights_file, "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json",
             "config.json", "tokenizer.json"} <= names and not any(n.startswith("rng_rank2") for n in names)
+    assert T.AutoModelForCausalLM.from_pretrained(ckpt).config.architectures == ["LlamaForCausalLM"]
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
 
 
@@ -145,6 +150,13 @@ def test_fsdp_trains_like_one_process_and_shards_the_optimizer_state(assets, one
     r = torchrun(write_config(assets, "fsdp", "fsdp"))
     assert r.returncode == 0, r.stderr[-3000:]
     check_like_one_process(assets / "fsdp", one_process, "fsdp")
+    final = assets / "fsdp" / "final"  # streamed: Hugging Face's sharded layout, loaded by from_pretrained
+    assert (final / "model.safetensors.index.json").is_file() and not (final / "model.safetensors").exists()
+    loaded = T.AutoModelForCausalLM.from_pretrained(final)
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(p, weights(assets / "fsdp")[n]) for n, p in loaded.state_dict().items()
+               if n in weights(assets / "fsdp"))
+    assert not [f for f in (assets / "fsdp").iterdir() if f.name.startswith(".stage-")]  # no staging folder left
     # state_mib is rank 0's: half of the single process's AdamW state (tiny Llama: every dim 0 is even)
     shard = [x["state_mib"] for x in rows(assets / "fsdp") if "loss" in x]
     whole = [x["state_mib"] for x in rows(one_process) if "loss" in x]

@@ -17,6 +17,7 @@ Everything is read back with torch.load(weights_only=True): no pickled code runs
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -180,7 +181,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     stage, written, error, model_sd = None, [], None, None
     if any(is_dtensor(p) for p in model.parameters()):  # FSDP2: streamed to files, never whole on rank 0's host
         root = Path(run_dir) / "checkpoints"
-        stage = Path(on_rank0(lambda: str(stage_dir(root, step))))
+        stage = Path(on_rank0(lambda: str(stage_dir(root, f"step-{int(step):06d}"))))
         written, error = write_full_model(model, stage if rank() == 0 else None)
     else:
         model_sd = full_model_state_dict(model)
@@ -198,8 +199,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                 try:
                     if error is not None:
                         raise error
-                    for f in written:
-                        os.rename(stage / f, tmp / f)
+                    move_files(stage, written, tmp)
                 finally:
                     shutil.rmtree(stage, ignore_errors=True)
             if opt_sd is not None:
@@ -238,13 +238,19 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     return on_rank0(write_or_explain)
 
 
-def stage_dir(root: Path, step: int) -> Path:
-    """A fresh folder beside the checkpoints for the model's files while FSDP2's ranks gather them (rank 0)."""
+def stage_dir(root: Path, name: str) -> Path:
+    """A fresh folder in `root` for a model's files while FSDP2's ranks gather them (rank 0), before they move
+    into the checkpoint or model directory `name`."""
     root.mkdir(parents=True, exist_ok=True)
     clean_tmp(root, STAGE_PREFIX)  # a dead process's, or this one's from a failed save
-    d = root / f"{STAGE_PREFIX}step-{int(step):06d}-{os.getpid()}"
+    d = root / f"{STAGE_PREFIX}{name}-{os.getpid()}"
     d.mkdir()
     return d
+
+
+def move_files(src: Path, names: list[str], dst: Path) -> None:
+    for f in names:
+        os.rename(src / f, dst / f)
 
 
 def weight_files(path: Path) -> list[str]:
@@ -265,10 +271,16 @@ def weight_files(path: Path) -> list[str]:
 def model_files(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     """What makes a directory holding model.safetensors a Hugging Face model directory: config.json (and the
     generation config) as save_pretrained writes them, and the tokenizer."""
-    model.config.save_pretrained(directory)
+    config = model.config
+    plain = next(c for c in type(model).__mro__ if "FSDP" not in c.__name__)  # fully_shard subclasses the model
+    if config.architectures != [plain.__name__]:
+        config = copy.deepcopy(config)
+        config.architectures = [plain.__name__]
+    config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:

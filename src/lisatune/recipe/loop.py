@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,14 +26,14 @@ from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
 from .meter import PhaseMemory
 from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
-                           wrap_model)
+                           wrap_model, write_full_model)
 from ..distributed.launch import BACKENDS
-from ..errors import LisaError
+from ..errors import LisaError, first_line
 from ..integrations import harness
 from ..methods import METHODS, Method
 from ..schema import os_reason
 from .allocator import release_freed_memory
-from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint, stage_dir
 from .config import TrainConfig
 from .evaluate import eval_loss, gsm_accuracy
 from .host_memory import check_host_ram
@@ -399,18 +400,40 @@ def evaluate(run: Run, at: int) -> dict:
     return res
 
 
-def keep_best(run: Run, at: int, loss: float) -> None:
-    """The model of the evaluation at step `at` into <output_dir>/best (atomically replacing the previous best);
-    its step and loss travel in the checkpoints, so a resumed run compares with it."""
-    full = full_model(run.model)  # collective under FSDP2
+def save_run_model(run: Run, name: str, hint: str = "") -> Path:
+    """Collective: the run's model (the method's export) as a Hugging Face directory <output_dir>/<name>, written
+    by rank 0. Under FSDP2 the weights go to files as they are gathered, one tensor at a time (rank 0 never holds
+    the whole model on its host; FSDP2 trains full or LISA, whose export is the model itself)."""
+    out, sharded = run.dir / name, run.mode == "fsdp"
+    if sharded:
+        stage = Path(on_rank0(lambda: str(stage_dir(run.dir, name))))
+        written, error = write_full_model(run.model, stage if run.rank == 0 else None)
+    else:
+        full = full_model(run.model)  # the model itself, on rank 0
 
     def save() -> Path:
         try:
-            return save_model(full, run.tokenizer, run.dir / "best")
-        except OSError as e:
-            raise LisaError(f"cannot save the best model to {run.dir / 'best'} ({os_reason(e)})") from None
+            if not sharded:
+                return save_model(run.method.export(full, merge=run.cfg.train.merge_lora), run.tokenizer, out)
+            try:
+                if error is not None:
+                    raise error
+                return save_model(run.model, run.tokenizer, out, weights=(stage, written))
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        except LisaError:
+            raise
+        except Exception as e:  # a full disk, a read-only folder, safetensors' own error
+            reason = os_reason(e) if isinstance(e, OSError) else first_line(e)
+            raise LisaError(f"cannot save the {name} model to {out} ({reason}){hint}") from None
 
-    on_rank0(save)
+    return on_rank0(save)
+
+
+def keep_best(run: Run, at: int, loss: float) -> None:
+    """The model of the evaluation at step `at` into <output_dir>/best (atomically replacing the previous best);
+    its step and loss travel in the checkpoints, so a resumed run compares with it."""
+    save_run_model(run, "best")
     run.best = {"step": at, "eval_loss": loss}
     log.info("best eval_loss so far (%.4f at step %d): model saved to %s", loss, at, run.dir / "best")
 
@@ -440,16 +463,7 @@ def finish(run: Run, elapsed: float) -> dict:
         if cfg.train.save_final_state:  # false: only the model below; summary.json then marks the run complete
             checkpoint(run)
     last_eval = run.last_eval
-    full = full_model(run.model)  # collective under FSDP2: the gathered weights, on rank 0
-
-    def save_final() -> Path:
-        try:
-            return save_model(run.method.export(full, merge=cfg.train.merge_lora), run.tokenizer, run.dir / "final")
-        except OSError as e:
-            raise LisaError(f"cannot save the final model to {run.dir / 'final'} ({os_reason(e)}); the final "
-                            "checkpoint is intact: run again with --resume to save it") from None
-
-    final_dir = on_rank0(save_final)
+    final_dir = save_run_model(run, "final", "; the final checkpoint is intact: run again with --resume to save it")
     summary = {"method": cfg.method, "model": cfg.model.source, "steps": run.step, "distributed": run.mode,
                "processes": run.world, "loss": "model" if run.loss_fn is standard_loss else "fused",
                "train_seconds": round(elapsed, 1), "eval_seconds": round(run.eval_seconds, 1),
