@@ -452,6 +452,9 @@ def test_lisa_keep_and_offload_plan_the_frozen_blocks_state_where_the_engine_put
             assert p.static == drop.static
 
 
+SHAPES_CHECK = 8 * 100  # bytes: int64 shape values of the tiny model's parameters, with room
+
+
 def test_ddp_adds_its_buckets_one_copy_of_the_trained_gradients(tmp_path):
     import torch.distributed as dist
     from lisatune.distributed.ddp import LisaDDP
@@ -468,7 +471,11 @@ def test_ddp_adds_its_buckets_one_copy_of_the_trained_gradients(tmp_path):
         fused_loss(ddp, ids, None, ids).backward()
         p = planned("llama", "lisa", world=2)
         one = planned("llama", "lisa")
-        assert trace.peaks["after"] == p.buckets == grad_bytes(model) == p.grads > 0
+        assert p.buckets == grad_bytes(model) == p.grads > 0
+        # DDP's construction verifies the parameters' shapes across ranks with a small tensor of them (592 bytes
+        # here), which gloo frees on its own thread: on a busy machine after the mark (the test failed by exactly
+        # that, now and then); the buckets themselves are counted to the byte
+        assert 0 <= trace.peaks["after"] - p.buckets <= SHAPES_CHECK
         assert (p.static, p.step, p.fwd_bwd) == (one.static + p.buckets, one.step + p.buckets,
                                                  one.fwd_bwd + p.buckets)
         assert one.buckets == 0 and "DDP over 2 processes" in commands.run_plan(
