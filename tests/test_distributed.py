@@ -21,7 +21,7 @@ from dist_scripts.workers import (build, diverge_worker, forward_first_worker, f
                                   load_after_forward_worker, load_state_worker, load_worker, resume_worker,
                                   slow_rank0_worker, snapshot, train_steps, train_worker)
 from lisatune import LisaAdamW, LisaError
-from lisatune.distributed import LisaDDP, verify_active_set
+from lisatune.distributed import LisaDDP, read_tensor_refs, verify_active_set
 from lisatune.recipe.checkpoint import weight_files
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -208,7 +208,8 @@ def test_checkpoint_mid_interval_resumes_exactly_and_loads_in_one_process(tmp_pa
     # FSDP2 streams the model to Hugging Face's sharded layout (model.safetensors.index.json + its files)
     assert (ck / "model.safetensors.index.json").is_file() == (mode == "fsdp")
     model.load_state_dict({k: v for f in weight_files(ck) for k, v in load_file(str(ck / f)).items()})
-    opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+    # (FSDP2's optimizer.pt holds stand-ins for its tensors, which are in optimizer-0000i.safetensors beside it)
+    opt.load_state_dict(read_tensor_refs(torch.load(ck / "optimizer.pt", weights_only=True), ck)[0])
     assert opt.steps_done == stop and all(not hasattr(v, "to_local") for st in opt.state.values() for v in st.values())
     data = batches(STEPS, seed=1, batch=BATCH)
     train_steps(model, opt, data[stop:], 0, 1)
@@ -320,7 +321,7 @@ def test_fsdp2_offloaded_state_is_parked_as_plain_host_shards_and_resumes_bitwis
     assert all(torch.equal(r["final"][n], straight["final"][n]) for r in ranks for n in straight["final"])
     assert ranks[0]["history"] == straight["history"]
     ck = tmp_path / "run" / "checkpoints" / f"step-{stop:06d}"
-    parked = torch.load(ck / "optimizer.pt", weights_only=True)["lisa"]["parked"]
+    parked = read_tensor_refs(torch.load(ck / "optimizer.pt", weights_only=True), ck)[0]["lisa"]["parked"]
     model = tiny_model(n_layers=6)
     assert parked and all(st["exp_avg"].shape == model.get_parameter(n).shape for n, st in parked.items())
 

@@ -248,7 +248,8 @@ def load_state_worker(rank, world, out, lisa, steps, batch):
     sample()
     gc.collect()
     maps = Path("/proc/self/maps")
-    mapped = "optimizer.pt" in maps.read_text() if maps.exists() else False  # nothing loaded holds the file
+    # nothing loaded holds a file of the checkpoint (optimizer.pt, its tensors' files, the model's)
+    mapped = str(Path(ck).resolve()) in maps.read_text() if maps.exists() else False
     after = local_states(opt)
     same = before.keys() == after.keys() and all(
         torch.equal(before[n][k], after[n][k]) for n in before for k in before[n])
@@ -344,9 +345,10 @@ def streamed_model_worker(rank, world, out, lisa, steps, batch, shard_bytes, fai
     train_steps(run, opt, batches(steps, seed=1, batch=batch), rank, world)
     before = snapshot(model)
     alive, most, gathers, in_model = [], [0], [0], [False]
-    gather, write, stream = fsdp._gather, fsdp.save_file, checkpoint.write_full_model
+    gather, write = fsdp._gather, fsdp.save_file
+    streams = checkpoint.write_full_model, checkpoint.write_full_optimizer
 
-    def counted(t, keep):  # the model's gathers (the optimizer state's are counted by full_state_worker)
+    def counted(t, keep):  # the gathers of the streamed model and optimizer state
         full = gather(t, keep)
         if in_model[0]:
             most[0] = max(most[0], sum(r().nbytes for r in alive if r() is not None))  # copies still held
@@ -355,25 +357,28 @@ def streamed_model_worker(rank, world, out, lisa, steps, batch, shard_bytes, fai
                 alive.append(weakref.ref(full))
         return full
 
-    def model_phase(*a, **k):
-        in_model[0] = True
-        try:
-            return stream(*a, **k)
-        finally:
-            in_model[0] = False
+    def streamed(stream):  # the model's and the optimizer's streaming: their gathers are counted
+        def phase(*a, **k):
+            in_model[0] = True
+            try:
+                return stream(*a, **k)
+            finally:
+                in_model[0] = False
+        return phase
 
     def failing(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     fsdp._gather, fsdp.save_file = counted, failing if fail and rank == 0 else write
-    checkpoint.write_full_model = model_phase
+    checkpoint.write_full_model, checkpoint.write_full_optimizer = (streamed(f) for f in streams)
     try:
         ck = save_checkpoint(Path(out) / "run", steps, model, opt)
         error = None
     except LisaError as e:
         ck, error = None, str(e)
     finally:
-        fsdp._gather, fsdp.save_file, checkpoint.write_full_model = gather, write, stream
+        fsdp._gather, fsdp.save_file = gather, write
+        checkpoint.write_full_model, checkpoint.write_full_optimizer = streams
     loaded = None
     if ck is not None:
         with torch.no_grad():
@@ -382,7 +387,7 @@ def streamed_model_worker(rank, world, out, lisa, steps, batch, shard_bytes, fai
         load_checkpoint(ck, model, opt)
         after = snapshot(model)
         loaded = all(torch.equal(after[n], before[n]) for n in before)
-    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * 4 for p in model.parameters())  # an fp32 master or moment of the largest
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     torch.save({"most_alive": most[0], "gathers": gathers[0], "largest": largest, "total": total,
                 "files": sorted(f.name for f in ck.iterdir()) if ck is not None else None, "loaded": loaded,

@@ -7,13 +7,14 @@ The full state dicts are exactly what one process produces, so a checkpoint load
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -174,6 +175,47 @@ SHARD_BYTES = 2 * 2**30
 INDEX = "model.safetensors.index.json"  # Hugging Face's sharded layout: from_pretrained reads it as it is
 
 
+class _Files:
+    """Rank 0's gathered tensors, written to safetensors files of about `limit` bytes as they come: at most one
+    file's tensors (or one larger tensor) are held at a time. A write error is kept, not raised (see callers)."""
+
+    def __init__(self, directory: Path | None, prefix: str, limit: int):
+        self.directory, self.prefix, self.limit = directory, prefix, limit
+        self.files: list[tuple[str, list[str]]] = []
+        self.part: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.error: Exception | None = None
+
+    def add(self, key: str, t: torch.Tensor) -> str:
+        """Hold `t` for the current file (written first if it is full); the name of the file it goes to."""
+        nbytes = t.numel() * t.element_size()
+        if self.part and self.size + nbytes > self.limit:
+            self.flush()
+        self.part[key] = t.contiguous()
+        self.size, self.total = self.size + nbytes, self.total + nbytes
+        return self.name(len(self.files) + 1)
+
+    def name(self, i: int) -> str:
+        return f"{self.prefix}-{i:05d}.safetensors"
+
+    def flush(self) -> None:
+        if self.part and self.error is None:
+            name = self.name(len(self.files) + 1)
+            try:
+                save_file(self.part, str(self.directory / name), metadata={"format": "pt"})
+                self.files.append((name, list(self.part)))
+            except Exception as e:  # a full disk, a read-only folder: raised by the caller on every rank
+                self.error = e
+        self.part, self.size = {}, 0
+
+
+def _full(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """A state tensor whole on the host, on rank 0 (collective for a DTensor; None on the other ranks)."""
+    if is_dtensor(t):
+        return _gather(t, keep)
+    return t.detach().to("cpu", copy=True) if keep else None
+
+
 def write_full_model(model: nn.Module, directory: Path | None,
                      shard_bytes: int | None = None) -> tuple[list[str], Exception | None]:
     """Collective under FSDP2: the full weights written by rank 0 to `directory` (None on the others) in Hugging
@@ -184,51 +226,89 @@ def write_full_model(model: nn.Module, directory: Path | None,
     wait in the next collective until the timeout): it is returned, for the caller to raise on every rank."""
     model = unwrap(model)
     reshard(model)  # after a forward without grad the root's parameters are gathered copies, not its shards
-    keep, limit = rank() == 0, shard_bytes or SHARD_BYTES
+    keep = rank() == 0
+    out = _Files(directory, "part", shard_bytes or SHARD_BYTES)
     tied = {n for names in tied_names(model) for n in names[1:]}  # stored once, as safetensors requires
-    parts: list[tuple[str, list[str]]] = []
-    part: dict[str, torch.Tensor] = {}
-    size, total, error = 0, 0, None
-
-    def flush() -> None:
-        nonlocal part, size, error
-        if part and error is None:
-            name = f"part-{len(parts) + 1:05d}.safetensors"
-            try:
-                save_file(part, str(directory / name), metadata={"format": "pt"})
-                parts.append((name, list(part)))
-            except Exception as e:  # a full disk, a read-only folder: raised by the caller on every rank
-                error = e
-        part, size = {}, 0
-
     for name, t in model.state_dict().items():
-        if name in tied:
-            continue
-        full = _gather(t, keep) if is_dtensor(t) else (t.detach().to("cpu", copy=True) if keep else None)
-        if full is None:
-            continue
-        nbytes = full.numel() * full.element_size()
-        if part and size + nbytes > limit:
-            flush()
-        part[name] = full.contiguous()
-        size, total = size + nbytes, total + nbytes
+        full = None if name in tied else _full(t, keep)
+        if full is not None:
+            out.add(name, full)
     if not keep:
         return [], None
-    flush()
-    if error is not None:
-        return [], error
+    out.flush()
+    if out.error is not None:
+        return [], out.error
     files, weight_map = [], {}
     try:
-        for i, (name, keys) in enumerate(parts, 1):
-            final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        for i, (name, keys) in enumerate(out.files, 1):
+            final = f"model-{i:05d}-of-{len(out.files):05d}.safetensors"
             os.rename(directory / name, directory / final)
             files.append(final)
             weight_map.update(dict.fromkeys(keys, final))
-        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2))
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": out.total},
+                                                   "weight_map": weight_map}, indent=2))
     except OSError as e:
         return [], e
     return files + [INDEX], None
+
+
+TENSOR_REF = "lisatune_tensor_file"  # a streamed optimizer state's stand-in for a tensor: {TENSOR_REF: file, "key": k}
+
+
+def write_full_optimizer(opt, directory: Path | None,
+                         shard_bytes: int | None = None) -> tuple[dict | None, list[str], Exception | None]:
+    """Collective under FSDP2: full_optimizer_state_dict(opt) streamed. Each tensor is gathered alone and written
+    by rank 0 to safetensors files `optimizer-0000i.safetensors` in `directory` as it comes, and stands in the
+    returned state dict as {TENSOR_REF: file, "key": key} (read_tensor_refs puts the mapped tensors back): rank 0
+    holds at most one file's tensors on its host. Returns (state dict, files, error) on rank 0, (None, [], None)
+    elsewhere; a write error does not stop the gathering, as in write_full_model."""
+    keep = rank() == 0
+    out = _Files(directory, "optimizer", shard_bytes or SHARD_BYTES)
+    count = itertools.count()
+
+    def put(t: torch.Tensor) -> Any:
+        full = _full(t, keep)
+        if full is None:
+            return None
+        key = f"t{next(count)}"
+        return {TENSOR_REF: out.add(key, full), "key": key}
+
+    sd = opt.state_dict()
+    shards = opt.parked_shards() if hasattr(opt, "parked_shards") else {}
+    lisa = sd.get("lisa")
+    streamed = _map_tensors({k: v for k, v in sd.items() if k != "lisa"}, put)  # every rank in the same order
+    if lisa is not None:
+        parked = {n: {k: put(_unparked(shards[n][k], v)) if k in shards.get(n, {}) else _map_tensors(v, put)
+                      for k, v in st.items()} for n, st in (lisa.get("parked") or {}).items()}
+        streamed["lisa"] = {**_map_tensors({k: v for k, v in lisa.items() if k != "parked"}, put), "parked": parked}
+    if not keep:
+        return None, [], None
+    out.flush()
+    return streamed, [name for name, _ in out.files], out.error
+
+
+def read_tensor_refs(sd: Any, folder: Path) -> tuple[Any, list[str]]:
+    """A streamed optimizer state dict (write_full_optimizer) with its tensors back, as the files' mapped pages,
+    and the files it read; a state dict without stand-ins comes back as it is."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def back(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if TENSOR_REF in obj:
+                name = obj[TENSOR_REF]
+                if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                    raise ValueError(f"a tensor stand-in names {name!r}, not a file of the checkpoint")
+                if name not in files:
+                    files[name] = load_file(str(folder / name))
+                return files[name][obj["key"]]
+            return {k: back(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [back(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(back(v) for v in obj)
+        return obj
+
+    return back(sd), sorted(files)
 
 
 def tied_names(model: nn.Module) -> list[list[str]]:

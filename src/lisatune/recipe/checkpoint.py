@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ..distributed import (INDEX, drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict,
                            gather_to_rank0, is_dtensor, load_full_model_state_dict, load_full_optimizer_state_dict,
-                           on_rank0, rank, world, write_full_model)
+                           on_rank0, rank, read_tensor_refs, world, write_full_model, write_full_optimizer)
 from ..engine import unwrap
 from ..errors import LisaError, first_line
 from ..schema import os_reason
@@ -178,14 +178,18 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     except (TypeError, ValueError) as e:
         raise LisaError(f"checkpoint extra is not JSON-serializable: {e}") from None
     model = unwrap(model)
-    stage, written, error, model_sd = None, [], None, None
+    stage, written, error, model_sd, opt_sd = None, [], None, None, None
     if any(is_dtensor(p) for p in model.parameters()):  # FSDP2: streamed to files, never whole on rank 0's host
         root = Path(run_dir) / "checkpoints"
         stage = Path(on_rank0(lambda: str(stage_dir(root, f"step-{int(step):06d}"))))
-        written, error = write_full_model(model, stage if rank() == 0 else None)
+        mine = stage if rank() == 0 else None
+        written, error = write_full_model(model, mine)
+        if optimizer is not None:  # optimizer.pt: the state dict with its tensors in optimizer-0000i.safetensors
+            opt_sd, opt_files, opt_error = write_full_optimizer(optimizer, mine)
+            written, error = written + opt_files, error or opt_error
     else:
         model_sd = full_model_state_dict(model)
-    opt_sd = full_optimizer_state_dict(optimizer) if optimizer is not None else None
+        opt_sd = full_optimizer_state_dict(optimizer) if optimizer is not None else None
     rngs = gather_to_rank0(rng_state())
 
     def write() -> Path:
@@ -322,6 +326,14 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
     # FSDP2: the full optimizer state is mapped, not read: each rank copies only its shards, one at a time.
     sharded = any(is_dtensor(p) for p in model.parameters())
     opt_sd = read_torch(path, OPTIMIZER, mmap=sharded) if optimizer is not None else None
+    if opt_sd is not None:  # FSDP2's: its tensors are in files beside it, mapped, not read
+        try:
+            opt_sd, opt_files = read_tensor_refs(opt_sd, path)
+        except Exception as e:
+            raise LisaError(f"checkpoint '{path}': {OPTIMIZER} or a file of its tensors is missing or corrupt "
+                            f"({first_line(e)})") from None
+        if sums is not None:
+            verify(path, sums, opt_files)
     sched_sd = read_torch(path, SCHEDULER) if scheduler is not None else None
     rng = read_torch(path, rng_name)
     try:  # mapped, not read: a sharded one's files too
