@@ -93,7 +93,7 @@ from ..engine.masters import ALIGN, CHUNK_BYTES
 from ..engine.layers import decoder_of
 from ..errors import LisaError
 from ..methods import build_method
-from ..quant.frozen import copy_bytes, quantizable_linears
+from ..quant.frozen import copy_bytes, private_copies, quantizable_linears
 from ..quant.sizes import adamw8bit_state_bytes, quantized_linear_bytes
 from ..recipe.loss import CHUNK_ELEMENTS, fused_loss, head_of, held_hidden_grads, standard_loss
 from ..recipe.models import enable_checkpointing
@@ -663,9 +663,6 @@ def plan_memory(model: str | PretrainedConfig, setting: Setting) -> MemoryPlan:
     return plan
 
 
-_linears = copy_bytes  # the full-precision bytes of a block's quantizable linears (held quantized on the device)
-
-
 def _host_and_setup(plan: MemoryPlan, m: nn.Module, prep: _Prepared, s: Setting) -> None:
     """Host memory, private and mapped, and the device's setup peak.
 
@@ -678,16 +675,16 @@ def _host_and_setup(plan: MemoryPlan, m: nn.Module, prep: _Prepared, s: Setting)
     the host an active block trains a private copy; a freezing block is written out one at a time). Assumed: the
     checkpoint is stored in the model's dtype; an fp32 run from a bf16 checkpoint converts every copy (private)."""
     blocks = _blocks(m)
-    copies = sorted((_linears(b) for b in blocks), reverse=True) if plan.host_frozen else []
+    copies = sorted((copy_bytes(b) for b in blocks), reverse=True) if plan.host_frozen else []
     trained = len(copies) if s.trained_blocks is None or s.precision == "fp32" else s.trained_blocks
-    if s.spill and s.precision != "fp32":
-        trained = min(trained, s.gamma + 1)
+    if s.precision != "fp32":  # (fp32 from a bf16 checkpoint: every copy converted, spilled or not)
+        trained = private_copies(trained, s.gamma, s.spill)
     trained = min(trained, len(copies))
     private = sum(copies[:trained])
     plan.host_private = private + plan.host_offload
     plan.host_mapped = plan.host_frozen - private
     # setup: every block arrives in full precision and is quantized there (if frozen), one block at a time
-    largest = max((_linears(b) for b in blocks), default=0) if prep.quantized else 0
+    largest = max((copy_bytes(b) for b in blocks), default=0) if prep.quantized else 0
     plan.setup = plan.weights + largest
     plan.setup_whole = weight_bytes(m, meta=True)
 

@@ -82,15 +82,21 @@ def full_optimizer_state_dict(opt) -> dict:
     plain host shard (LisaAdamW.parked_shards()): it is gathered the same way, one tensor at a time.
     """
     keep = rank() == 0
+    return _state_tensors(opt, lambda t: _gather(t, keep) if is_dtensor(t) else t)
+
+
+def _state_tensors(opt, fn: Callable[[torch.Tensor], Any]) -> dict:
+    """opt.state_dict() with fn applied to each tensor, in the same order on every rank (fn may be collective);
+    an offloaded parked state, a plain host shard (LisaAdamW.parked_shards()), is given to fn as its DTensor."""
     sd = opt.state_dict()
     shards = opt.parked_shards() if hasattr(opt, "parked_shards") else {}
-    if shards:
-        parked = {}
-        for n, st in sd["lisa"]["parked"].items():
-            spec = shards.get(n, {})
-            parked[n] = {k: _gather(_unparked(spec[k], v), keep) if k in spec else v for k, v in st.items()}
-        sd = {**sd, "lisa": {**sd["lisa"], "parked": parked}}
-    return _map_tensors(sd, lambda t: _gather(t, keep) if is_dtensor(t) else t)
+    out = _map_tensors({k: v for k, v in sd.items() if k != "lisa"}, fn)
+    lisa = sd.get("lisa")
+    if lisa is not None:
+        parked = {n: {k: fn(_unparked(shards[n][k], v)) if k in shards.get(n, {}) else _map_tensors(v, fn)
+                      for k, v in st.items()} for n, st in (lisa.get("parked") or {}).items()}
+        out["lisa"] = {**_map_tensors({k: v for k, v in lisa.items() if k != "parked"}, fn), "parked": parked}
+    return out
 
 
 def _unparked(spec: tuple, local: torch.Tensor) -> torch.Tensor:
@@ -273,14 +279,7 @@ def write_full_optimizer(opt, directory: Path | None,
         key = f"t{next(count)}"
         return {TENSOR_REF: out.add(key, full), "key": key}
 
-    sd = opt.state_dict()
-    shards = opt.parked_shards() if hasattr(opt, "parked_shards") else {}
-    lisa = sd.get("lisa")
-    streamed = _map_tensors({k: v for k, v in sd.items() if k != "lisa"}, put)  # every rank in the same order
-    if lisa is not None:
-        parked = {n: {k: put(_unparked(shards[n][k], v)) if k in shards.get(n, {}) else _map_tensors(v, put)
-                      for k, v in st.items()} for n, st in (lisa.get("parked") or {}).items()}
-        streamed["lisa"] = {**_map_tensors({k: v for k, v in lisa.items() if k != "parked"}, put), "parked": parked}
+    streamed = _state_tensors(opt, put)
     if not keep:
         return None, [], None
     out.flush()
@@ -338,6 +337,11 @@ def fill_tied(model: nn.Module, sd: dict) -> dict:
     return sd
 
 
+def plain_class(model: nn.Module) -> type:
+    """The model's own class: fully_shard swaps in a subclass of it and FSDPModule (FSDPLlamaForCausalLM)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def full_model(model: nn.Module) -> nn.Module | None:
     """Collective under FSDP2: the model with full weights to save, on rank 0 (None on the others).
 
@@ -350,7 +354,7 @@ def full_model(model: nn.Module) -> nn.Module | None:
     sd = full_model_state_dict(model)
     if rank() != 0:
         return None
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    cls = plain_class(model)
     with torch.device("meta"):
         plain = cls(copy.deepcopy(model.config))
     plain.load_state_dict(fill_tied(model, sd), strict=True, assign=True)

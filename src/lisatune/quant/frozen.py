@@ -60,6 +60,13 @@ def copy_bytes(block: nn.Module) -> int:
     return sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin, _ in quantizable_linears(block))
 
 
+def private_copies(trained: int, gamma: int, spilled: bool) -> int:
+    """How many blocks' full-precision copies are private host RAM once `trained` blocks have trained: each of
+    them, or with a spill folder at most γ + 1 (on the host the active blocks train private copies; a freezing
+    block is written out one at a time). `lisatune plan` and the host RAM check count the same."""
+    return min(trained, gamma + 1) if spilled else trained
+
+
 def quantized_weight(bnb, w: torch.Tensor, kind: str, device: torch.device) -> nn.Parameter:
     """`w` quantized by bitsandbytes on `device`: Int8Params (int8 + fp32 row scales) or Params4bit (nf4,
     double-quantized absmax: the default compress_statistics=True)."""

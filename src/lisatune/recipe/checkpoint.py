@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,7 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from ..distributed import (INDEX, drop_tied, fill_tied, full_model_state_dict, full_optimizer_state_dict,
                            gather_to_rank0, is_dtensor, load_full_model_state_dict, load_full_optimizer_state_dict,
-                           on_rank0, rank, read_tensor_refs, world, write_full_model, write_full_optimizer)
+                           on_rank0, plain_class, rank, read_tensor_refs, world, write_full_model,
+                           write_full_optimizer)
 from ..engine import unwrap
 from ..errors import LisaError, first_line
 from ..schema import os_reason
@@ -178,15 +180,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     except (TypeError, ValueError) as e:
         raise LisaError(f"checkpoint extra is not JSON-serializable: {e}") from None
     model = unwrap(model)
-    stage, written, error, model_sd, opt_sd = None, [], None, None, None
+    staged = model_sd = None
     if any(is_dtensor(p) for p in model.parameters()):  # FSDP2: streamed to files, never whole on rank 0's host
-        root = Path(run_dir) / "checkpoints"
-        stage = Path(on_rank0(lambda: str(stage_dir(root, f"step-{int(step):06d}"))))
-        mine = stage if rank() == 0 else None
-        written, error = write_full_model(model, mine)
-        if optimizer is not None:  # optimizer.pt: the state dict with its tensors in optimizer-0000i.safetensors
-            opt_sd, opt_files, opt_error = write_full_optimizer(optimizer, mine)
-            written, error = written + opt_files, error or opt_error
+        staged = stream(model, Path(run_dir) / "checkpoints", f"step-{int(step):06d}", optimizer)
+        opt_sd = staged.optimizer
     else:
         model_sd = full_model_state_dict(model)
         opt_sd = full_optimizer_state_dict(optimizer) if optimizer is not None else None
@@ -197,15 +194,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         clean_tmp(root)
         final = root / f"step-{int(step):06d}"
         with atomic_dir(final) as tmp:
-            if stage is None:
+            if staged is None:
                 save_file(drop_tied(model, model_sd), str(tmp / MODEL), metadata={"format": "pt"})
             else:
-                try:
-                    if error is not None:
-                        raise error
-                    move_files(stage, written, tmp)
-                finally:
-                    shutil.rmtree(stage, ignore_errors=True)
+                staged.move_into(tmp)
             if opt_sd is not None:
                 torch.save(opt_sd, tmp / OPTIMIZER)
             if scheduler is not None:
@@ -242,25 +234,57 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     return on_rank0(write_or_explain)
 
 
-def stage_dir(root: Path, name: str) -> Path:
-    """A fresh folder in `root` for a model's files while FSDP2's ranks gather them (rank 0), before they move
-    into the checkpoint or model directory `name`."""
-    root.mkdir(parents=True, exist_ok=True)
-    clean_tmp(root, STAGE_PREFIX)  # a dead process's, or this one's from a failed save
-    d = root / f"{STAGE_PREFIX}{name}-{os.getpid()}"
-    d.mkdir()
-    return d
+@dataclass
+class Staged:
+    """The files FSDP2's ranks streamed into rank 0's staging folder (`stream`), waiting for their directory."""
+    folder: Path
+    files: list[str]
+    error: Exception | None  # rank 0's write error, raised where the directory is written (on every rank)
+    optimizer: dict | None = None  # the optimizer state dict, its tensors in the staged files
+
+    def move_into(self, dst: Path) -> None:
+        """Rank 0: the staged files into `dst`; the staging folder is removed either way."""
+        try:
+            if self.error is not None:
+                raise self.error
+            for f in self.files:
+                os.rename(self.folder / f, dst / f)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def move_files(src: Path, names: list[str], dst: Path) -> None:
-    for f in names:
-        os.rename(src / f, dst / f)
+def stream(model: torch.nn.Module, root: Path, name: str, optimizer=None) -> Staged:
+    """Collective under FSDP2: the full model (and optimizer state) written by rank 0 to a fresh staging folder in
+    `root` as the ranks gather it, one tensor at a time, before it moves into the directory `name`."""
+    def fresh() -> str:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_tmp(root, STAGE_PREFIX)  # a dead process's, or this one's from a failed save
+        d = root / f"{STAGE_PREFIX}{name}-{os.getpid()}"
+        d.mkdir()
+        return str(d)
+
+    folder = Path(on_rank0(fresh))
+    mine = folder if rank() == 0 else None
+    files, error = write_full_model(model, mine)
+    opt_sd = None
+    if optimizer is not None:  # optimizer.pt: the state dict with its tensors in optimizer-0000i.safetensors
+        opt_sd, opt_files, opt_error = write_full_optimizer(optimizer, mine)
+        files, error = files + opt_files, error or opt_error
+    return Staged(folder, files, error, opt_sd)
+
+
+def weights_file(path: Path) -> str:
+    """The file a checkpoint's model weights start from: model.safetensors, or FSDP2's model.safetensors.index.json
+    (Hugging Face's sharded layout)."""
+    return INDEX if not (path / MODEL).is_file() and (path / INDEX).is_file() else MODEL
 
 
 def weight_files(path: Path) -> list[str]:
-    """A checkpoint's model weight files: model.safetensors, or the files model.safetensors.index.json lists
-    (FSDP2's checkpoints: Hugging Face's sharded layout)."""
-    if (path / MODEL).is_file() or not (path / INDEX).is_file():
+    """A checkpoint's model weight files: model.safetensors, or the files model.safetensors.index.json lists."""
+    if weights_file(path) == MODEL:
         return [MODEL]
     try:
         files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
@@ -275,11 +299,10 @@ def weight_files(path: Path) -> list[str]:
 def model_files(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     """What makes a directory holding model.safetensors a Hugging Face model directory: config.json (and the
     generation config) as save_pretrained writes them, and the tokenizer."""
-    config = model.config
-    plain = next(c for c in type(model).__mro__ if "FSDP" not in c.__name__)  # fully_shard subclasses the model
-    if config.architectures != [plain.__name__]:
+    config, plain = model.config, plain_class(model).__name__  # not FSDP2's subclass
+    if config.architectures != [plain]:
         config = copy.deepcopy(config)
-        config.architectures = [plain.__name__]
+        config.architectures = [plain]
     config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
@@ -308,7 +331,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
                         f"{_processes(world())}: resume with {written_by} (the global batch is train.batch_size "
                         "× processes)")
     rng_name = rng_file(rank(), world())
-    weights = INDEX if not (path / MODEL).is_file() and (path / INDEX).is_file() else MODEL
+    weights = weights_file(path)
     need = [STATE, weights, rng_name] + ([OPTIMIZER] if optimizer is not None else []) + \
         ([SCHEDULER] if scheduler is not None else [])
     missing = [f for f in need if not (path / f).is_file()]

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..engine import find_layers
 from ..errors import LisaError
-from ..quant.frozen import copy_bytes
+from ..quant.frozen import copy_bytes, private_copies
+
 
 def size(n: int) -> str:
     """Bytes in the largest binary unit that keeps them >= 1 (GiB for a 70B model, KiB for a tiny one)."""
@@ -52,7 +53,7 @@ def trained_blocks(n_blocks: int, gamma: int, interval: int, steps: int, resumed
     return n_blocks if resumed else min(n_blocks, gamma * math.ceil(steps / interval))
 
 
-def check_host_ram(cfg, model: nn.Module, steps: int, resumed: bool, available: int | None = None) -> None:
+def check_host_ram(cfg, model: nn.Module, steps: int, resumed: bool) -> None:
     """One line naming the field when the host copies this run would make do not fit; nothing otherwise."""
     lisa, t = cfg.lisa, cfg.train
     if cfg.method != "lisa" or not t.check_host_ram:
@@ -60,7 +61,7 @@ def check_host_ram(cfg, model: nn.Module, steps: int, resumed: bool, available: 
     quantized, offload = lisa.frozen_weights != "full", lisa.state_policy == "offload"
     if not (quantized or offload):
         return
-    available = available_host_ram() if available is None else available
+    available = available_host_ram()
     if available is None:
         return
     layers = find_layers(model, lisa.blocks_path)
@@ -74,11 +75,10 @@ def check_host_ram(cfg, model: nn.Module, steps: int, resumed: bool, available: 
     fix = "or train.check_host_ram: false to start anyway"
     if quantized:
         copies = sorted((copy_bytes(b) for b in blocks), reverse=True)
-        kept = min(trained, gamma + 1) if lisa.spill_dir is not None else trained
-        need = local * sum(copies[:kept])
+        need = local * sum(copies[:private_copies(trained, gamma, lisa.spill_dir is not None)])
         if need > available:
             if lisa.spill_dir is None:
-                spilled = local * sum(copies[:min(trained, gamma + 1)])
+                spilled = local * sum(copies[:private_copies(trained, gamma, True)])
                 raise LisaError(
                     f"lisa.frozen_weights: {lisa.frozen_weights} keeps a private full-precision copy of each block "
                     f"that trains on the host: {where}, {size(need)}, and this machine has "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,14 +25,14 @@ from ..data import collate, data_fingerprint, gsm_eval_items, load_splits
 from .meter import PhaseMemory
 from ..data.render import IGNORE
 from ..distributed import (all_sum, full_model, is_dtensor, launch_mode, no_sync, on_rank0, prepare_model,
-                           wrap_model, write_full_model)
+                           wrap_model)
 from ..distributed.launch import BACKENDS
 from ..errors import LisaError, first_line
 from ..integrations import harness
 from ..methods import METHODS, Method
 from ..schema import os_reason
 from .allocator import release_freed_memory
-from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint, stage_dir
+from .checkpoint import checkpoint_step, last_good_checkpoint, load_checkpoint, save_checkpoint, stream
 from .config import TrainConfig
 from .evaluate import eval_loss, gsm_accuracy
 from .host_memory import check_host_ram
@@ -404,23 +403,18 @@ def save_run_model(run: Run, name: str, hint: str = "") -> Path:
     """Collective: the run's model (the method's export) as a Hugging Face directory <output_dir>/<name>, written
     by rank 0. Under FSDP2 the weights go to files as they are gathered, one tensor at a time (rank 0 never holds
     the whole model on its host; FSDP2 trains full or LISA, whose export is the model itself)."""
-    out, sharded = run.dir / name, run.mode == "fsdp"
-    if sharded:
-        stage = Path(on_rank0(lambda: str(stage_dir(run.dir, name))))
-        written, error = write_full_model(run.model, stage if run.rank == 0 else None)
-    else:
-        full = full_model(run.model)  # the model itself, on rank 0
+    out = run.dir / name
+    staged = stream(run.model, run.dir, name) if run.mode == "fsdp" else None
+    full = full_model(run.model) if staged is None else None  # the model itself, on rank 0
 
     def save() -> Path:
         try:
-            if not sharded:
+            if staged is None:
                 return save_model(run.method.export(full, merge=run.cfg.train.merge_lora), run.tokenizer, out)
             try:
-                if error is not None:
-                    raise error
-                return save_model(run.model, run.tokenizer, out, weights=(stage, written))
+                return save_model(run.model, run.tokenizer, out, staged=staged)
             finally:
-                shutil.rmtree(stage, ignore_errors=True)
+                staged.discard()  # (also when save_model refused the directory before moving anything)
         except LisaError:
             raise
         except Exception as e:  # a full disk, a read-only folder, safetensors' own error

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..engine import unwrap
 from ..errors import LisaError, first_line
 from ..schema import decode_text, os_reason
-from .checkpoint import atomic_dir, clean_tmp, model_files, move_files
+from .checkpoint import Staged, atomic_dir, clean_tmp, model_files
 from .config import SMOLLM2, ModelConfig  # declared with the run config (no torch)
 
 log = logging.getLogger("lisatune")
@@ -379,11 +379,10 @@ def check_positions(model, examples: list[dict], max_length: int, field: str) ->
     log.warning("%s: positions beyond those it was trained on", what)
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, weights: tuple[Path, list[str]] | None = None) -> Path:
+def save_model(model, tokenizer, out_dir: str | os.PathLike, staged: Staged | None = None) -> Path:
     """Write a Hugging Face model directory (safetensors) atomically; replaces an existing model
-    directory (the old one is deleted only once the new one is in place). `weights`: (folder, files) of weights
-    written already (FSDP2 streams them as it gathers: distributed.write_full_model), moved in beside the config
-    and tokenizer."""
+    directory (the old one is deleted only once the new one is in place). `staged`: the weights written already
+    (FSDP2 streams them as it gathers: checkpoint.stream), moved in beside the config and tokenizer."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LisaError(f"cannot save the model to '{out}': it is a file")
@@ -392,10 +391,10 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, weights: tuple[Path
         raise LisaError(f"cannot save the model to '{out}': it is a non-empty directory without "
                         "config.json (not a model directory), refusing to replace it")
     with atomic_dir(out) as tmp:
-        if weights is None:
+        if staged is None:
             _write_model(unwrap(model), tokenizer, tmp)
         else:
-            move_files(*weights, tmp)
+            staged.move_into(tmp)
             model_files(unwrap(model), tokenizer, tmp)
     return out
 
